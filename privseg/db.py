@@ -1,0 +1,106 @@
+"""The SQLite database: manifest, audit log (and later ledger), with its schema migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('profiles', 'events')),
+        file TEXT NOT NULL UNIQUE,
+        rows INTEGER NOT NULL,
+        people INTEGER NOT NULL,
+        min_ts TEXT,
+        max_ts TEXT,
+        key_version INTEGER NOT NULL,
+        written_at TEXT NOT NULL
+    );
+    -- Every content ever ingested, kept when its batch is later merged, rewritten or emptied, so a
+    -- replayed old file stays a no-op (and can never overwrite newer profiles).
+    CREATE TABLE contents (
+        kind TEXT NOT NULL,
+        content_id TEXT NOT NULL,
+        first_batch INTEGER NOT NULL,
+        ingested_at TEXT NOT NULL,
+        PRIMARY KEY (kind, content_id)
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        details TEXT NOT NULL,
+        mac TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the database (creating and migrating it if needed) in autocommit mode.
+
+    Autocommit (isolation_level=None) so that every write goes through :func:`transaction`, which
+    takes the write lock up front (BEGIN IMMEDIATE): no two writers interleave read-then-write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a committed charge or batch survives power loss
+    conn.execute("PRAGMA foreign_keys=ON")
+    _migrate(conn)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        (current,) = conn.execute("PRAGMA user_version").fetchone()
+        for number, script in enumerate(_MIGRATIONS[current:], start=current + 1):
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf.strip()
+            buf = ""
+    if buf.strip():
+        yield buf.strip()
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, holding the write lock from the start; rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )

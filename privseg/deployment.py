@@ -1,0 +1,53 @@
+"""One deployment's moving parts (settings, keyset, ingest policy, store), opened on demand.
+
+The CLI and the HTTP API both start from a :class:`Deployment`, so they see the same state and call
+the same service functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import cached_property
+
+from privseg.db import connect
+from privseg.ingest_policy import IngestPolicy, load_ingest_policy
+from privseg.keyset import Keyset, load_keyset
+from privseg.settings import Settings
+from privseg.store import Store
+
+
+class Deployment:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+
+    @cached_property
+    def keyset(self) -> Keyset:
+        return load_keyset(self.settings.keyset)
+
+    @cached_property
+    def ingest_policy(self) -> IngestPolicy:
+        return load_ingest_policy(self.settings.ingest_policy_path)
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(connect(self.settings.db_path), self.settings.data_dir)
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            self.store.conn.close()
+            del self.__dict__["store"]
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log to stderr (and a file when configured). Nothing privseg logs carries a raw identifier."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(settings.log_file, encoding="utf-8"))
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )

@@ -1,0 +1,426 @@
+"""Ingestion: validate a source file against the ingest policy, pseudonymize it at the door, store it.
+
+Order of work for one file: refuse unknown columns -> check and normalize the identity -> parse every
+attribute and collect all problems (row and column, never the value) -> generalize quasi-identifiers
+-> drop direct identifiers -> pseudonymize -> store atomically. Nothing is stored unless every file of
+the call passes; re-ingesting identical content is a no-op that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from privseg.errors import InvalidInput
+from privseg.ingest_policy import (
+    AgeBandRule,
+    Attribute,
+    BoolAttr,
+    CategoryAttr,
+    DateAttr,
+    FloatAttr,
+    IngestPolicy,
+    IntAttr,
+    ListAttr,
+    RegionRule,
+    StringAttr,
+)
+from privseg.keyset import Keyset
+from privseg.pseudonym import Pseudonymizer, normalize_expr
+from privseg.sources import read_source
+from privseg.store import Batch, Kind, Store
+
+log = logging.getLogger(__name__)
+
+ROW = "__row"
+MAX_REPORTED = 20
+_TRUE = ["true", "t", "yes", "y", "1"]
+_FALSE = ["false", "f", "no", "n", "0"]
+_TS_AWARE = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
+_TS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S")
+_FUTURE_TOLERANCE = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    kind: Kind
+    source: str
+    stored: bool
+    batch_id: int
+    rows: int
+    people: int
+    dropped_columns: tuple[str, ...] = ()
+    generalized_columns: tuple[str, ...] = ()
+    expired_events: int = 0
+
+    @property
+    def message(self) -> str:
+        if not self.stored:
+            return f"{self.source}: already ingested (batch {self.batch_id}); nothing stored"
+        extra = f", {self.expired_events} events past retention dropped" if self.expired_events else ""
+        return (
+            f"{self.source}: stored {self.kind} batch {self.batch_id} "
+            f"({self.rows} rows, {self.people} people{extra})"
+        )
+
+
+def _typed(name: str) -> str:
+    """Name of the working column holding the parsed form of source column ``name``."""
+    return f"{name}\x00typed"
+
+
+@dataclass(frozen=True)
+class _Check:
+    mask: pl.Expr  # true on rows that are invalid
+    column: str
+    what: str
+
+
+@dataclass
+class _Checks:
+    """Row-level checks, evaluated together in one pass so that all problems are reported at once."""
+
+    source: str
+    checks: list[_Check] = field(default_factory=list)
+
+    def add(self, mask: pl.Expr, column: str, what: str) -> None:
+        self.checks.append(_Check(mask, column, what))
+
+    def raise_if_any(self, df: pl.DataFrame) -> None:
+        if not self.checks:
+            return
+        counts = df.select(
+            [c.mask.fill_null(False).sum().alias(str(i)) for i, c in enumerate(self.checks)]
+        ).row(0)
+        lines: list[str] = []
+        for check, count in zip(self.checks, counts, strict=True):
+            if count:
+                rows = df.filter(check.mask.fill_null(False)).get_column(ROW).head(5).to_list()
+                more = f" and {count - len(rows)} more" if count > len(rows) else ""
+                lines.append(f"column {check.column!r}, row {', '.join(map(str, rows))}{more}: {check.what}")
+        self.checks.clear()
+        if lines:
+            body = "\n  ".join(lines[:MAX_REPORTED])
+            if len(lines) > MAX_REPORTED:
+                body += f"\n  ... and {len(lines) - MAX_REPORTED} more problems"
+            raise InvalidInput(
+                f"{self.source}: {sum(counts)} invalid value(s); nothing was stored "
+                f"(rows count from 1, the first data row):\n  {body}"
+            )
+
+
+def content_id(keyset: Keyset, kind: Kind, path: Path) -> str:
+    """Keyed hash of the file's bytes: detects re-ingestion without a guessable digest of raw data."""
+    mac = hmac.new(keyset.derived_key("content-id"), kind.encode() + b"\n", hashlib.sha256)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            mac.update(chunk)
+    return mac.hexdigest()
+
+
+def _text(name: str) -> pl.Expr:
+    """The source column as stripped text, blank meaning missing."""
+    stripped = pl.col(name).str.strip_chars()
+    return pl.when(stripped == "").then(None).otherwise(stripped)
+
+
+def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: _Checks) -> pl.Expr:
+    """Expression for the parsed column; registers the checks that find invalid rows."""
+    typed = pl.col(_typed(name))
+    given = pl.col(name).is_not_null() & (pl.col(name).cast(pl.String).str.strip_chars() != "")
+    if isinstance(spec, ListAttr):
+        is_list = schema[name] == pl.List(pl.String)
+        items = pl.col(name) if is_list else _text(name).str.split(spec.separator)
+        out = items.list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != ""))
+        out = out.list.unique(maintain_order=True)
+        bad = typed.list.eval(~pl.element().is_in(list(spec.values))).list.any()
+        checks.add(bad, name, f"an item is not one of {list(spec.values)}")
+    elif schema[name] != pl.String:
+        checks.add(pl.col(name).is_not_null(), name, "expected a single value, found a list")
+        out = pl.lit(None, dtype=_dtype(spec))
+    elif isinstance(spec, CategoryAttr):
+        out = _text(name)
+        checks.add(
+            typed.is_not_null() & ~typed.is_in(list(spec.values)), name, f"not one of {list(spec.values)}"
+        )
+    elif isinstance(spec, BoolAttr):
+        low = _text(name).str.to_lowercase()
+        out = pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False)
+        checks.add(given & typed.is_null(), name, "not a boolean (true/false, yes/no, 1/0)")
+    elif isinstance(spec, DateAttr):
+        out = _text(name).str.to_date("%Y-%m-%d", strict=False)
+        checks.add(given & typed.is_null(), name, "not a date in YYYY-MM-DD form")
+    elif isinstance(spec, FloatAttr | IntAttr):
+        is_float = isinstance(spec, FloatAttr)
+        out = _text(name).cast(pl.Float64 if is_float else pl.Int64, strict=False)
+        unparsed = given & typed.is_null()
+        if is_float:
+            unparsed = unparsed | ~typed.is_finite()
+        checks.add(unparsed, name, f"not a {'number' if is_float else 'whole number'}")
+        if spec.min is not None:
+            checks.add(typed < spec.min, name, f"below the minimum {spec.min}")
+        if spec.max is not None:
+            checks.add(typed > spec.max, name, f"above the maximum {spec.max}")
+    else:
+        assert isinstance(spec, StringAttr)
+        out = _text(name)
+        checks.add(typed.str.len_chars() > spec.max_length, name, f"longer than {spec.max_length} characters")
+        # Free text is where identifiers leak in (an e-mail pasted into a campaign name).
+        checks.add(
+            typed.str.contains(r"[^\s@]+@[^\s@]+\.[^\s@]+"),
+            name,
+            "looks like an e-mail address; free-text attributes may not hold identifiers",
+        )
+    if spec.required:
+        checks.add(typed.is_null(), name, "required, but empty")
+    return out
+
+
+def _age_band(name: str, rule: AgeBandRule, today: date, checks: _Checks) -> pl.Expr:
+    text = _text(name)
+    if rule.from_type == "date":
+        born = text.str.to_date("%Y-%m-%d", strict=False)
+        checks.add(text.is_not_null() & born.is_null(), name, "not a date in YYYY-MM-DD form")
+        later_in_year = (born.dt.month().cast(pl.Int32) * 100 + born.dt.day().cast(pl.Int32)) > (
+            today.month * 100 + today.day
+        )
+        age = (today.year - born.dt.year().cast(pl.Int32)) - later_in_year.cast(pl.Int32)
+    else:
+        age = text.cast(pl.Int32, strict=False)
+        checks.add(text.is_not_null() & age.is_null(), name, "not a whole number of years")
+    checks.add((age < 0) | (age > 120), name, "gives an age outside 0-120 years")
+    labels = rule.bands()
+    # The first band is "below edge 0", the last "edge -1 and over"; a null age stays null.
+    band: pl.Expr = pl.lit(None, dtype=pl.String)
+    for edge, label in reversed(list(zip(rule.edges, labels[:-1], strict=True))):
+        band = pl.when(age < edge).then(pl.lit(label)).otherwise(band)
+    return pl.when(age >= rule.edges[-1]).then(pl.lit(labels[-1])).otherwise(band)
+
+
+def _region(name: str, rule: RegionRule, checks: _Checks) -> pl.Expr:
+    text = _text(name)
+    region = text.str.slice(0, rule.prefix_length).replace_strict(rule.regions, default=None)
+    checks.add(
+        text.is_not_null() & pl.col(_typed(name)).is_null(),
+        name,
+        "postal code prefix is not in the policy's region map",
+    )
+    return region
+
+
+def _parse_timestamps(text: pl.Series) -> pl.Series:
+    """ISO 8601 text to UTC datetimes (null where unparsable). The common form is tried on every row;
+    the others only on the rows it missed, because each attempt is a full pass over the column."""
+    text = text.str.strip_chars()
+    formats = [(f, True) for f in _TS_AWARE] + [(f, False) for f in _TS_NAIVE]
+    out: pl.Series | None = None
+    for fmt, aware in formats:
+        todo = text if out is None else text.filter(out.is_null() & text.is_not_null())
+        if todo.len() == 0:
+            break
+        if aware:
+            parsed = todo.str.to_datetime(fmt, strict=False, time_zone="UTC", time_unit="us")
+        else:
+            parsed = todo.str.to_datetime(fmt, strict=False, time_unit="us").dt.replace_time_zone("UTC")
+        if out is None:
+            out = parsed
+        else:
+            missing = (out.is_null() & text.is_not_null()).arg_true()
+            out = out.scatter(missing, parsed)
+    assert out is not None
+    return out
+
+
+def transform(
+    raw: pl.DataFrame,
+    *,
+    kind: Kind,
+    policy: IngestPolicy,
+    pseudonymizer: Pseudonymizer,
+    source: str,
+    now: datetime,
+) -> tuple[pl.DataFrame, IngestResult]:
+    """Validate ``raw`` (text columns) and turn it into the canonical pseudonymized shape."""
+    unknown = [c for c in raw.columns if c not in policy.known_columns(kind)]
+    if unknown:
+        raise InvalidInput(
+            f"{source}: columns not named in the ingest policy ({kind}): {unknown}; "
+            "add them to policies/ingest.yaml (as attributes, or under drop) or remove them"
+        )
+    id_col = policy.identity.column
+    if id_col not in raw.columns:
+        raise InvalidInput(f"{source}: the identity column {id_col!r} is missing")
+    section = policy.profiles if kind == "profiles" else policy.events
+    for name, spec in section.attributes.items():
+        if spec.required and name not in raw.columns:
+            raise InvalidInput(f"{source}: the required column {name!r} is missing")
+
+    df = raw.with_row_index(ROW, offset=1)
+    checks = _Checks(source)
+    parsed: dict[str, pl.Expr] = {
+        id_col: normalize_expr(pl.col(id_col).cast(pl.String), policy.identity.type)
+    }
+    checks.add(
+        pl.col(_typed(id_col)).is_null() | (pl.col(_typed(id_col)) == ""),
+        id_col,
+        "the identifier is missing or empty",
+    )
+    outputs: list[pl.Expr] = []  # the stored columns, in canonical order
+    generalized: list[str] = []
+    if kind == "profiles":
+        for name, rule in policy.profiles.generalize.items():
+            if name not in df.columns:
+                outputs.append(pl.lit(None, dtype=pl.String).alias(rule.to))
+                continue
+            generalized.append(name)
+            if isinstance(rule, AgeBandRule):
+                parsed[name] = _age_band(name, rule, now.date(), checks)
+            else:
+                parsed[name] = _region(name, rule, checks)
+            outputs.append(pl.col(_typed(name)).alias(rule.to))
+    else:
+        ts_col = policy.events.timestamp
+        if ts_col not in df.columns:
+            raise InvalidInput(f"{source}: the timestamp column {ts_col!r} is missing")
+        df = df.with_columns(_parse_timestamps(df.get_column(ts_col).cast(pl.String)).alias(_typed(ts_col)))
+        ts = pl.col(_typed(ts_col))
+        checks.add(ts.is_null(), ts_col, "missing or not an ISO 8601 timestamp")
+        checks.add(ts > now + _FUTURE_TOLERANCE, ts_col, "more than a day in the future")
+        outputs.append(ts.alias("ts"))
+    for name, spec in section.attributes.items():
+        if name in df.columns:
+            parsed[name] = _parse_attribute(df.schema, name, spec, checks)
+            outputs.append(pl.col(_typed(name)).alias(name))
+        else:
+            outputs.append(pl.lit(None, dtype=_dtype(spec)).alias(name))
+
+    work = df.with_columns([expr.alias(_typed(name)) for name, expr in parsed.items()])
+    checks.raise_if_any(work)
+    if kind == "profiles":
+        checks.add(
+            pl.col(_typed(id_col)).is_duplicated(),
+            id_col,
+            "the same person appears more than once in this batch",
+        )
+        checks.raise_if_any(work)
+    typed = work.select(pl.col(_typed(id_col)).alias(id_col), *outputs)
+
+    expired = 0
+    if kind == "events":
+        keep = pl.col("ts") >= now - timedelta(days=policy.retention_days)
+        expired = typed.height - int(typed.select(keep.sum()).item())
+        typed = typed.filter(keep)
+
+    pids = pseudonymizer.encrypt_series(typed.get_column(id_col))
+    stored = typed.select(pl.lit(pids).alias("pid"), pl.exclude(id_col))
+    result = IngestResult(
+        kind=kind,
+        source=source,
+        stored=True,
+        batch_id=0,
+        rows=stored.height,
+        people=stored.get_column("pid").n_unique(),
+        dropped_columns=tuple(c for c in raw.columns if c in section.drop),
+        generalized_columns=tuple(generalized),
+        expired_events=expired,
+    )
+    return stored, result
+
+
+def _dtype(spec: Attribute) -> pl.DataType:
+    """The stored dtype of an attribute (used for columns a source file leaves out)."""
+    if isinstance(spec, ListAttr):
+        return pl.List(pl.String)
+    if isinstance(spec, BoolAttr):
+        return pl.Boolean()
+    if isinstance(spec, DateAttr):
+        return pl.Date()
+    if isinstance(spec, FloatAttr):
+        return pl.Float64()
+    if isinstance(spec, IntAttr):
+        return pl.Int64()
+    return pl.String()
+
+
+def ingest_files(
+    *,
+    store: Store,
+    keyset: Keyset,
+    policy: IngestPolicy,
+    kind: Kind,
+    paths: Sequence[Path],
+    now: datetime | None = None,
+) -> list[IngestResult]:
+    """Ingest files as batches of ``kind``: all of them, or (on any error) none of them."""
+    if not paths:
+        raise InvalidInput("no files given")
+    now = now or datetime.now(UTC)
+    version = store.bind(keyset=keyset, id_type=policy.identity.type.value)
+    pseudonymizer = Pseudonymizer(keyset, policy.identity.type, version)
+    list_columns = frozenset(
+        n
+        for n, a in (policy.profiles if kind == "profiles" else policy.events).attributes.items()
+        if isinstance(a, ListAttr)
+    )
+    results: list[IngestResult] = []
+    staged: list[tuple[int, pl.DataFrame, str]] = []  # (index into results, frame, content id)
+    seen: set[str] = set()
+    with store.writer_lock():
+        for path in paths:
+            cid = content_id(keyset, kind, path) if path.is_file() else ""
+            existing = store.find_content(kind, cid) if cid else None
+            if existing is not None or cid in seen:
+                batch_id = existing or 0
+                results.append(IngestResult(kind, path.name, False, batch_id, 0, 0))
+                continue
+            raw = read_source(path, list_columns=list_columns)
+            df, result = transform(
+                raw, kind=kind, policy=policy, pseudonymizer=pseudonymizer, source=path.name, now=now
+            )
+            seen.add(cid)
+            staged.append((len(results), df, cid))
+            results.append(result)
+        batches = store.add_batches(
+            kind=kind,
+            items=[(df, cid, _audit_details(results[i])) for i, df, cid in staged],
+            key_version=version,
+            keyset=keyset,
+        )
+    for (i, _df, _cid), batch in zip(staged, batches, strict=True):
+        results[i] = _with_batch(results[i], batch)
+    for r in results:
+        log.info("ingest: %s", r.message)
+    return results
+
+
+def _with_batch(r: IngestResult, b: Batch) -> IngestResult:
+    return IngestResult(
+        r.kind,
+        r.source,
+        True,
+        b.id,
+        b.rows,
+        b.people,
+        r.dropped_columns,
+        r.generalized_columns,
+        r.expired_events,
+    )
+
+
+def _audit_details(r: IngestResult) -> dict[str, object]:
+    # Counts and column names only: no file names (they can carry identifiers), no values.
+    return {
+        "kind": r.kind,
+        "rows": r.rows,
+        "people": r.people,
+        "dropped_columns": list(r.dropped_columns),
+        "generalized_columns": list(r.generalized_columns),
+        "expired_events": r.expired_events,
+    }

@@ -1,0 +1,174 @@
+"""The ingest policy (``policies/ingest.yaml``): what may enter the store, and in what form."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from privseg.errors import PolicyError
+from privseg.pseudonym import IdType
+
+# Columns privseg writes itself; a policy may not reuse these names for source columns.
+RESERVED = frozenset({"pid", "ts", "age_band", "region"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Identity(_Strict):
+    column: str = Field(min_length=1, description="Source column holding the person's identifier.")
+    type: IdType = Field(description="Identifier kind; selects the normalization rule.")
+
+
+class CategoryAttr(_Strict):
+    type: Literal["category"]
+    values: tuple[str, ...] = Field(min_length=1, description="The public domain of the attribute.")
+    required: bool = False
+
+
+class ListAttr(_Strict):
+    type: Literal["list"]
+    separator: str = Field(";", min_length=1, description="Separator of items in text sources.")
+    values: tuple[str, ...] = Field(min_length=1)
+    required: bool = False
+
+
+class BoolAttr(_Strict):
+    type: Literal["bool"]
+    required: bool = False
+
+
+class DateAttr(_Strict):
+    type: Literal["date"]
+    required: bool = False
+
+
+class FloatAttr(_Strict):
+    type: Literal["float"]
+    min: float | None = None
+    max: float | None = None
+    required: bool = False
+
+
+class IntAttr(_Strict):
+    type: Literal["int"]
+    min: int | None = None
+    max: int | None = None
+    required: bool = False
+
+
+class StringAttr(_Strict):
+    type: Literal["string"]
+    max_length: int = Field(64, ge=1, le=1024, description="Longer values are refused.")
+    required: bool = False
+
+
+Attribute = Annotated[
+    CategoryAttr | ListAttr | BoolAttr | DateAttr | FloatAttr | IntAttr | StringAttr,
+    Field(discriminator="type"),
+]
+
+
+class AgeBandRule(_Strict):
+    to: Literal["age_band"]
+    from_type: Literal["date", "age"] = "date"
+    edges: tuple[int, ...] = Field(min_length=1, description="Ascending band edges in years.")
+
+    @model_validator(mode="after")
+    def _ascending(self) -> AgeBandRule:
+        if list(self.edges) != sorted(set(self.edges)):
+            raise ValueError("edges must be strictly ascending")
+        return self
+
+    def bands(self) -> tuple[str, ...]:
+        """Band labels, in order: under_18, 18_24, ..., 65_plus."""
+        e = self.edges
+        labels = [f"under_{e[0]}"]
+        labels += [f"{lo}_{hi - 1}" for lo, hi in itertools.pairwise(e)]
+        labels.append(f"{e[-1]}_plus")
+        return tuple(labels)
+
+
+class RegionRule(_Strict):
+    to: Literal["region"]
+    prefix_length: int = Field(ge=1, le=5, description="Leading characters of the postal code kept.")
+    regions: dict[str, str] = Field(min_length=1, description="Prefix -> public region name.")
+
+    @model_validator(mode="after")
+    def _prefix_lengths(self) -> RegionRule:
+        bad = [p for p in self.regions if len(p) != self.prefix_length]
+        if bad:
+            raise ValueError(f"region prefixes {bad} are not {self.prefix_length} characters long")
+        return self
+
+
+GeneralizeRule = Annotated[AgeBandRule | RegionRule, Field(discriminator="to")]
+
+
+class ProfilesPolicy(_Strict):
+    drop: tuple[str, ...] = ()
+    generalize: dict[str, GeneralizeRule] = Field(default_factory=dict)
+    attributes: dict[str, Attribute]
+
+
+class EventsPolicy(_Strict):
+    timestamp: str = Field(min_length=1, description="Source column holding the event time.")
+    drop: tuple[str, ...] = ()
+    attributes: dict[str, Attribute]
+
+
+class IngestPolicy(_Strict):
+    version: Literal[1]
+    identity: Identity
+    retention_days: int = Field(ge=1, description="Events older than this many days are dropped.")
+    profiles: ProfilesPolicy
+    events: EventsPolicy
+
+    @model_validator(mode="after")
+    def _names_are_unambiguous(self) -> IngestPolicy:
+        for kind, section in (("profiles", self.profiles), ("events", self.events)):
+            named: list[str] = [self.identity.column, *section.drop, *section.attributes]
+            if isinstance(section, ProfilesPolicy):
+                named += list(section.generalize)
+                outputs = [rule.to for rule in section.generalize.values()]
+                if len(outputs) != len(set(outputs)):
+                    raise ValueError(f"{kind}.generalize produces the same output twice: {outputs}")
+            else:
+                named.append(section.timestamp)
+            dupes = sorted({n for n in named if named.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind}: columns named in more than one role: {dupes}")
+            reserved = sorted(set(section.attributes) & RESERVED)
+            if reserved:
+                raise ValueError(f"{kind}.attributes uses reserved names {reserved}")
+        return self
+
+    def known_columns(self, kind: str) -> frozenset[str]:
+        if kind == "profiles":
+            p = self.profiles
+            return frozenset([self.identity.column, *p.drop, *p.generalize, *p.attributes])
+        e = self.events
+        return frozenset([self.identity.column, e.timestamp, *e.drop, *e.attributes])
+
+
+def load_ingest_policy(path: Path) -> IngestPolicy:
+    """Load and validate ``ingest.yaml``; errors name the file and the path inside it."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"no ingest policy at {path} (set PRIVSEG_POLICY_DIR)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return IngestPolicy.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise PolicyError(f"{path}: {problems}") from None

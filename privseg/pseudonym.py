@@ -1,0 +1,163 @@
+"""Pseudonyms: deterministic AES-SIV encryption of normalized identifiers (RFC 5297).
+
+A pseudonym (``pid``) is ``k<version>.`` + base64url(AES-SIV(key_v, pad(normalized id), [ad])).
+
+- Deterministic, so events join to profiles across batches; it leaks equality only.
+- The associated data binds the token to the deployment namespace, the identifier type, the key
+  version and the normalization version, so a token relabelled with another prefix, or taken to
+  another deployment, fails to decrypt (``InvalidTag``) instead of meaning something else.
+- Plaintexts are padded (ISO/IEC 7816-4) to a multiple of 16 bytes so that token length does not
+  reveal identifier length.
+- Reversible by the key holder alone: erasure, access requests and key rotation need no stored raw id.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import unicodedata
+from collections.abc import Callable
+from enum import StrEnum
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from privseg.errors import InvalidInput, InvalidPseudonym
+from privseg.keyset import Keyset
+
+# Bump when a normalization rule changes: it is part of the associated data, so old and new
+# pseudonyms of one person differ, and the store must be re-pseudonymized (like a key rotation).
+NORMALIZATION_VERSION = 1
+_BLOCK = 16
+_TOKEN_RE = re.compile(r"^k([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)$")
+
+
+class IdType(StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+    CUSTOMER_NUMBER = "customer_number"
+
+
+def normalize(value: str, id_type: IdType) -> str:
+    """Normalize one raw identifier so that one person does not become two (see normalize_expr)."""
+    if id_type is IdType.EMAIL:
+        return unicodedata.normalize("NFKC", value).strip().lower()
+    if id_type is IdType.PHONE:
+        return "".join(ch for ch in value if ch in "0123456789")
+    return value.strip()
+
+
+def normalize_expr(expr: pl.Expr, id_type: IdType) -> pl.Expr:
+    """The vectorized twin of :func:`normalize` (tests check they agree)."""
+    if id_type is IdType.EMAIL:
+        return expr.str.normalize("NFKC").str.strip_chars().str.to_lowercase()
+    if id_type is IdType.PHONE:
+        return expr.str.replace_all(r"[^0-9]", "")
+    return expr.str.strip_chars()
+
+
+def _pad(data: bytes) -> bytes:
+    padded_len = (len(data) // _BLOCK + 1) * _BLOCK
+    return data + b"\x80" + b"\x00" * (padded_len - len(data) - 1)
+
+
+def _unpad(data: bytes) -> bytes:
+    end = data.rstrip(b"\x00")
+    if not end.endswith(b"\x80"):
+        raise InvalidPseudonym("the pseudonym decrypted but its padding is invalid")
+    return end[:-1]
+
+
+class Pseudonymizer:
+    """Encrypts normalized identifiers of one type under one key version, and decrypts any version."""
+
+    def __init__(self, keyset: Keyset, id_type: IdType, version: int | None = None) -> None:
+        self._keyset = keyset
+        self.id_type = id_type
+        self.version = keyset.primary if version is None else version
+        self._ciphers: dict[int, AESSIV] = {}
+        self._cipher(self.version)  # fail now, not mid-batch, if the version is missing
+
+    def __repr__(self) -> str:
+        return f"Pseudonymizer(namespace={self._keyset.namespace!r}, type={self.id_type}, k{self.version})"
+
+    def _cipher(self, version: int) -> AESSIV:
+        if version not in self._ciphers:
+            self._ciphers[version] = AESSIV(self._keyset.pseudonym_key(version).reveal())
+        return self._ciphers[version]
+
+    def _ad(self, version: int) -> list[bytes]:
+        # Exactly one AD component: RFC 5297 treats a last extra component as a nonce.
+        return [
+            f"privseg/pseudonym|ns={self._keyset.namespace}|type={self.id_type}"
+            f"|key={version}|norm={NORMALIZATION_VERSION}".encode()
+        ]
+
+    def encrypt(self, normalized: str) -> str:
+        """Pseudonym of one already-normalized identifier."""
+        if not normalized:
+            raise InvalidInput("an identifier is empty after normalization")
+        ct = self._cipher(self.version).encrypt(_pad(normalized.encode()), self._ad(self.version))
+        return f"k{self.version}." + base64.urlsafe_b64encode(ct).rstrip(b"=").decode("ascii")
+
+    def pseudonymize(self, raw: str) -> str:
+        """Normalize, then encrypt, one raw identifier."""
+        return self.encrypt(normalize(raw, self.id_type))
+
+    def decrypt(self, token: str) -> str:
+        """The normalized identifier behind a pseudonym (key holder only; audited by callers)."""
+        match = _TOKEN_RE.match(token)
+        if match is None:
+            raise InvalidPseudonym("not a privseg pseudonym (expected 'k<version>.<base64url>')")
+        version = int(match.group(1))
+        if version not in self._keyset.pseudonym_keys:
+            raise InvalidPseudonym(f"the pseudonym names key version {version}, which the keyset lacks")
+        body = match.group(2)
+        try:
+            ct = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError):
+            raise InvalidPseudonym("the pseudonym is not valid base64url") from None
+        try:
+            pt = self._cipher(version).decrypt(ct, self._ad(version))
+        except InvalidTag:
+            raise InvalidPseudonym(
+                "the pseudonym does not authenticate: tampered, relabelled, or from another deployment"
+            ) from None
+        return _unpad(pt).decode()
+
+    def encrypt_many(self, normalized: list[str]) -> list[str]:
+        """:meth:`encrypt` for many values, with the per-call overhead hoisted out of the loop."""
+        if not all(normalized):
+            raise InvalidInput("an identifier is empty after normalization")
+        seal = self._cipher(self.version).encrypt
+        ad = self._ad(self.version)
+        prefix = f"k{self.version}."
+        b64 = base64.urlsafe_b64encode
+        return [prefix + b64(seal(_pad(v.encode()), ad)).rstrip(b"=").decode("ascii") for v in normalized]
+
+    def encrypt_series(self, normalized: pl.Series) -> pl.Series:
+        """Pseudonyms for a column of normalized identifiers, encrypting each distinct value once.
+
+        Events repeat people; dictionary-encoding and gathering back was the fastest pipeline measured
+        here (../shared/PSEUDONYM_NOTES.md). The column must hold no nulls or empty strings.
+        """
+        return self._map_distinct(normalized, self.encrypt_many)
+
+    def decrypt_series(self, tokens: pl.Series) -> pl.Series:
+        return self._map_distinct(tokens, lambda values: [self.decrypt(v) for v in values])
+
+    @staticmethod
+    def _map_distinct(values: pl.Series, fn: Callable[[list[str]], list[str]]) -> pl.Series:
+        if values.null_count():
+            raise InvalidInput("an identifier is missing")
+        encoded = pc.dictionary_encode(values.to_arrow())
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        mapped = pa.array(fn(encoded.dictionary.to_pylist()), type=pa.large_string())
+        out = pl.from_arrow(pc.take(mapped, encoded.indices))
+        assert isinstance(out, pl.Series)
+        return out.rename(values.name)

@@ -1,0 +1,45 @@
+"""Runtime settings, read from ``PRIVSEG_*`` environment variables (pydantic-settings).
+
+Defaults are the embedded ones: everything lives under the working directory, so ``privseg demo``
+runs on a fresh machine with nothing else set up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRIVSEG_", frozen=True)
+
+    home: Path = Field(
+        Path(".privseg"),
+        description="State directory: the SQLite database and the pseudonymized Parquet store.",
+    )
+    keyset: Path = Field(
+        Path("keys/keyset.json"),
+        description="Keyset file (created by `privseg keys init`, mode 0600). Keep it out of backups "
+        "that leave the deployment.",
+    )
+    policy_dir: Path = Field(
+        Path("policies"), description="Directory holding ingest.yaml and categories/*.yaml."
+    )
+    log_file: Path | None = Field(
+        None, description="Also write logs to this file (logs never contain raw identifiers)."
+    )
+    log_level: str = Field("WARNING", description="Python logging level name (INFO shows each batch).")
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "privseg.db"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def ingest_policy_path(self) -> Path:
+        return self.policy_dir / "ingest.yaml"

@@ -1,0 +1,192 @@
+"""Reading source files (CSV, gzip CSV, Parquet, NDJSON) into all-text frames, with errors that name
+the file and line but never quote the data."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from privseg.errors import InvalidInput
+
+Format = Literal["csv", "parquet", "ndjson"]
+
+_SUFFIXES: dict[str, Format] = {
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+    ".ndjson.gz": "ndjson",
+    ".jsonl.gz": "ndjson",
+}
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
+
+
+def detect_format(path: Path) -> Format:
+    name = path.name.lower()
+    for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return fmt
+    raise InvalidInput(f"{path.name}: unknown file type; use .csv, .csv.gz, .parquet, .ndjson or .jsonl")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    raw = gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def _first_problem_csv(path: Path) -> str:
+    """Find the first structurally bad line of a CSV: the error path only, so speed does not matter."""
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            width = None
+            for row in reader:
+                if width is None:
+                    width = len(row)
+                elif row and len(row) != width:
+                    return f"line {reader.line_num}: expected {width} fields, found {len(row)}"
+    except UnicodeDecodeError:
+        return "not UTF-8 text (binary data or another encoding)"
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return "the gzip stream is corrupt or truncated"
+    except csv.Error as exc:
+        return f"malformed CSV ({exc})"
+    return "could not be parsed as CSV"
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with _open_text(path) as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path.name}: not UTF-8 text (binary data or another encoding)") from None
+    except (OSError, EOFError, gzip.BadGzipFile):
+        raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
+    except csv.Error as exc:
+        raise InvalidInput(f"{path.name}: malformed CSV header ({exc})") from None
+    if not header or not any(h.strip() for h in header):
+        raise InvalidInput(f"{path.name}: the file is empty (expected a header line)")
+    return header
+
+
+def _check_names(path: Path, names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names, start=1):
+        if not name.strip():
+            raise InvalidInput(f"{path.name}: column {i} of the header has no name")
+        if name in seen:
+            raise InvalidInput(f"{path.name}: the header names column {name!r} twice")
+        seen.add(name)
+
+
+def _read_csv(path: Path) -> pl.DataFrame:
+    _check_names(path, _csv_header(path))
+    try:
+        return pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
+    except (pl.exceptions.PolarsError, OSError):
+        raise InvalidInput(f"{path.name}: {_first_problem_csv(path)}") from None
+
+
+def _first_problem_ndjson(path: Path) -> str:
+    try:
+        with _open_text(path) as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError:
+                    return f"line {number}: not valid JSON"
+                if not isinstance(value, dict):
+                    return f"line {number}: expected a JSON object"
+    except UnicodeDecodeError:
+        return "not UTF-8 text (binary data or another encoding)"
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return "the gzip stream is corrupt or truncated"
+    return "could not be parsed as NDJSON"
+
+
+def _read_ndjson(path: Path, list_columns: frozenset[str]) -> pl.DataFrame:
+    try:
+        if path.stat().st_size == 0:
+            raise InvalidInput(f"{path.name}: the file is empty")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if data[:2] == GZIP_MAGIC:
+            data = gzip.decompress(data)
+        # First learn the column names, then read every value as text (lists as lists of text),
+        # so validation sees exactly what the file says, whatever JSON type it used.
+        names = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None).columns
+        schema = {n: (pl.List(pl.String) if n in list_columns else pl.String) for n in names}
+        return pl.read_ndjson(io.BytesIO(data), schema=schema)
+    except InvalidInput:
+        raise
+    except (pl.exceptions.PolarsError, OSError, EOFError, gzip.BadGzipFile):
+        raise InvalidInput(f"{path.name}: {_first_problem_ndjson(path)}") from None
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    with open(path, "rb") as fh:
+        if fh.read(4) != PARQUET_MAGIC:
+            raise InvalidInput(f"{path.name}: not a Parquet file")
+    try:
+        df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError):
+        raise InvalidInput(f"{path.name}: the Parquet file is corrupt or truncated") from None
+    _check_names(path, df.columns)
+    return df
+
+
+def _as_text(df: pl.DataFrame, list_columns: frozenset[str]) -> pl.DataFrame:
+    """Typed columns (Parquet) to the same text form CSV gives, so one validator serves all."""
+    exprs: list[pl.Expr] = []
+    for name, dtype in df.schema.items():
+        col = pl.col(name)
+        if name in list_columns and isinstance(dtype, pl.List):
+            exprs.append(col.cast(pl.List(pl.String)))
+        elif isinstance(dtype, pl.Datetime):
+            if dtype.time_zone is None:
+                col = col.dt.replace_time_zone("UTC")
+            exprs.append(col.dt.to_string("%Y-%m-%dT%H:%M:%S%.f%z"))
+        elif dtype == pl.Date:
+            exprs.append(col.dt.to_string("%Y-%m-%d"))
+        elif dtype == pl.Boolean:
+            exprs.append(pl.when(col).then(pl.lit("true")).when(~col).then(pl.lit("false")))
+        elif (
+            dtype in (pl.String, pl.Null)
+            or isinstance(dtype, pl.Categorical | pl.Enum | pl.Null)
+            or dtype.is_numeric()
+        ):
+            exprs.append(col.cast(pl.String))
+        else:
+            raise InvalidInput(f"column {name!r} has type {dtype}, which privseg cannot ingest")
+        exprs[-1] = exprs[-1].alias(name)
+    return df.select(exprs)
+
+
+def read_source(path: Path, *, list_columns: frozenset[str] = frozenset()) -> pl.DataFrame:
+    """Read a source file into a frame of text columns (``list_columns`` may be lists of text)."""
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file")
+    fmt = detect_format(path)
+    if fmt == "csv":
+        df = _read_csv(path)
+    elif fmt == "ndjson":
+        df = _as_text(_read_ndjson(path, list_columns), list_columns)
+    else:
+        df = _as_text(_read_parquet(path), list_columns)
+    if df.height == 0:
+        raise InvalidInput(f"{path.name}: the file has a header but no rows")
+    return df

@@ -1,0 +1,330 @@
+"""The pseudonymized store: one Parquet file per batch, recorded in the SQLite manifest.
+
+Write protocol (a crash at any point leaves the whole batch or none of it):
+1. write the Parquet file under a temporary name, fsync it, rename it to its final name, fsync the
+   directory;
+2. in one SQLite transaction, insert the manifest row and the audit entry.
+Readers only ever open files the manifest lists, so a file that was renamed but never recorded is
+invisible; :meth:`Store.recover` deletes such orphans (and temporaries) under the writer lock.
+Rewrites (erasure, key rotation, compaction) follow the same protocol: new files first, then one
+transaction that swaps every manifest row at once, then the old files are deleted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from privseg import audit, fsutil
+from privseg.db import get_meta, set_meta, transaction
+from privseg.errors import Conflict, StoreError
+from privseg.keyset import Keyset
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["profiles", "events"]
+KINDS: tuple[Kind, ...] = ("profiles", "events")
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: int
+    kind: Kind
+    file: str
+    rows: int
+    people: int
+    min_ts: str | None
+    max_ts: str | None
+    key_version: int
+    written_at: str
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Replace ``old`` with ``new`` (None: the batch becomes empty and is removed)."""
+
+    old: Batch
+    new: pl.DataFrame | None
+
+
+def _batch_from_row(row: Sequence[Any]) -> Batch:
+    return Batch(*row)
+
+
+_BATCH_COLUMNS = "id, kind, file, rows, people, min_ts, max_ts, key_version, written_at"
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection, data_dir: Path) -> None:
+        self.conn = conn
+        self.data_dir = data_dir
+        for kind in KINDS:
+            (data_dir / kind).mkdir(parents=True, exist_ok=True)
+
+    # -- identity binding --------------------------------------------------------------------
+    def key_version(self) -> int | None:
+        value = get_meta(self.conn, "key_version")
+        return None if value is None else int(value)
+
+    def bind(self, *, keyset: Keyset, id_type: str) -> int:
+        """The key version to pseudonymize with; binds an empty store to the keyset on first use.
+
+        The store, not the keyset, says which version its pseudonyms use: a rotation that crashed
+        half-way leaves the store on the old version, and ingestion keeps using it until
+        ``privseg keys rotate`` finishes (see rekey.py).
+        """
+        with transaction(self.conn):
+            namespace = get_meta(self.conn, "namespace")
+            if namespace is None:
+                set_meta(self.conn, "namespace", keyset.namespace)
+                set_meta(self.conn, "id_type", id_type)
+                set_meta(self.conn, "key_version", str(keyset.primary))
+                return keyset.primary
+            if namespace != keyset.namespace:
+                raise Conflict(
+                    f"this store belongs to namespace {namespace!r} but the keyset is for "
+                    f"{keyset.namespace!r}: wrong keyset or wrong PRIVSEG_HOME"
+                )
+            stored_type = get_meta(self.conn, "id_type")
+            if stored_type != id_type:
+                raise Conflict(
+                    f"the store's pseudonyms are of identifier type {stored_type!r} but the ingest "
+                    f"policy now says {id_type!r}; changing it needs a re-pseudonymization"
+                )
+            version = int(get_meta(self.conn, "key_version") or keyset.primary)
+            keyset.pseudonym_key(version)  # the keyset must still hold it
+            return version
+
+    # -- reading -----------------------------------------------------------------------------
+    def batches(self, kind: Kind | None = None) -> list[Batch]:
+        if kind is None:
+            rows = self.conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY id").fetchall()
+        else:
+            rows = self.conn.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE kind = ? ORDER BY id", (kind,)
+            ).fetchall()
+        return [_batch_from_row(r) for r in rows]
+
+    def find_content(self, kind: Kind, content_id: str) -> int | None:
+        """The batch id under which this content was first ingested, or None if it never was."""
+        row = self.conn.execute(
+            "SELECT first_batch FROM contents WHERE kind = ? AND content_id = ?", (kind, content_id)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def path_of(self, batch: Batch) -> Path:
+        return self.data_dir / batch.kind / batch.file
+
+    def scan_events(self) -> pl.LazyFrame | None:
+        """All stored events (None when there are none)."""
+        files = [self.path_of(b) for b in self.batches("events")]
+        if not files:
+            return None
+        return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed")
+
+    def scan_profiles(self) -> pl.LazyFrame | None:
+        """Current profiles: one row per pid, the latest batch winning (upsert semantics)."""
+        batches = self.batches("profiles")
+        if not batches:
+            return None
+        if len(batches) == 1:
+            return pl.scan_parquet(self.path_of(batches[0]))
+        frames = [pl.scan_parquet(self.path_of(b)) for b in batches]
+        # Batches are concatenated in ingestion order, so keep="last" is "latest batch wins".
+        return pl.concat(frames, how="diagonal_relaxed").unique(
+            subset="pid", keep="last", maintain_order=False
+        )
+
+    # -- writing -----------------------------------------------------------------------------
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.data_dir / ".writer.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Serialize writers across processes (CLI and server may write at the same time), first
+        clearing what an interrupted writer left behind."""
+        with self._lock():
+            self._recover_locked()
+            yield
+
+    def _write_file(self, kind: Kind, df: pl.DataFrame) -> tuple[str, Path]:
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+        final = self.data_dir / kind / name
+        tmp = fsutil.tmp_path_for(final)
+        df.write_parquet(tmp, compression="zstd", statistics=True)
+        fsutil.publish(tmp, final)
+        return name, final
+
+    @staticmethod
+    def _summary(kind: Kind, df: pl.DataFrame) -> tuple[int, int, str | None, str | None]:
+        people = df.get_column("pid").n_unique() if df.height else 0
+        min_ts = max_ts = None
+        if kind == "events" and df.height:
+            lo, hi = df.get_column("ts").min(), df.get_column("ts").max()
+            min_ts = None if lo is None else str(lo)
+            max_ts = None if hi is None else str(hi)
+        return df.height, people, min_ts, max_ts
+
+    def _insert(self, kind: Kind, name: str, df: pl.DataFrame, key_version: int) -> Batch:
+        rows, people, min_ts, max_ts = self._summary(kind, df)
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        cur = self.conn.execute(
+            "INSERT INTO batches (kind, file, rows, people, min_ts, max_ts, key_version, written_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, name, rows, people, min_ts, max_ts, key_version, at),
+        )
+        assert cur.lastrowid is not None
+        return Batch(cur.lastrowid, kind, name, rows, people, min_ts, max_ts, key_version, at)
+
+    def add_batches(
+        self,
+        *,
+        kind: Kind,
+        items: Sequence[tuple[pl.DataFrame, str, dict[str, Any]]],
+        key_version: int,
+        keyset: Keyset,
+    ) -> list[Batch]:
+        """Store pseudonymized batches ``(frame, content_id, audit details)`` atomically: every file
+        is written and published first, then one transaction records them all with their audit
+        entries. Caller holds :meth:`writer_lock`."""
+        written: list[tuple[str, Path]] = []
+        try:
+            for df, _cid, _details in items:
+                written.append(self._write_file(kind, df))
+            batches: list[Batch] = []
+            with transaction(self.conn):
+                for (df, cid, details), (name, _path) in zip(items, written, strict=True):
+                    if self.find_content(kind, cid) is not None:
+                        raise Conflict("this content was ingested concurrently by another writer")
+                    batch = self._insert(kind, name, df, key_version)
+                    self.conn.execute(
+                        "INSERT INTO contents (kind, content_id, first_batch, ingested_at) "
+                        "VALUES (?, ?, ?, ?)",
+                        (kind, cid, batch.id, batch.written_at),
+                    )
+                    audit.append(self.conn, keyset, "ingest", {**details, "batch": batch.id})
+                    batches.append(batch)
+        except BaseException:
+            for _name, path in written:
+                path.unlink(missing_ok=True)
+            raise
+        for b in batches:
+            log.info("stored %s batch %d: %d rows, %d people", kind, b.id, b.rows, b.people)
+        return batches
+
+    def rewrite(
+        self,
+        changes: Sequence[Rewrite],
+        *,
+        keyset: Keyset,
+        event: str,
+        details: dict[str, Any],
+        meta: dict[str, str] | None = None,
+        key_version: int | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> list[Batch]:
+        """Replace batches atomically: all new files first, then one transaction swaps every
+        manifest row (plus ``meta`` updates and the audit entry), then old files are deleted.
+        ``check`` runs inside the transaction and may raise to abort. Caller holds writer_lock."""
+        written: list[tuple[Rewrite, str, Path]] = []
+        try:
+            for change in changes:
+                if change.new is not None and change.new.height > 0:
+                    name, path = self._write_file(change.old.kind, change.new)
+                    written.append((change, name, path))
+            new_batches: list[Batch] = []
+            with transaction(self.conn):
+                if check is not None:
+                    check()
+                for change in changes:
+                    deleted = self.conn.execute(
+                        "DELETE FROM batches WHERE id = ? AND file = ?", (change.old.id, change.old.file)
+                    ).rowcount
+                    if deleted != 1:
+                        raise Conflict(f"batch {change.old.id} changed while it was being rewritten")
+                for change, name, _path in written:
+                    assert change.new is not None
+                    version = change.old.key_version if key_version is None else key_version
+                    new_batches.append(self._insert(change.old.kind, name, change.new, version))
+                for key, value in (meta or {}).items():
+                    set_meta(self.conn, key, value)
+                audit.append(self.conn, keyset, event, details)
+        except BaseException:
+            for _change, _name, path in written:
+                path.unlink(missing_ok=True)
+            raise
+        for change in changes:
+            self.path_of(change.old).unlink(missing_ok=True)
+        return new_batches
+
+    def _recover_locked(self) -> list[Path]:
+        listed = {(b.kind, b.file) for b in self.batches()}
+        removed: list[Path] = []
+        for kind in KINDS:
+            for path in (self.data_dir / kind).iterdir():
+                if (kind, path.name) not in listed:
+                    path.unlink()
+                    removed.append(path)
+        missing = [b for b in self.batches() if not self.path_of(b).exists()]
+        if missing:
+            raise StoreError(
+                f"the manifest lists {len(missing)} batch file(s) that are missing "
+                f"(first: {missing[0].kind}/{missing[0].file}); restore them from backup"
+            )
+        if removed:
+            log.warning("removed %d unrecorded file(s) left by an interrupted write", len(removed))
+        return removed
+
+    def recover(self) -> list[Path]:
+        """Delete files no manifest row lists (left by a crash); check listed files exist."""
+        with self._lock():
+            return self._recover_locked()
+
+    def status(self) -> dict[str, Any]:
+        """Batches, rows and people per kind; never a pid."""
+        out: dict[str, Any] = {
+            "namespace": get_meta(self.conn, "namespace"),
+            "key_version": self.key_version(),
+        }
+        for kind in KINDS:
+            bs = self.batches(kind)
+            out[kind] = {
+                "batches": len(bs),
+                "rows": sum(b.rows for b in bs),
+                "bytes": sum(self.path_of(b).stat().st_size for b in bs if self.path_of(b).exists()),
+            }
+        profiles = self.scan_profiles()
+        events = self.scan_events()
+        out["profiles"]["people"] = 0 if profiles is None else _count(profiles)
+        out["events"]["people"] = 0 if events is None else _n_unique_pid(events)
+        if events is not None:
+            lo, hi = (
+                events.select(pl.col("ts").min().alias("lo"), pl.col("ts").max().alias("hi")).collect().row(0)
+            )
+            out["events"]["first"] = None if lo is None else str(lo)
+            out["events"]["last"] = None if hi is None else str(hi)
+        return out
+
+
+def _count(lf: pl.LazyFrame) -> int:
+    return int(lf.select(pl.len()).collect().item())
+
+
+def _n_unique_pid(lf: pl.LazyFrame) -> int:
+    return int(lf.select(pl.col("pid").n_unique()).collect().item())
