@@ -1,0 +1,127 @@
+"""Shared fixtures: a deployment over a temporary directory, small demo data, file writers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from privseg.demo_data import DemoFiles, generate
+from privseg.deployment import Deployment
+from privseg.keyset import create_keyset
+from privseg.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES = REPO / "policies"
+AS_OF = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def make_settings(root: Path) -> Settings:
+    return Settings(
+        home=root / "home",
+        keyset=root / "keys" / "keyset.json",
+        policy_dir=POLICIES,
+        log_file=root / "logs" / "privseg.log",
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def dep(settings: Settings) -> Iterator[Deployment]:
+    create_keyset(settings.keyset, "test")
+    d = Deployment(settings)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory: pytest.TempPathFactory) -> DemoFiles:
+    """2,000 synthetic customers with raw identifiers (read-only: copy before modifying)."""
+    return generate(tmp_path_factory.mktemp("demo"), customers=2_000, seed=11, as_of=AS_OF)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+PROFILE_HEADER = [
+    "customer_id",
+    "email",
+    "birth_date",
+    "postal_code",
+    "gender",
+    "interests",
+    "consent_marketing",
+]
+
+
+def profile_row(cid: str, **over: str) -> list[str]:
+    base = {
+        "customer_id": cid,
+        "email": f"{cid.lower()}@example.com",
+        "birth_date": "1980-05-17",
+        "postal_code": "94110",
+        "gender": "female",
+        "interests": "travel;hearing_aids",
+        "consent_marketing": "true",
+    }
+    base.update(over)
+    return [base[h] for h in PROFILE_HEADER]
+
+
+EVENT_HEADER = ["customer_id", "ts", "event_type", "product_category", "value", "campaign"]
+
+
+def event_row(cid: str, **over: str) -> list[str]:
+    base = {
+        "customer_id": cid,
+        "ts": "2026-05-30T10:00:00Z",
+        "event_type": "purchase",
+        "product_category": "electronics",
+        "value": "19.99",
+        "campaign": "spring_sale",
+    }
+    base.update(over)
+    return [base[h] for h in EVENT_HEADER]
+
+
+def run_cli(
+    settings: Settings, *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m privseg`` in a subprocess with this deployment's environment."""
+    env = {
+        **os.environ,
+        "PRIVSEG_HOME": str(settings.home),
+        "PRIVSEG_KEYSET": str(settings.keyset),
+        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
+        "PRIVSEG_LOG_FILE": str(settings.log_file),
+        "PRIVSEG_LOG_LEVEL": "DEBUG",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "privseg", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=300,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"privseg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc

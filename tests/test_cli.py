@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from privseg.settings import Settings
+from tests.conftest import EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, run_cli, write_csv
+
+
+def test_keys_init_status_and_refusal_to_overwrite(settings: Settings) -> None:
+    out = run_cli(settings, "keys", "init", "--namespace", "acme")
+    assert "namespace 'acme'" in out.stdout
+    assert stat.S_IMODE(os.stat(settings.keyset).st_mode) == 0o600
+    again = run_cli(settings, "keys", "init", check=False)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    status = json.loads(run_cli(settings, "keys", "status", "--json").stdout)
+    assert status["namespace"] == "acme" and status["primary"] == 1 and status["store_key_version"] is None
+    assert "key" not in json.dumps(status["versions"]).replace("key_version", "")
+
+
+def test_ingest_status_erase_and_audit_round_trip(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run_cli(settings, "keys", "init")
+    profiles = write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1"), profile_row("C2")])
+    events = write_csv(tmp_path / "e.csv", EVENT_HEADER, [event_row("C1"), event_row("C2"), event_row("C2")])
+    out = run_cli(settings, "ingest", "profiles", str(profiles))
+    assert "stored profiles batch 1 (2 rows, 2 people)" in out.stdout
+    out = run_cli(settings, "ingest", "events", str(events), "--json")
+    assert json.loads(out.stdout)[0]["rows"] == 3
+    assert "already ingested" in run_cli(settings, "ingest", "events", str(events)).stdout
+    status = json.loads(run_cli(settings, "store", "status", "--json").stdout)
+    assert status["profiles"]["people"] == 2 and status["events"]["rows"] == 3
+    out = run_cli(settings, "erase", "--id", "C2")
+    assert "1 profile rows and 2 event rows" in out.stdout
+    assert "nothing erased" in run_cli(settings, "erase", "--id", "C2").stdout
+    verify = run_cli(settings, "audit", "verify")
+    assert "audit log OK: 3 entries" in verify.stdout
+    events_logged = [e["event"] for e in json.loads(run_cli(settings, "audit", "show", "--json").stdout)]
+    assert events_logged == ["ingest", "ingest", "erasure"]
+
+
+def test_errors_exit_2_with_a_clear_message_and_no_traceback(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    missing_keys = run_cli(settings, "ingest", "profiles", str(tmp_path / "x.csv"), check=False)
+    assert missing_keys.returncode == 2
+    assert "error (keyset-error)" in missing_keys.stderr and "privseg keys init" in missing_keys.stderr
+    assert "Traceback" not in missing_keys.stderr
+    run_cli(settings, "keys", "init")
+    nofile = run_cli(settings, "ingest", "profiles", str(tmp_path / "x.csv"), check=False)
+    assert nofile.returncode == 2 and "no such file" in nofile.stderr
+
+
+def test_audit_verify_exits_1_when_tampered(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    run_cli(settings, "keys", "init")
+    run_cli(
+        settings,
+        "ingest",
+        "profiles",
+        str(write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1")])),
+    )
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("UPDATE audit SET details = '{}'")
+    conn.commit()
+    out = run_cli(settings, "audit", "verify", check=False)
+    assert out.returncode == 1 and "TAMPERED" in out.stdout and "first bad entry: 1" in out.stdout
+
+
+def test_policy_check_and_demo_data(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert "ingest.yaml: OK" in run_cli(settings, "policy", "check").stdout
+    broken = tmp_path / "pol"
+    broken.mkdir()
+    (broken / "ingest.yaml").write_text("version: 1\nidentity: {column: id, type: passport}\n")
+    out = run_cli(settings, "policy", "check", str(broken), check=False)
+    assert out.returncode == 2 and "identity.type" in out.stderr
+    out = run_cli(settings, "demo-data", "--customers", "50", "--seed", "3", "--out", str(tmp_path / "d"))
+    assert "wrote 50 customers" in out.stdout
+    assert (tmp_path / "d" / "events.csv").stat().st_size > 0
+
+
+def test_demo_runs_from_nothing_and_is_idempotent(settings: Settings) -> None:
+    first = run_cli(settings, "demo", "--customers", "500")
+    assert "keys: created" in first.stdout and "stored profiles batch 1 (500 rows" in first.stdout
+    assert "chain verified" in first.stdout
+    second = run_cli(settings, "demo", "--customers", "500")
+    assert "already ingested" in second.stdout and "keys: using" in second.stdout

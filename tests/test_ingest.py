@@ -1,0 +1,296 @@
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from privseg.deployment import Deployment
+from privseg.errors import InvalidInput
+from privseg.ingest import ingest_files
+from privseg.pseudonym import Pseudonymizer
+from tests.conftest import AS_OF, EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, write_csv
+
+
+def ingest(dep: Deployment, kind: str, *paths: Path) -> list:
+    return ingest_files(
+        store=dep.store,
+        keyset=dep.keyset,
+        policy=dep.ingest_policy,
+        kind=kind,
+        paths=list(paths),
+        now=AS_OF,  # type: ignore[arg-type]
+    )
+
+
+def stored_files(dep: Deployment) -> list[Path]:
+    return sorted(p for p in dep.settings.data_dir.rglob("*") if p.is_file() and p.suffix == ".parquet")
+
+
+def assert_nothing_stored(dep: Deployment) -> None:
+    assert dep.store.batches() == []
+    assert stored_files(dep) == []
+
+
+def test_profiles_are_pseudonymized_generalized_and_typed(dep: Deployment, tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "p.csv",
+        PROFILE_HEADER,
+        [profile_row("C1"), profile_row(" C2 ", birth_date="1950-01-01", postal_code="02139", interests="")],
+    )
+    (result,) = ingest(dep, "profiles", path)
+    assert result.stored and result.rows == 2 and result.people == 2
+    assert result.dropped_columns == ("email",)
+    assert set(result.generalized_columns) == {"birth_date", "postal_code"}
+    df = dep.store.scan_profiles().collect().sort("age_band")  # type: ignore[union-attr]
+    assert df.columns[:3] == ["pid", "age_band", "region"]
+    assert "email" not in df.columns and "birth_date" not in df.columns and "postal_code" not in df.columns
+    assert df.schema["interests"] == pl.List(pl.String)
+    assert df.schema["consent_marketing"] == pl.Boolean
+    assert df.schema["signup_date"] == pl.Date  # absent from the file: typed null column
+    assert df.get_column("age_band").to_list() == [
+        "45_54",
+        "65_plus",
+    ]  # born 1980-05-17 / 1950, as of 2026-06-01
+    assert df.get_column("region").to_list() == ["pacific", "new_england"]
+    # A blank cell means "not given" for every type, lists included: null, not an empty list.
+    assert df.get_column("interests").to_list() == [["travel", "hearing_aids"], None]
+    p = Pseudonymizer(dep.keyset, dep.ingest_policy.identity.type, 1)
+    assert sorted(df.get_column("pid").to_list()) == sorted([p.pseudonymize("C1"), p.pseudonymize("C2")])
+
+
+@pytest.mark.parametrize(
+    "born, band",
+    [
+        ("2008-06-01", "18_24"),  # 18th birthday on the as-of day: 18
+        ("2008-06-02", "under_18"),  # one day short of 18
+        ("2001-06-02", "18_24"),  # turns 25 tomorrow
+        ("2001-06-01", "25_34"),
+        ("1961-06-01", "65_plus"),
+        ("1961-06-02", "55_64"),
+    ],
+)
+def test_age_band_edges_are_inclusive_on_the_birthday(
+    dep: Deployment, tmp_path: Path, born: str, band: str
+) -> None:
+    ingest(
+        dep, "profiles", write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1", birth_date=born)])
+    )
+    assert dep.store.scan_profiles().collect().get_column("age_band").to_list() == [band]  # type: ignore[union-attr]
+
+
+def test_events_are_parsed_to_utc(dep: Deployment, tmp_path: Path) -> None:
+    rows = [
+        event_row("C1", ts="2026-05-30T10:00:00Z"),
+        event_row("C1", ts="2026-05-30T12:00:00+02:00"),
+        event_row("C2", ts="2026-05-30 10:00:00", value="", campaign=""),
+        event_row("C2", ts="2026-05-30T10:00:00.250Z", event_type="page_view", product_category=""),
+    ]
+    ingest(dep, "events", write_csv(tmp_path / "e.csv", EVENT_HEADER, rows))
+    df = dep.store.scan_events().collect()  # type: ignore[union-attr]
+    assert df.schema["ts"] == pl.Datetime("us", "UTC")
+    assert df.get_column("ts").dt.hour().to_list() == [10, 10, 10, 10]
+    assert df.get_column("value").to_list() == [19.99, 19.99, None, 19.99]
+    assert df.get_column("campaign").null_count() == 1
+    assert df.get_column("variant").null_count() == 4  # column absent from the file
+
+
+def test_events_past_retention_are_dropped_and_counted(dep: Deployment, tmp_path: Path) -> None:
+    rows = [event_row("C1", ts="2023-01-01T00:00:00Z"), event_row("C1")]
+    (result,) = ingest(dep, "events", write_csv(tmp_path / "e.csv", EVENT_HEADER, rows))
+    assert result.expired_events == 1 and result.rows == 1
+
+
+@pytest.mark.parametrize(
+    "override, column, rows_named, what",
+    [
+        ({"birth_date": "1980-13-45"}, "birth_date", "2", "not a date"),
+        ({"birth_date": "2090-01-01"}, "birth_date", "2", "outside 0-120"),
+        ({"postal_code": "X1234"}, "postal_code", "2", "region map"),
+        ({"gender": "robot"}, "gender", "2", "not one of"),
+        ({"interests": "travel;knitting"}, "interests", "2", "item is not one of"),
+        ({"consent_marketing": "maybe"}, "consent_marketing", "2", "not a boolean"),
+        ({"customer_id": "   "}, "customer_id", "2", "missing or empty"),
+    ],
+)
+def test_bad_profile_values_are_refused_naming_file_row_and_column(
+    dep: Deployment, tmp_path: Path, override: dict[str, str], column: str, rows_named: str, what: str
+) -> None:
+    secret_value = "zz-secret-zz@example.com"
+    rows = [profile_row("C1", email=secret_value), profile_row("C2", **override), profile_row("C3")]
+    with pytest.raises(InvalidInput) as info:
+        ingest(dep, "profiles", write_csv(tmp_path / "batch.csv", PROFILE_HEADER, rows))
+    msg = str(info.value)
+    assert "batch.csv" in msg and f"column {column!r}, row {rows_named}" in msg and what in msg
+    for value in override.values():
+        if value.strip():
+            assert value not in msg  # values are never echoed (they may be personal data)
+    assert secret_value not in msg and "C1" not in msg
+    assert_nothing_stored(dep)
+
+
+@pytest.mark.parametrize(
+    "override, column, what",
+    [
+        ({"ts": "yesterday"}, "ts", "ISO 8601"),
+        ({"ts": "2027-01-01T00:00:00Z"}, "ts", "in the future"),
+        ({"value": "abc"}, "value", "not a number"),
+        ({"value": "-5"}, "value", "below the minimum"),
+        ({"value": "inf"}, "value", "not a number"),
+        ({"event_type": ""}, "event_type", "required"),
+        ({"campaign": "promo for jane.doe@example.com"}, "campaign", "e-mail address"),
+        ({"campaign": "x" * 65}, "campaign", "longer than 64"),
+    ],
+)
+def test_bad_event_values_are_refused(
+    dep: Deployment, tmp_path: Path, override: dict[str, str], column: str, what: str
+) -> None:
+    rows = [event_row("C1"), event_row("C1"), event_row("C2", **override)]
+    with pytest.raises(InvalidInput) as info:
+        ingest(dep, "events", write_csv(tmp_path / "e.csv", EVENT_HEADER, rows))
+    msg = str(info.value)
+    assert f"column {column!r}, row 3" in msg and what in msg
+    assert "jane.doe" not in msg
+    assert_nothing_stored(dep)
+
+
+def test_all_problems_are_reported_at_once(dep: Deployment, tmp_path: Path) -> None:
+    rows = [profile_row(f"C{i}", gender="robot") for i in range(8)] + [profile_row("D", birth_date="nope")]
+    with pytest.raises(InvalidInput) as info:
+        ingest(dep, "profiles", write_csv(tmp_path / "p.csv", PROFILE_HEADER, rows))
+    msg = str(info.value)
+    assert "9 invalid value(s)" in msg
+    assert "column 'gender', row 1, 2, 3, 4, 5 and 3 more" in msg
+    assert "column 'birth_date', row 9" in msg
+
+
+def test_unknown_columns_are_refused_by_name(dep: Deployment, tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "p.csv", [*PROFILE_HEADER, "ssn", "favourite_color"], [[*profile_row("C1"), "1", "red"]]
+    )
+    with pytest.raises(
+        InvalidInput, match=r"not named in the ingest policy \(profiles\): \['ssn', 'favourite_color'\]"
+    ):
+        ingest(dep, "profiles", path)
+    assert_nothing_stored(dep)
+
+
+def test_structural_problems(dep: Deployment, tmp_path: Path) -> None:
+    cases: dict[str, tuple[bytes, str]] = {
+        "empty.csv": (b"", "empty"),
+        "header_only.csv": (b"customer_id,gender\n", "no rows"),
+        "dup.csv": (b"customer_id,gender,gender\nC1,male,male\n", "names column 'gender' twice"),
+        "garbage.csv": (os.urandom(2048) + b"\xff\xfe", "not UTF-8"),
+        "ragged.csv": (b"customer_id,gender\nC1,male\nC2,male,extra\n", "line 3: expected 2 fields, found 3"),
+        "noid.csv": (b"gender\nmale\n", "identity column 'customer_id' is missing"),
+        "blankname.csv": (b"customer_id,,gender\nC1,x,male\n", "has no name"),
+        "notparquet.parquet": (b"PAR0 nonsense", "not a Parquet file"),
+        "trunc.parquet": (b"PAR1" + os.urandom(100), "corrupt or truncated"),
+        "bad.ndjson": (b'{"customer_id": "C1"}\n{"customer_id": \n', "line 2: not valid JSON"),
+        "data.xlsx": (b"PK..", "unknown file type"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(InvalidInput) as info:
+            ingest(dep, "profiles", path)
+        assert message in str(info.value), name
+        assert name in str(info.value), name
+    assert_nothing_stored(dep)
+
+
+def test_gzip_parquet_and_ndjson_give_the_same_store_content(dep: Deployment, tmp_path: Path) -> None:
+    rows = [profile_row("C1"), profile_row("C2", interests="fitness", consent_marketing="false")]
+    csv_path = write_csv(tmp_path / "p.csv", PROFILE_HEADER, rows)
+    gz_path = tmp_path / "p.csv.gz"
+    gz_path.write_bytes(gzip.compress(csv_path.read_bytes()))
+    typed = pl.read_csv(csv_path, infer_schema=False).with_columns(
+        pl.col("birth_date").str.to_date(),
+        pl.col("consent_marketing") == "true",
+        pl.col("interests").str.split(";"),
+    )
+    pq_path = tmp_path / "p.parquet"
+    typed.write_parquet(pq_path)
+    nd_path = tmp_path / "p.ndjson"
+    nd_path.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    **dict(zip(PROFILE_HEADER, r, strict=True)),
+                    "interests": r[5].split(";"),
+                    "consent_marketing": r[6] == "true",
+                }
+            )
+            for r in rows
+        )
+    )
+    frames = []
+    for path in (csv_path, gz_path, pq_path, nd_path):
+        (result,) = ingest(dep, "profiles", path)
+        assert result.stored, path.name
+        batch = dep.store.batches("profiles")[-1]
+        frames.append(pl.read_parquet(dep.store.path_of(batch)).sort("pid"))
+    for other in frames[1:]:
+        assert other.equals(frames[0])
+
+
+def test_reingesting_identical_content_is_a_noop_that_says_so(dep: Deployment, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1")])
+    (first,) = ingest(dep, "profiles", path)
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(path.read_bytes())
+    (again,) = ingest(dep, "profiles", copy)
+    assert not again.stored and again.batch_id == first.batch_id
+    assert "already ingested" in again.message
+    assert len(dep.store.batches()) == 1
+    # The same bytes as events are a different thing, not a duplicate.
+    ev = write_csv(tmp_path / "e.csv", EVENT_HEADER, [event_row("C1")])
+    assert ingest(dep, "events", ev)[0].stored
+
+
+def test_profiles_upsert_latest_batch_wins(dep: Deployment, tmp_path: Path) -> None:
+    ingest(
+        dep, "profiles", write_csv(tmp_path / "a.csv", PROFILE_HEADER, [profile_row("C1"), profile_row("C2")])
+    )
+    ingest(dep, "profiles", write_csv(tmp_path / "b.csv", PROFILE_HEADER, [profile_row("C2", gender="male")]))
+    df = dep.store.scan_profiles().collect()  # type: ignore[union-attr]
+    assert df.height == 2
+    p = Pseudonymizer(dep.keyset, dep.ingest_policy.identity.type, 1)
+    genders = dict(zip(df.get_column("pid"), df.get_column("gender"), strict=True))
+    assert genders[p.pseudonymize("C2")] == "male" and genders[p.pseudonymize("C1")] == "female"
+
+
+def test_duplicate_person_within_a_profile_batch_is_refused(dep: Deployment, tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1"), profile_row("C2"), profile_row(" C1")]
+    )
+    with pytest.raises(
+        InvalidInput, match=r"column 'customer_id', row 1, 3: the same person appears more than once"
+    ):
+        ingest(dep, "profiles", path)
+
+
+def test_several_files_are_all_or_nothing(dep: Deployment, tmp_path: Path) -> None:
+    good = write_csv(tmp_path / "good.csv", PROFILE_HEADER, [profile_row("C1")])
+    bad = write_csv(tmp_path / "bad.csv", PROFILE_HEADER, [profile_row("C2", gender="robot")])
+    with pytest.raises(InvalidInput, match=r"bad\.csv"):
+        ingest(dep, "profiles", good, bad)
+    assert_nothing_stored(dep)
+    results = ingest(dep, "profiles", good, good)
+    assert [r.stored for r in results] == [True, False]
+
+
+def test_demo_data_ingests_cleanly(dep: Deployment, demo_files) -> None:  # type: ignore[no-untyped-def]
+    (p,) = ingest(dep, "profiles", demo_files.customers)
+    (e,) = ingest(dep, "events", demo_files.events)
+    assert p.rows == demo_files.customer_rows == 2000
+    assert e.rows + e.expired_events == demo_files.event_rows
+    events = dep.store.scan_events().collect()  # type: ignore[union-attr]
+    profiles = dep.store.scan_profiles().collect()  # type: ignore[union-attr]
+    assert set(events.get_column("pid")) <= set(profiles.get_column("pid"))
+    assert events.get_column("ts").max() <= AS_OF  # type: ignore[operator]
+    assert date(2024, 1, 1) < events.get_column("ts").min().date()  # type: ignore[union-attr]
