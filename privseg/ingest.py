@@ -43,8 +43,18 @@ ROW = "__row"
 MAX_REPORTED = 20
 _TRUE = ["true", "t", "yes", "y", "1"]
 _FALSE = ["false", "f", "no", "n", "0"]
-_TS_AWARE = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
-_TS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S")
+# Tried in order, each only on the rows the earlier ones missed. The first three are exact forms that
+# hit Polars' fast path (0.6 s per 10M rows against 2.6 s for the general %.f%#z form). Forms
+# without an offset are taken as UTC; "Z" is UTC.
+_TS_FORMATS: tuple[tuple[str, bool], ...] = (
+    ("%Y-%m-%dT%H:%M:%SZ", False),
+    ("%Y-%m-%dT%H:%M:%S", False),
+    ("%Y-%m-%d %H:%M:%S", False),
+    ("%Y-%m-%dT%H:%M:%S%.f%#z", True),
+    ("%Y-%m-%d %H:%M:%S%.f%#z", True),
+    ("%Y-%m-%dT%H:%M:%S%.f", False),
+    ("%Y-%m-%d %H:%M:%S%.f", False),
+)
 _FUTURE_TOLERANCE = timedelta(days=1)
 
 
@@ -216,12 +226,10 @@ def _region(name: str, rule: RegionRule, checks: _Checks) -> pl.Expr:
 
 
 def _parse_timestamps(text: pl.Series) -> pl.Series:
-    """ISO 8601 text to UTC datetimes (null where unparsable). The common form is tried on every row;
-    the others only on the rows it missed, because each attempt is a full pass over the column."""
+    """ISO 8601 text to UTC datetimes (null where unparsable)."""
     text = text.str.strip_chars()
-    formats = [(f, True) for f in _TS_AWARE] + [(f, False) for f in _TS_NAIVE]
     out: pl.Series | None = None
-    for fmt, aware in formats:
+    for fmt, aware in _TS_FORMATS:
         todo = text if out is None else text.filter(out.is_null() & text.is_not_null())
         if todo.len() == 0:
             break
@@ -318,15 +326,15 @@ def transform(
         expired = typed.height - int(typed.select(keep.sum()).item())
         typed = typed.filter(keep)
 
-    pids = pseudonymizer.encrypt_series(typed.get_column(id_col))
-    stored = typed.select(pl.lit(pids).alias("pid"), pl.exclude(id_col))
+    pids = pseudonymizer.encrypt_column(typed.get_column(id_col))
+    stored = typed.select(pl.lit(pids.tokens).alias("pid"), pl.exclude(id_col))
     result = IngestResult(
         kind=kind,
         source=source,
         stored=True,
         batch_id=0,
         rows=stored.height,
-        people=stored.get_column("pid").n_unique(),
+        people=pids.distinct,
         dropped_columns=tuple(c for c in raw.columns if c in section.drop),
         generalized_columns=tuple(generalized),
         expired_events=expired,
@@ -389,7 +397,7 @@ def ingest_files(
             results.append(result)
         batches = store.add_batches(
             kind=kind,
-            items=[(df, cid, _audit_details(results[i])) for i, df, cid in staged],
+            items=[(df, cid, results[i].people, _audit_details(results[i])) for i, df, cid in staged],
             key_version=version,
             keyset=keyset,
         )

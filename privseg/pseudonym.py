@@ -16,12 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
@@ -63,6 +61,10 @@ def normalize(value: str, id_type: IdType) -> str:
     return str(out)
 
 
+# ISO/IEC 7816-4 suffixes indexed by len % 16: 0x80 then zeros up to the next multiple of 16.
+_PADS = tuple(b"\x80" + b"\x00" * (15 - r) for r in range(16))
+
+
 def _pad(data: bytes) -> bytes:
     padded_len = (len(data) // _BLOCK + 1) * _BLOCK
     return data + b"\x80" + b"\x00" * (padded_len - len(data) - 1)
@@ -73,6 +75,12 @@ def _unpad(data: bytes) -> bytes:
     if not end.endswith(b"\x80"):
         raise InvalidPseudonym("the pseudonym decrypted but its padding is invalid")
     return end[:-1]
+
+
+@dataclass(frozen=True)
+class EncryptedColumn:
+    tokens: pl.Series
+    distinct: int  # number of distinct identifiers, i.e. people
 
 
 class Pseudonymizer:
@@ -132,35 +140,44 @@ class Pseudonymizer:
             ) from None
         return _unpad(pt).decode()
 
-    def encrypt_many(self, normalized: list[str]) -> list[str]:
+    def _seal_many(self, plaintexts: list[bytes]) -> pl.Series:
         """:meth:`encrypt` for many values, with the per-call overhead hoisted out of the loop."""
-        if not all(normalized):
+        if not all(plaintexts):
             raise InvalidInput("an identifier is empty after normalization")
         seal = self._cipher(self.version).encrypt
         ad = self._ad(self.version)
-        prefix = f"k{self.version}."
-        b64 = base64.urlsafe_b64encode
-        return [prefix + b64(seal(_pad(v.encode()), ad)).rstrip(b"=").decode("ascii") for v in normalized]
+        pads = _PADS
+        sealed = pl.Series([seal(b + pads[len(b) & 15], ad) for b in plaintexts], dtype=pl.Binary)
+        # base64url without padding, vectorized: the Python base64 module cost more than AES here.
+        b64 = sealed.bin.encode("base64").str.replace_all("+", "-", literal=True)
+        b64 = b64.str.replace_all("/", "_", literal=True).str.strip_chars_end("=")
+        return pl.select(pl.format(f"k{self.version}.{{}}", pl.lit(b64))).to_series()
 
-    def encrypt_series(self, normalized: pl.Series) -> pl.Series:
+    def encrypt_column(self, normalized: pl.Series) -> EncryptedColumn:
         """Pseudonyms for a column of normalized identifiers, encrypting each distinct value once.
 
-        Events repeat people; dictionary-encoding and gathering back was the fastest pipeline measured
-        here (../shared/PSEUDONYM_NOTES.md). The column must hold no nulls or empty strings.
+        Events repeat people, so the column is reduced to its distinct values (dense rank + sorted
+        unique, then a gather: the fastest route measured here, see benchmarks/ingest.py), which
+        also gives the number of people for free. The column must hold no nulls or empty strings.
+        Not a Categorical: its global string cache would keep raw identifiers in memory for the
+        life of the process.
         """
-        return self._map_distinct(normalized, self.encrypt_many)
+        distinct, codes = self._distinct(normalized)
+        tokens = self._seal_many(distinct.cast(pl.Binary).to_list())
+        return EncryptedColumn(tokens.gather(codes).rename(normalized.name), distinct.len())
+
+    def encrypt_series(self, normalized: pl.Series) -> pl.Series:
+        return self.encrypt_column(normalized).tokens
 
     def decrypt_series(self, tokens: pl.Series) -> pl.Series:
-        return self._map_distinct(tokens, lambda values: [self.decrypt(v) for v in values])
+        distinct, codes = self._distinct(tokens)
+        plain = pl.Series([self.decrypt(v) for v in distinct.to_list()], dtype=pl.String)
+        return plain.gather(codes).rename(tokens.name)
 
     @staticmethod
-    def _map_distinct(values: pl.Series, fn: Callable[[list[str]], list[str]]) -> pl.Series:
+    def _distinct(values: pl.Series) -> tuple[pl.Series, pl.Series]:
+        """Sorted distinct values and, per row, the index of its value among them."""
         if values.null_count():
             raise InvalidInput("an identifier is missing")
-        encoded = pc.dictionary_encode(values.to_arrow())
-        if isinstance(encoded, pa.ChunkedArray):
-            encoded = encoded.combine_chunks()
-        mapped = pa.array(fn(encoded.dictionary.to_pylist()), type=pa.large_string())
-        out = pl.from_arrow(pc.take(mapped, encoded.indices))
-        assert isinstance(out, pl.Series)
-        return out.rename(values.name)
+        codes = values.rank("dense").cast(pl.UInt32) - 1
+        return values.unique().sort(), codes

@@ -172,8 +172,9 @@ class Store:
         return name, final
 
     @staticmethod
-    def _summary(kind: Kind, df: pl.DataFrame) -> tuple[int, int, str | None, str | None]:
-        people = df.get_column("pid").n_unique() if df.height else 0
+    def _summary(kind: Kind, df: pl.DataFrame, people: int | None) -> tuple[int, int, str | None, str | None]:
+        if people is None:
+            people = df.get_column("pid").n_unique() if df.height else 0
         min_ts = max_ts = None
         if kind == "events" and df.height:
             lo, hi = df.get_column("ts").min(), df.get_column("ts").max()
@@ -181,8 +182,10 @@ class Store:
             max_ts = None if hi is None else str(hi)
         return df.height, people, min_ts, max_ts
 
-    def _insert(self, kind: Kind, name: str, df: pl.DataFrame, key_version: int) -> Batch:
-        rows, people, min_ts, max_ts = self._summary(kind, df)
+    def _insert(
+        self, kind: Kind, name: str, df: pl.DataFrame, key_version: int, people: int | None = None
+    ) -> Batch:
+        rows, people, min_ts, max_ts = self._summary(kind, df, people)
         at = datetime.now(UTC).isoformat(timespec="seconds")
         cur = self.conn.execute(
             "INSERT INTO batches (kind, file, rows, people, min_ts, max_ts, key_version, written_at) "
@@ -196,23 +199,23 @@ class Store:
         self,
         *,
         kind: Kind,
-        items: Sequence[tuple[pl.DataFrame, str, dict[str, Any]]],
+        items: Sequence[tuple[pl.DataFrame, str, int, dict[str, Any]]],
         key_version: int,
         keyset: Keyset,
     ) -> list[Batch]:
-        """Store pseudonymized batches ``(frame, content_id, audit details)`` atomically: every file
+        """Store pseudonymized batches ``(frame, content_id, people, audit details)`` atomically: every file
         is written and published first, then one transaction records them all with their audit
         entries. Caller holds :meth:`writer_lock`."""
         written: list[tuple[str, Path]] = []
         try:
-            for df, _cid, _details in items:
+            for df, _cid, _people, _details in items:
                 written.append(self._write_file(kind, df))
             batches: list[Batch] = []
             with transaction(self.conn):
-                for (df, cid, details), (name, _path) in zip(items, written, strict=True):
+                for (df, cid, people, details), (name, _path) in zip(items, written, strict=True):
                     if self.find_content(kind, cid) is not None:
                         raise Conflict("this content was ingested concurrently by another writer")
-                    batch = self._insert(kind, name, df, key_version)
+                    batch = self._insert(kind, name, df, key_version, people)
                     self.conn.execute(
                         "INSERT INTO contents (kind, content_id, first_batch, ingested_at) "
                         "VALUES (?, ?, ?, ?)",

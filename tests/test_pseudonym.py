@@ -97,7 +97,9 @@ def test_empty_identifier_is_refused(keyset: Keyset) -> None:
     with pytest.raises(InvalidInput, match="empty"):
         p.pseudonymize("(no digits)")
     with pytest.raises(InvalidInput, match="empty"):
-        p.encrypt_many(["123", ""])
+        p.encrypt_series(pl.Series(["123", ""]))
+    with pytest.raises(InvalidInput, match="missing"):
+        p.encrypt_series(pl.Series(["123", None]))
 
 
 def test_normalization_rules() -> None:
@@ -121,17 +123,19 @@ def test_series_encryption_matches_scalar_and_encrypts_each_distinct_value_once(
     keyset: Keyset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = Pseudonymizer(keyset, IdType.CUSTOMER_NUMBER)
-    values = ["C3", "C1", "C3", "C2", "C1", "C3"]
+    values = ["C3", "C1", "C3", "C2", "C1", "C3", "é" * 20]
     calls: list[int] = []
-    original = p.encrypt_many
+    original = p._seal_many
 
-    def counting(vs: list[str]) -> list[str]:
+    def counting(vs: list[bytes]) -> pl.Series:
         calls.append(len(vs))
         return original(vs)
 
-    monkeypatch.setattr(p, "encrypt_many", counting)
-    out = p.encrypt_series(pl.Series("id", values))
+    monkeypatch.setattr(p, "_seal_many", counting)
+    column = p.encrypt_column(pl.Series("id", values))
+    out = column.tokens
+    assert column.distinct == 4
     assert out.name == "id"
     assert out.to_list() == [p.encrypt(v) for v in values]
-    assert calls == [3]
+    assert calls == [4]
     assert p.decrypt_series(out).to_list() == values

@@ -1,0 +1,152 @@
+"""Ingestion benchmark: privseg ingest vs plain Polars read+write and a naive AES-SIV loop.
+
+    .venv/bin/python benchmarks/ingest.py --customers 1000000
+
+Phases run in separate processes (peak memory per phase). In the same run it measures:
+  plain   Polars read_csv + write_parquet of the same files (the floor any ingest pays);
+  naive   a per-row AESSIV.encrypt loop over every identifier cell (no dictionary, no normalization);
+  privseg the full ingest: validate, generalize, pseudonymize, write, fsync, commit, audit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import peak_rss_mb, print_table, run_phase, write_results
+
+HERE = Path(__file__).resolve()
+
+
+def phase_generate(out: Path, customers: int) -> dict[str, float]:
+    from privseg.demo_data import generate
+
+    t = time.perf_counter()
+    files = generate(out, customers=customers, seed=42)
+    return {"seconds": time.perf_counter() - t, "rows": files.customer_rows + files.event_rows}
+
+
+def phase_plain(data: Path) -> dict[str, float]:
+    import polars as pl
+
+    rows = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        for name in ("customers", "events"):
+            df = pl.read_csv(data / f"{name}.csv")
+            df.write_parquet(Path(tmp) / f"{name}.parquet", compression="zstd")
+            rows += df.height
+        return {"seconds": time.perf_counter() - t, "rows": rows}
+
+
+def phase_naive(data: Path) -> dict[str, float]:
+    import polars as pl
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+    cipher = AESSIV(AESSIV.generate_key(512))
+    ad = [b"bench"]
+    ids = pl.concat(
+        [
+            pl.read_csv(data / f"{n}.csv", columns=["customer_id"]).get_column("customer_id")
+            for n in ("customers", "events")
+        ]
+    ).to_list()
+    t = time.perf_counter()
+    out = [cipher.encrypt(v.encode(), ad) for v in ids]
+    return {"seconds": time.perf_counter() - t, "rows": len(out)}
+
+
+def phase_privseg(data: Path) -> dict[str, float]:
+    from privseg.deployment import Deployment
+    from privseg.ingest import ingest_files
+    from privseg.keyset import create_keyset
+    from privseg.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        settings = Settings(
+            home=root / "home", keyset=root / "keyset.json", policy_dir=HERE.parent.parent / "policies"
+        )
+        create_keyset(settings.keyset, "bench")
+        dep = Deployment(settings)
+        rows = 0
+        split: dict[str, float] = {}
+        t = time.perf_counter()
+        for kind, name in (("profiles", "customers"), ("events", "events")):
+            t_kind = time.perf_counter()
+            (r,) = ingest_files(
+                store=dep.store,
+                keyset=dep.keyset,
+                policy=dep.ingest_policy,
+                kind=kind,
+                paths=[data / f"{name}.csv"],
+            )
+            split[f"{kind}_seconds"] = time.perf_counter() - t_kind
+            rows += r.rows + r.expired_events
+        return {"seconds": time.perf_counter() - t, "rows": rows, **split}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--customers", type=int, default=1_000_000)
+    ap.add_argument("--data", type=Path, default=None, help="reuse demo data here (generated if missing)")
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--skip-naive", action="store_true", help="skip the slow naive loop")
+    args = ap.parse_args()
+
+    if args.phase:
+        phases = {
+            "generate": lambda: phase_generate(args.data, args.customers),
+            "plain": lambda: phase_plain(args.data),
+            "naive": lambda: phase_naive(args.data),
+            "privseg": lambda: phase_privseg(args.data),
+        }
+        result = phases[args.phase]()
+        print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+        return
+
+    data = args.data or (HERE.parent / "results" / f"demo-{args.customers}")
+    results: dict[str, dict[str, float]] = {}
+    if not (data / "events.csv").exists():
+        results["generate"] = run_phase(
+            HERE, "generate", "--data", str(data), "--customers", str(args.customers)
+        )
+    for phase in ("plain", "privseg") + (() if args.skip_naive else ("naive",)):
+        results[phase] = run_phase(HERE, phase, "--data", str(data), "--customers", str(args.customers))
+
+    plain = results["plain"]["seconds"]
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            [
+                name,
+                f"{r['seconds']:.2f}",
+                f"{r['rows'] / r['seconds'] / 1e6:.2f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['seconds'] / plain:.2f}" if name != "generate" else "-",
+            ]
+        )
+    print(f"\ningest benchmark: {args.customers} customers, data in {data}")
+    print_table(["phase", "seconds", "M rows/s", "peak RSS MB", "x plain"], rows)
+    if "privseg" in results:
+        p = results["privseg"]
+        print(f"\nprivseg split: profiles {p['profiles_seconds']:.2f} s, events {p['events_seconds']:.2f} s")
+    path = write_results(
+        "ingest",
+        {
+            "customers": args.customers,
+            "results": results,
+            "ratio_privseg_to_plain": results["privseg"]["seconds"] / plain,
+        },
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
