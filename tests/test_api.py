@@ -61,4 +61,5 @@ def test_privseg_serve_answers_on_loopback_and_stops(dep: Deployment) -> None:
         assert response.status_code == 200 and response.json()["ready"] is True
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        # uvicorn shuts down gracefully, then re-raises the signal it handled.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
