@@ -45,8 +45,8 @@ def test_privseg_serve_answers_on_loopback_and_stops(dep: Deployment) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30
