@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,9 +13,10 @@ import typer
 
 from privseg import audit, demo, maintenance
 from privseg.deployment import Deployment, configure_logging
-from privseg.errors import PrivsegError
+from privseg.errors import NotFound, PrivsegError
 from privseg.ingest import ingest_files
 from privseg.keyset import create_keyset
+from privseg.segments import definitions, engine
 from privseg.settings import Settings
 from privseg.store import Kind
 
@@ -27,11 +29,13 @@ ingest_app = typer.Typer(
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain the pseudonymized store.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read and verify the tamper-evident audit log.")
 policy_app = typer.Typer(no_args_is_help=True, help="Check policy files.")
+segments_app = typer.Typer(no_args_is_help=True, help="Define, explain and compute segments.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(store_app, name="store")
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
+app.add_typer(segments_app, name="segments")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 Files = Annotated[list[Path], typer.Argument(help="Files to ingest, all or none.", show_default=False)]
@@ -218,6 +222,102 @@ def policy_check(
     policy_dir = directory or settings.policy_dir
     load_ingest_policy(policy_dir / "ingest.yaml")
     typer.echo(f"{policy_dir / 'ingest.yaml'}: OK")
+
+
+EXAMPLES = Path(__file__).resolve().parent / "segments" / "examples"
+
+
+@segments_app.command("apply")
+def segments_apply(
+    files: Annotated[list[Path], typer.Argument(help="YAML/JSON definition files (all or none).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate and store definitions; each change becomes a new version. Nothing is applied on error."""
+    dep = _deployment()
+    results = definitions.apply(
+        dep.store.conn, dep.keyset, files, schema=dep.schema, categories=dep.categories
+    )
+    text = "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
+    _emit([asdict(r) for r in results], as_json, text)
+
+
+@segments_app.command("examples")
+def segments_examples() -> None:
+    """Print the paths of the shipped example definitions (traits first)."""
+    typer.echo(f"{EXAMPLES / 'traits.yaml'} {EXAMPLES / 'segments.yaml'}")
+
+
+@segments_app.command("list")
+def segments_list(as_json: JsonOpt = False) -> None:
+    """Active segments and traits with their versions."""
+    dep = _deployment()
+    rows = list(definitions.active(dep.store.conn).values())
+    text = "\n".join(f"{s.kind:<8} {s.id:<32} v{s.version:<3} {s.body.get('category', '')}" for s in rows)
+    _emit([asdict(s) for s in rows], as_json, text or "(no definitions)")
+
+
+@segments_app.command("show")
+def segments_show(
+    segment_id: str, version: Annotated[int | None, typer.Option(help="A past version.")] = None
+) -> None:
+    """The stored definition (JSON) of a segment or trait."""
+    dep = _deployment()
+    found = definitions.history(dep.store.conn, "segment", segment_id) or definitions.history(
+        dep.store.conn, "trait", segment_id
+    )
+    chosen = [s for s in found if version is None or s.version == version]
+    if not chosen:
+        raise NotFound(f"no segment or trait {segment_id!r}" + (f" version {version}" if version else ""))
+    typer.echo(json.dumps({"version": chosen[-1].version, **chosen[-1].body}, indent=2))
+
+
+@segments_app.command("explain")
+def segments_explain(segment_id: str) -> None:
+    """What a segment means, in words."""
+    compiler = _deployment().compiler()
+    if segment_id not in compiler.defs:
+        raise NotFound(f"no active segment {segment_id!r}")
+    typer.echo(compiler.explain(segment_id))
+
+
+@segments_app.command("compute")
+def segments_compute(
+    as_of: Annotated[
+        datetime | None, typer.Option(help="Resolve time windows against this instant (default now, UTC).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the membership snapshot of every active segment. Prints no segment sizes: exact
+    counts leave only as differentially private releases."""
+    dep = _deployment()
+    if as_of is not None and as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
+    snap, timings = engine.compute_snapshot(
+        store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of
+    )
+    text = (
+        f"snapshot {snap.id}: {len(snap.segments)} segments over {snap.people} people at {snap.as_of} "
+        f"({timings['features_count']:.0f} distinct features; "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "features_count")
+        + ")"
+    )
+    _emit({**asdict(snap), "timings": timings}, as_json, text)
+
+
+@segments_app.command("status")
+def segments_status(as_json: JsonOpt = False) -> None:
+    """The latest snapshot and whether it is stale."""
+    dep = _deployment()
+    snap = engine.latest(dep.store.conn)
+    reasons = engine.staleness(dep.store, snap)
+    info = {"snapshot": None if snap is None else asdict(snap), "stale": bool(reasons), "reasons": reasons}
+    text = (
+        "no snapshot yet"
+        if snap is None
+        else f"snapshot {snap.id} at {snap.as_of}: {len(snap.segments)} segments"
+    )
+    text += "; stale: " + "; ".join(reasons) if reasons else "; current"
+    _emit(info, as_json, text)
 
 
 @app.command("serve")

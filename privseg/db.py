@@ -42,6 +42,28 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    """
+    -- Segment and trait definitions: every edit is a new version; the highest version is active.
+    CREATE TABLE definitions (
+        kind TEXT NOT NULL CHECK (kind IN ('segment', 'trait')),
+        id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (kind, id, version)
+    );
+    -- Membership snapshots (person x segment, never leaving the server) and what they were built from.
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY,
+        as_of TEXT NOT NULL,
+        computed_at TEXT NOT NULL,
+        file TEXT,
+        people INTEGER NOT NULL,
+        segments TEXT NOT NULL,
+        traits TEXT NOT NULL,
+        batches TEXT NOT NULL
+    );
+    """,
 )
 
 

@@ -10,9 +10,13 @@ import logging
 import sys
 from functools import cached_property
 
+from privseg.category_policy import CategorySet, load_categories
 from privseg.db import connect
 from privseg.ingest_policy import IngestPolicy, load_ingest_policy
 from privseg.keyset import Keyset, load_keyset
+from privseg.segments.compiler import Compiler
+from privseg.segments.definitions import active, build_compiler
+from privseg.segments.language import Schema
 from privseg.settings import Settings
 from privseg.store import Store
 
@@ -28,6 +32,18 @@ class Deployment:
     @cached_property
     def ingest_policy(self) -> IngestPolicy:
         return load_ingest_policy(self.settings.ingest_policy_path)
+
+    @cached_property
+    def categories(self) -> CategorySet:
+        return load_categories(self.settings.policy_dir)
+
+    @cached_property
+    def schema(self) -> Schema:
+        return Schema.from_ingest_policy(self.ingest_policy)
+
+    def compiler(self) -> Compiler:
+        """A compiler over the currently active definitions (they change as segments are applied)."""
+        return build_compiler(active(self.store.conn), schema=self.schema, categories=self.categories)
 
     @cached_property
     def store(self) -> Store:

@@ -86,11 +86,12 @@ class AgeBandRule(_Strict):
         return self
 
     def bands(self) -> tuple[str, ...]:
-        """Band labels, in order: under_18, 18_24, ..., 65_plus."""
+        """Band labels, in order: <18, 18-24, ..., 65+. (Not 18_24: YAML 1.1 reads 55_64 as the
+        number 5564, which would break every hand-written definition that names a band.)"""
         e = self.edges
-        labels = [f"under_{e[0]}"]
-        labels += [f"{lo}_{hi - 1}" for lo, hi in itertools.pairwise(e)]
-        labels.append(f"{e[-1]}_plus")
+        labels = [f"<{e[0]}"]
+        labels += [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(e)]
+        labels.append(f"{e[-1]}+")
         return tuple(labels)
 
 

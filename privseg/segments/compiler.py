@@ -1,0 +1,281 @@
+"""Compile segment definitions into per-person features and one Polars expression per segment.
+
+Every distinct feature the leaves need (an event aggregate over a window, the last time of an event,
+a sequence, a random bucket) is collected once across *all* segments, keyed by a hash of its
+normalized form, so a thousand segments that ask about purchases in the last 30 days share one
+column. Each segment then becomes a boolean expression over the person table (profile attributes
+plus feature columns), and every segment is evaluated in one lazy ``select``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+
+from privseg.category_policy import CategorySet
+from privseg.segments import operators
+from privseg.segments.language import (
+    BUCKETS,
+    All,
+    AnyOf,
+    BucketLeaf,
+    DefinitionError,
+    EventLeaf,
+    Node,
+    Not,
+    PropertyLeaf,
+    RecencyLeaf,
+    Schema,
+    SegmentDef,
+    SegmentRef,
+    SequenceLeaf,
+    Step,
+    TraitDef,
+    TraitLeaf,
+    Window,
+)
+
+
+# -- features --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AggFeature:
+    """count / sum / avg / min / max of ``value`` over a step's events in a window.
+
+    count and sum are 0 for a person with no such events; avg, min and max are unknown (null)."""
+
+    step: Step
+    window: Window
+    measure: str
+
+
+@dataclass(frozen=True)
+class LastFeature:
+    """Time of the person's last event of a step (up to as_of), or null."""
+
+    step: Step
+
+
+@dataclass(frozen=True)
+class SeqFeature:
+    first: Step
+    then: Step
+    within: timedelta
+    window: Window
+
+
+@dataclass(frozen=True)
+class BucketFeature:
+    salt: str
+
+
+Feature = AggFeature | LastFeature | SeqFeature | BucketFeature
+
+
+def feature_name(feature: Feature) -> str:
+    # repr of frozen dataclasses of tuples, strings, numbers and dates is deterministic.
+    return "f_" + hashlib.sha256(repr(feature).encode()).hexdigest()[:16]
+
+
+def window_mask(window: Window, as_of: datetime, ts: pl.Expr) -> pl.Expr:
+    """Events of the window (see language.py for the edges); every feature already drops ts > as_of."""
+    if window.kind == "all":
+        return pl.lit(True)
+    if window.kind == "last":
+        assert isinstance(window.start, timedelta)
+        return ts >= as_of - window.start
+    if window.kind == "between":
+        assert isinstance(window.start, timedelta) and isinstance(window.end, timedelta)
+        return (ts >= as_of - window.start) & (ts < as_of - window.end)
+    assert isinstance(window.start, datetime) and isinstance(window.end, datetime)
+    return (ts >= window.start) & (ts < window.end)
+
+
+# -- compilation -------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    as_of: datetime
+    features: dict[str, Feature] = field(default_factory=dict)
+    segments: dict[str, pl.Expr] = field(default_factory=dict)
+
+    def use(self, feature: Feature) -> pl.Expr:
+        name = feature_name(feature)
+        self.features.setdefault(name, feature)
+        return pl.col(name)
+
+
+class Compiler:
+    def __init__(
+        self,
+        *,
+        schema: Schema,
+        categories: CategorySet,
+        segments: dict[str, SegmentDef],
+        traits: dict[str, TraitDef],
+    ) -> None:
+        self.schema = schema
+        self.categories = categories
+        self.defs = segments
+        self.traits = traits
+
+    def check(self) -> None:
+        """Validate references, traits, consent attributes and cycles without building anything."""
+        self.compile(datetime.now(UTC))
+
+    def compile(self, as_of: datetime, only: set[str] | None = None) -> Plan:
+        plan = Plan(as_of)
+        memo: dict[str, pl.Expr] = {}
+        for sid in sorted(self.defs if only is None else only):
+            plan.segments[sid] = self._segment(sid, plan, memo, ())
+        return plan
+
+    def _segment(self, sid: str, plan: Plan, memo: dict[str, pl.Expr], stack: tuple[str, ...]) -> pl.Expr:
+        if sid in stack:
+            cycle = " -> ".join([*stack[stack.index(sid) :], sid])
+            raise DefinitionError(f"segment {stack[-1]!r}: reference cycle {cycle}")
+        if sid not in memo:
+            seg = self.defs[sid]
+            consent = self.categories.get(seg.category).consent_attribute
+            ft = self.schema.profile.get(consent)
+            if ft is None or ft.type != "bool":
+                raise DefinitionError(
+                    f"segment {sid!r}: category {seg.category!r} requires consent attribute {consent!r}, "
+                    "which is not a boolean profile attribute in the ingest policy"
+                )
+            body = self._node(seg.root, plan, memo, (*stack, sid), f"segment {sid!r}: where")
+            # People without the category's consent are never counted, whatever the definition says.
+            memo[sid] = body & pl.col(consent).fill_null(False)
+        return memo[sid]
+
+    def _node(
+        self, node: Node, plan: Plan, memo: dict[str, pl.Expr], stack: tuple[str, ...], path: str
+    ) -> pl.Expr:
+        if isinstance(node, All):
+            return pl.all_horizontal(
+                [self._node(c, plan, memo, stack, f"{path}.all[{i}]") for i, c in enumerate(node.children)]
+            )
+        if isinstance(node, AnyOf):
+            return pl.any_horizontal(
+                [self._node(c, plan, memo, stack, f"{path}.any[{i}]") for i, c in enumerate(node.children)]
+            )
+        if isinstance(node, Not):
+            return ~self._node(node.child, plan, memo, stack, f"{path}.not")
+        if isinstance(node, PropertyLeaf):
+            return operators.build(node.cond.op, pl.col(node.cond.field), node.cond.value)
+        if isinstance(node, EventLeaf):
+            return operators.build(
+                node.op, plan.use(AggFeature(node.step, node.window, node.measure)), node.value
+            )
+        if isinstance(node, RecencyLeaf):
+            recent = (plan.use(LastFeature(node.step)) >= plan.as_of - node.within).fill_null(False)
+            return ~recent if node.negate else recent
+        if isinstance(node, SequenceLeaf):
+            return plan.use(SeqFeature(node.first, node.then, node.within, node.window))
+        if isinstance(node, TraitLeaf):
+            trait = self.traits.get(node.name)
+            if trait is None:
+                raise DefinitionError(
+                    f"{path}.trait: unknown trait {node.name!r}; known: {sorted(self.traits)}"
+                )
+            return operators.build(node.op, self.trait_score(trait, plan), node.value)
+        if isinstance(node, SegmentRef):
+            if node.id not in self.defs:
+                raise DefinitionError(f"{path}.segment: unknown segment {node.id!r}")
+            return self._segment(node.id, plan, memo, stack)
+        assert isinstance(node, BucketLeaf)
+        return plan.use(BucketFeature(node.salt)).is_between(node.low, node.high, closed="both")
+
+    @staticmethod
+    def trait_score(trait: TraitDef, plan: Plan) -> pl.Expr:
+        src = trait.source
+        if src.kind == "days_since":
+            last = plan.use(LastFeature(src.step))
+            value = (pl.lit(plan.as_of) - last).dt.total_seconds() / 86_400
+        else:
+            value = plan.use(AggFeature(src.step, src.window, src.kind)).cast(pl.Float64)
+        # Built from the top bin down: each earlier edge wraps the rest.
+        score: pl.Expr = pl.lit(trait.scores[-1])
+        for edge, s in reversed(list(zip(trait.edges, trait.scores[:-1], strict=True))):
+            score = pl.when(value < edge).then(pl.lit(s)).otherwise(score)
+        return pl.when(value.is_null()).then(pl.lit(trait.missing)).otherwise(score)
+
+    # -- words ---------------------------------------------------------------------------------
+    def explain(self, sid: str) -> str:
+        seg = self.defs[sid]
+        policy = self.categories.get(seg.category)
+        lines = [f"{sid}: {seg.description}" if seg.description else sid]
+        stigma = " (stigmatized)" if policy.stigmatized else ""
+        lines.append(f"category {seg.category}{stigma}, objective {seg.objective}")
+        lines.append("A person is in this segment when")
+        lines += _words(seg.root, self.traits, 1)
+        lines.append(f"  and has consented: {policy.consent_attribute} is true.")
+        return "\n".join(lines)
+
+
+def _duration(d: timedelta) -> str:
+    seconds = int(d.total_seconds())
+    for unit, size in (("week", 604_800), ("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds % size == 0:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} seconds"
+
+
+def _window_words(w: Window) -> str:
+    if w.kind == "all":
+        return "ever"
+    if w.kind == "last":
+        assert isinstance(w.start, timedelta)
+        return f"in the last {_duration(w.start)}"
+    if w.kind == "between":
+        assert isinstance(w.start, timedelta) and isinstance(w.end, timedelta)
+        return f"between {_duration(w.start)} and {_duration(w.end)} ago"
+    return f"from {w.start} to {w.end}"
+
+
+def _step_words(step: Step) -> str:
+    text = f"{step.type} events"
+    if step.filters:
+        text += " where " + " and ".join(
+            operators.OPERATORS[c.op].words(c.field, c.value) for c in step.filters
+        )
+    return text
+
+
+def _words(node: Node, traits: dict[str, TraitDef], depth: int) -> list[str]:
+    pad = "  " * depth
+    if isinstance(node, All | AnyOf):
+        head = "all of:" if isinstance(node, All) else "any of:"
+        out = [f"{pad}{head}"]
+        for child in node.children:
+            out += _words(child, traits, depth + 1)
+        return out
+    if isinstance(node, Not):
+        return [f"{pad}NOT:", *_words(node.child, traits, depth + 1)]
+    if isinstance(node, PropertyLeaf):
+        c = node.cond
+        return [f"{pad}- {operators.OPERATORS[c.op].words(c.field, c.value)}"]
+    if isinstance(node, EventLeaf):
+        what = "number of" if node.measure == "count" else f"{node.measure} of value over"
+        subject = f"the {what} {_step_words(node.step)} {_window_words(node.window)}"
+        return [f"{pad}- {operators.OPERATORS[node.op].words(subject, node.value)}"]
+    if isinstance(node, RecencyLeaf):
+        verb = "no" if node.negate else "some"
+        return [f"{pad}- {verb} {_step_words(node.step)} in the last {_duration(node.within)}"]
+    if isinstance(node, SequenceLeaf):
+        return [
+            f"{pad}- {_step_words(node.first)} followed within {_duration(node.within)} by "
+            f"{_step_words(node.then)}, {_window_words(node.window)}"
+        ]
+    if isinstance(node, TraitLeaf):
+        t = traits.get(node.name)
+        label = f"trait {node.name}" + (f" ({t.description})" if t and t.description else "")
+        return [f"{pad}- {operators.OPERATORS[node.op].words(label, node.value)}"]
+    if isinstance(node, SegmentRef):
+        return [f"{pad}- is in segment {node.id}"]
+    assert isinstance(node, BucketLeaf)
+    share = (node.high - node.low + 1) / BUCKETS
+    buckets = f"random buckets {node.low}-{node.high} of {BUCKETS} for salt {node.salt!r}"
+    return [f"{pad}- falls in {buckets} ({share:.1%} of people)"]

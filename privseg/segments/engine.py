@@ -1,0 +1,206 @@
+"""Membership snapshots: every active segment evaluated for every person, in one pass.
+
+A snapshot is a Parquet file (``pid`` plus one Boolean column per segment; Parquet bit-packs them)
+under ``data/snapshots/``, recorded in SQLite with its ``as_of``, the batches it read and the
+definition versions it used. It never leaves the server: releases aggregate it under DP. A snapshot
+is stale when batches or definitions have changed since; the last few are kept so that later
+reports can show movement between segments over time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from privseg import audit, fsutil
+from privseg.db import transaction
+from privseg.errors import NotFound
+from privseg.keyset import Keyset
+from privseg.segments import features as feature_engine
+from privseg.segments.compiler import Compiler
+from privseg.segments.definitions import Stored, active
+from privseg.store import Store
+
+log = logging.getLogger(__name__)
+KEEP_SNAPSHOTS = 5
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    as_of: str
+    computed_at: str
+    file: str | None
+    people: int
+    segments: dict[str, int]
+    traits: dict[str, int]
+    batches: list[int]
+
+
+def membership(compiler: Compiler, store: Store, as_of: datetime) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Evaluate every active segment for every person in the store (see :func:`evaluate`)."""
+    t0 = time.perf_counter()
+    profiles_lf, events_lf = store.scan_profiles(), store.scan_events()
+    profiles = profiles_lf.collect() if profiles_lf is not None else pl.DataFrame(schema={"pid": pl.String})
+    if events_lf is not None:
+        events = events_lf.filter(pl.col("ts") <= as_of).collect()
+    else:
+        events = pl.DataFrame(
+            schema={"pid": pl.String, "ts": feature_engine.TS_DTYPE, "event_type": pl.String}
+        )
+    members, timings = evaluate(compiler, profiles=profiles, events=events, as_of=as_of)
+    return members, {"load": time.perf_counter() - t0 - sum(timings.values()), **timings}
+
+
+def evaluate(
+    compiler: Compiler, *, profiles: pl.DataFrame, events: pl.DataFrame, as_of: datetime
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """``pid`` plus one Boolean column per segment, for everyone in ``profiles`` or ``events``
+    (one row per pid in profiles; events after ``as_of`` are ignored). Returns timings too."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    plan = compiler.compile(as_of)
+    events = events.filter(pl.col("ts") <= as_of)
+    # One person index over profiles and events: the dense rank of the pseudonym.
+    all_pids = pl.concat([profiles.get_column("pid"), events.get_column("pid")])
+    codes = all_pids.rank("dense").cast(pl.UInt32) - 1
+    pids = all_pids.unique().sort()
+    n_prof = profiles.height
+    events = events.with_columns(pidx=codes.slice(n_prof)).drop("pid")
+    person = pl.DataFrame({"pidx": pl.arange(0, pids.len(), dtype=pl.UInt32, eager=True), "pid": pids}).join(
+        profiles.drop("pid").with_columns(pidx=codes.slice(0, n_prof)),
+        on="pidx",
+        how="left",
+        maintain_order="left",
+    )
+    timings["index"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    columns = feature_engine.compute(plan.features, events=events, pids=pids, as_of=as_of)
+    timings["features"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    frame = person.with_columns(list(columns.values()))
+    members = (
+        frame.lazy()
+        .select(pl.col("pid"), *[expr.alias(sid) for sid, expr in plan.segments.items()])
+        .collect()
+    )
+    timings["evaluate"] = time.perf_counter() - t
+    timings["features_count"] = len(plan.features)
+    return members, timings
+
+
+def compute_snapshot(
+    *, store: Store, compiler: Compiler, keyset: Keyset, as_of: datetime | None = None
+) -> tuple[Snapshot, dict[str, float]]:
+    """Compute and record a snapshot of every active segment at ``as_of`` (default: now, UTC)."""
+    as_of = (as_of or datetime.now(UTC)).astimezone(UTC)
+    conn = store.conn
+    defs = active(conn)
+    batches = [b.id for b in store.batches()]
+    members, timings = membership(compiler, store, as_of)
+
+    folder = store.data_dir / "snapshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{as_of:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+    final = folder / name
+    tmp = fsutil.tmp_path_for(final)
+    t = time.perf_counter()
+    members.write_parquet(tmp, compression="zstd")
+    fsutil.publish(tmp, final)
+    timings["write"] = time.perf_counter() - t
+
+    seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
+    trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
+    computed_at = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        with transaction(conn):
+            cur = conn.execute(
+                "INSERT INTO snapshots (as_of, computed_at, file, people, segments, traits, batches) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    as_of.isoformat(),
+                    computed_at,
+                    name,
+                    members.height,
+                    json.dumps(seg_versions),
+                    json.dumps(trait_versions),
+                    json.dumps(batches),
+                ),
+            )
+            snap_id = int(cur.lastrowid or 0)
+            audit.append(
+                conn,
+                keyset,
+                "snapshot",
+                {
+                    "snapshot": snap_id,
+                    "as_of": as_of.isoformat(),
+                    "segments": len(seg_versions),
+                    "batches": len(batches),
+                },
+            )
+            stale = conn.execute(
+                "SELECT id, file FROM snapshots WHERE file IS NOT NULL ORDER BY id DESC LIMIT -1 OFFSET ?",
+                (KEEP_SNAPSHOTS,),
+            ).fetchall()
+            conn.executemany("UPDATE snapshots SET file = NULL WHERE id = ?", [(r[0],) for r in stale])
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
+    for _id, old in stale:
+        (folder / old).unlink(missing_ok=True)
+    snap = Snapshot(
+        snap_id, as_of.isoformat(), computed_at, name, members.height, seg_versions, trait_versions, batches
+    )
+    log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
+    return snap, timings
+
+
+def _row(r: tuple[Any, ...]) -> Snapshot:
+    return Snapshot(
+        int(r[0]), r[1], r[2], r[3], int(r[4]), json.loads(r[5]), json.loads(r[6]), json.loads(r[7])
+    )
+
+
+def snapshots(conn: sqlite3.Connection) -> list[Snapshot]:
+    rows = conn.execute(
+        "SELECT id, as_of, computed_at, file, people, segments, traits, batches FROM snapshots ORDER BY id"
+    ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def latest(conn: sqlite3.Connection) -> Snapshot | None:
+    all_ = snapshots(conn)
+    return all_[-1] if all_ else None
+
+
+def staleness(store: Store, snap: Snapshot | None) -> list[str]:
+    """Why the snapshot no longer reflects the store and definitions (empty: it is current)."""
+    if snap is None:
+        return ["no snapshot has been computed"]
+    reasons = []
+    if sorted(snap.batches) != sorted(b.id for b in store.batches()):
+        reasons.append("data batches changed since it was computed")
+    defs: dict[tuple[str, str], Stored] = dict(active(store.conn))  # type: ignore[arg-type]
+    segs = {i: s.version for (k, i), s in defs.items() if k == "segment"}
+    traits = {i: s.version for (k, i), s in defs.items() if k == "trait"}
+    if segs != snap.segments or traits != snap.traits:
+        reasons.append("segment or trait definitions changed since it was computed")
+    return reasons
+
+
+def snapshot_path(store: Store, snap: Snapshot) -> Path:
+    if snap.file is None:
+        raise NotFound(f"snapshot {snap.id} was pruned (only the last {KEEP_SNAPSHOTS} are kept)")
+    return store.data_dir / "snapshots" / snap.file

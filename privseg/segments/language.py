@@ -1,0 +1,555 @@
+"""The segment language: definitions as data (YAML or JSON), parsed into a typed tree.
+
+A definition::
+
+    id: cart_abandoners_7d
+    description: Added to cart in the last 7 days and did not buy
+    category: general            # a file in policies/categories/
+    objective: performance       # or brand
+    where:
+      all:
+        - event: {type: add_to_cart, last: 7d}
+        - not: {event: {type: purchase, last: 7d}}
+
+Nodes: ``all`` / ``any`` (lists), ``not`` (one node), and leaves:
+
+- ``property: {age_band: {in: [55-64, 65+]}}`` -- one profile attribute and one operator;
+- ``event: {type, where?, <window>?, count|sum|avg|min|max: {op: value}}`` -- events of a type,
+  filtered on event fields, aggregated over a window (default ``count: {gte: 1}``). Sums of no
+  events are 0; avg/min/max of no events are unknown, so they satisfy no comparison;
+- ``recency: {type, where?, within: 30d}`` or ``{type, where?, not_within: 180d}``;
+- ``sequence: {steps: [{type, where?}, {type, where?}], within: 1d, <window>?}`` -- some event of the
+  first step followed, at the same instant or later and at most ``within`` after it, by the second;
+- ``trait: {rfm_recency: {gte: 4}}`` -- a named computed trait (see :class:`TraitDef`);
+- ``segment: other_id`` -- membership of another segment (cycles are refused);
+- ``bucket: {salt: spring_test, range: [0, 999]}`` -- deterministic bucket 0..9999 of the pseudonym.
+
+Windows, against an explicit ``as_of`` (no event after ``as_of`` ever counts):
+``last: 7d`` is ``as_of - 7d <= ts <= as_of`` (both ends inclusive); ``between: [90d, 30d]`` is
+``as_of - 90d <= ts < as_of - 30d`` (start inclusive, end exclusive, so it tiles with ``last: 30d``);
+``from: T1, to: T2`` is ``T1 <= ts < T2``. No window: every event up to ``as_of``.
+Durations: a whole number and a unit, ``s``, ``m``, ``h``, ``d`` or ``w``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+from privseg.errors import InvalidInput
+from privseg.ingest_policy import (
+    AgeBandRule,
+    BoolAttr,
+    CategoryAttr,
+    DateAttr,
+    FloatAttr,
+    IngestPolicy,
+    IntAttr,
+    ListAttr,
+    StringAttr,
+)
+from privseg.segments.operators import OPERATORS
+
+ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_DURATION_RE = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MEASURES = ("count", "sum", "avg", "min", "max")
+BUCKETS = 10_000
+
+
+# -- the tree ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cond:
+    field: str
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Window:
+    kind: Literal["all", "last", "between", "absolute"]
+    start: timedelta | datetime | None = None  # last/between: how long before as_of; absolute: a time
+    end: timedelta | datetime | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    type: str
+    filters: tuple[Cond, ...]
+
+
+@dataclass(frozen=True)
+class All:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    child: Node
+
+
+@dataclass(frozen=True)
+class PropertyLeaf:
+    cond: Cond
+
+
+@dataclass(frozen=True)
+class EventLeaf:
+    step: Step
+    window: Window
+    measure: str
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class RecencyLeaf:
+    step: Step
+    within: timedelta
+    negate: bool
+
+
+@dataclass(frozen=True)
+class SequenceLeaf:
+    first: Step
+    then: Step
+    within: timedelta
+    window: Window
+
+
+@dataclass(frozen=True)
+class TraitLeaf:
+    name: str
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    id: str
+
+
+@dataclass(frozen=True)
+class BucketLeaf:
+    salt: str
+    low: int
+    high: int
+
+
+Node = (
+    All
+    | AnyOf
+    | Not
+    | PropertyLeaf
+    | EventLeaf
+    | RecencyLeaf
+    | SequenceLeaf
+    | TraitLeaf
+    | SegmentRef
+    | BucketLeaf
+)
+
+
+@dataclass(frozen=True)
+class SegmentDef:
+    id: str
+    description: str
+    category: str
+    objective: Literal["performance", "brand"]
+    root: Node
+
+
+@dataclass(frozen=True)
+class TraitSource:
+    kind: Literal["days_since", "count", "sum", "avg", "min", "max"]
+    step: Step
+    window: Window
+
+
+@dataclass(frozen=True)
+class TraitDef:
+    """A named per-person score on public, fixed bin edges (never quantiles of the data: edges taken
+    from the data would leak it). ``value < edges[0]`` scores ``scores[0]``, ``edges[i-1] <= value <
+    edges[i]`` scores ``scores[i]``, ``value >= edges[-1]`` scores ``scores[-1]``; unknown scores
+    ``missing``."""
+
+    name: str
+    description: str
+    source: TraitSource
+    edges: tuple[float, ...]
+    scores: tuple[int, ...]
+    missing: int
+
+
+# -- the schema definitions are checked against -------------------------------------------------
+@dataclass(frozen=True)
+class FieldType:
+    type: str  # category | list | bool | date | float | int | string
+    values: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Schema:
+    profile: dict[str, FieldType]
+    event_types: tuple[str, ...]
+    event_fields: dict[str, FieldType]
+
+    @classmethod
+    def from_ingest_policy(cls, policy: IngestPolicy) -> Schema:
+        profile: dict[str, FieldType] = {}
+        for rule in policy.profiles.generalize.values():
+            if isinstance(rule, AgeBandRule):
+                profile[rule.to] = FieldType("category", rule.bands())
+            else:
+                profile[rule.to] = FieldType("category", tuple(sorted(set(rule.regions.values()))))
+        for name, attr in policy.profiles.attributes.items():
+            profile[name] = _field_type(attr)
+        fields = {n: _field_type(a) for n, a in policy.events.attributes.items() if n != "event_type"}
+        et = policy.events.attributes.get("event_type")
+        if not isinstance(et, CategoryAttr):
+            raise InvalidInput("the ingest policy must declare event_type as a category attribute")
+        return cls(profile, et.values, fields)
+
+
+def _field_type(attr: object) -> FieldType:
+    if isinstance(attr, CategoryAttr):
+        return FieldType("category", attr.values)
+    if isinstance(attr, ListAttr):
+        return FieldType("list", attr.values)
+    if isinstance(attr, BoolAttr):
+        return FieldType("bool")
+    if isinstance(attr, DateAttr):
+        return FieldType("date")
+    if isinstance(attr, FloatAttr):
+        return FieldType("float")
+    if isinstance(attr, IntAttr):
+        return FieldType("int")
+    assert isinstance(attr, StringAttr)
+    return FieldType("string")
+
+
+# -- parsing -------------------------------------------------------------------------------------
+class DefinitionError(InvalidInput):
+    """A segment or trait definition is invalid; the message names the path inside it."""
+
+    code = "invalid-definition"
+
+
+def _fail(path: str, message: str) -> DefinitionError:
+    return DefinitionError(f"{path}: {message}")
+
+
+def parse_duration(text: Any, path: str) -> timedelta:
+    match = _DURATION_RE.match(str(text)) if isinstance(text, str) else None
+    if match is None:
+        raise _fail(path, f"expected a duration such as 7d, 12h or 2w, found {text!r}")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _mapping(obj: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    if not isinstance(obj, dict):
+        raise _fail(path, f"expected a mapping, found {type(obj).__name__}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _fail(path, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(obj))
+    if missing:
+        raise _fail(path, f"missing key(s) {missing}")
+    return obj
+
+
+def _single(obj: Any, path: str, what: str) -> tuple[str, Any]:
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise _fail(path, f"expected a mapping with exactly one {what}")
+    ((key, value),) = obj.items()
+    return str(key), value
+
+
+class Parser:
+    """Parses definitions and checks them against the schema, the categories and known names."""
+
+    def __init__(self, schema: Schema, categories: set[str]) -> None:
+        self.schema = schema
+        self.categories = categories
+
+    # values -----------------------------------------------------------------------------------
+    def _scalar(self, ft: FieldType, value: Any, path: str) -> Any:
+        kind = ft.type
+        if kind in ("category", "list"):
+            if not isinstance(value, str):
+                raise _fail(path, f"expected text, found {value!r}")
+            if ft.values is not None and value not in ft.values:
+                raise _fail(path, f"{value!r} is not a known value; expected one of {list(ft.values)}")
+            return value
+        if kind == "string":
+            if not isinstance(value, str):
+                raise _fail(path, f"expected text, found {value!r}")
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise _fail(path, f"expected true or false, found {value!r}")
+            return value
+        if kind == "date":
+            if isinstance(value, datetime):
+                return value.date()
+            if isinstance(value, date):
+                return value
+            try:
+                return date.fromisoformat(str(value))
+            except ValueError:
+                raise _fail(path, f"expected a date YYYY-MM-DD, found {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(path, f"expected a number, found {value!r}")
+        if kind == "int" and not isinstance(value, int):
+            raise _fail(path, f"expected a whole number, found {value!r}")
+        return value
+
+    def cond(self, field: str, ft: FieldType, spec: Any, path: str) -> Cond:
+        op, value = _single(spec, path, "operator (e.g. {gte: 3})")
+        operator = OPERATORS.get(op)
+        if operator is None:
+            raise _fail(f"{path}.{op}", f"unknown operator; known: {sorted(OPERATORS)}")
+        type_key = "number" if ft.type in ("float", "int", "number") else ft.type
+        if ft.type not in operator.types and type_key not in operator.types:
+            raise _fail(f"{path}.{op}", f"operator {op!r} does not apply to {ft.type} field {field!r}")
+        vpath = f"{path}.{op}"
+        if operator.value == "flag":
+            if value is not True:
+                raise _fail(vpath, "expected true")
+            parsed: Any = True
+        elif operator.value == "list":
+            if not isinstance(value, list) or not value:
+                raise _fail(vpath, "expected a non-empty list")
+            parsed = tuple(self._scalar(ft, v, f"{vpath}[{i}]") for i, v in enumerate(value))
+        elif operator.value == "pair":
+            if not isinstance(value, list) or len(value) != 2:
+                raise _fail(vpath, "expected [low, high]")
+            lo, hi = (self._scalar(ft, v, f"{vpath}[{i}]") for i, v in enumerate(value))
+            if lo > hi:
+                raise _fail(vpath, "low is greater than high")
+            parsed = (lo, hi)
+        else:
+            parsed = self._scalar(ft, value, vpath)
+        return Cond(field, op, parsed)
+
+    def _window(self, spec: dict[str, Any], path: str) -> Window:
+        keys = {k for k in ("last", "between", "from", "to") if k in spec}
+        if not keys:
+            return Window("all")
+        if keys == {"last"}:
+            return Window("last", parse_duration(spec["last"], f"{path}.last"))
+        if keys == {"between"}:
+            pair = spec["between"]
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise _fail(f"{path}.between", "expected [older, newer], e.g. [90d, 30d]")
+            old = parse_duration(pair[0], f"{path}.between[0]")
+            new = parse_duration(pair[1], f"{path}.between[1]")
+            if old <= new:
+                raise _fail(f"{path}.between", "the first duration must be the longer one (further back)")
+            return Window("between", old, new)
+        if keys == {"from", "to"}:
+            start, end = (self._instant(spec[k], f"{path}.{k}") for k in ("from", "to"))
+            if start >= end:
+                raise _fail(path, "'from' must be before 'to'")
+            return Window("absolute", start, end)
+        raise _fail(path, "use one window: last, between, or from + to")
+
+    @staticmethod
+    def _instant(value: Any, path: str) -> datetime:
+        if isinstance(value, datetime):
+            dt = value
+        elif isinstance(value, date):
+            dt = datetime(value.year, value.month, value.day)
+        else:
+            try:
+                dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            except ValueError:
+                raise _fail(path, f"expected an ISO 8601 time, found {value!r}") from None
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+    def step(self, spec: dict[str, Any], path: str) -> Step:
+        etype = spec.get("type")
+        if etype not in self.schema.event_types:
+            raise _fail(
+                f"{path}.type", f"unknown event type {etype!r}; known: {list(self.schema.event_types)}"
+            )
+        where = spec.get("where") or {}
+        if not isinstance(where, dict):
+            raise _fail(f"{path}.where", "expected a mapping of event field -> condition")
+        filters = []
+        for field in sorted(where):
+            ft = self.schema.event_fields.get(field)
+            if ft is None:
+                raise _fail(
+                    f"{path}.where.{field}", f"unknown event field; known: {sorted(self.schema.event_fields)}"
+                )
+            filters.append(self.cond(field, ft, where[field], f"{path}.where.{field}"))
+        return Step(str(etype), tuple(filters))
+
+    # nodes ------------------------------------------------------------------------------------
+    def node(self, obj: Any, path: str) -> Node:
+        key, body = _single(
+            obj, path, "node (all, any, not, property, event, recency, sequence, trait, segment, bucket)"
+        )
+        here = f"{path}.{key}"
+        if key in ("all", "any"):
+            if not isinstance(body, list) or not body:
+                raise _fail(here, "expected a non-empty list of nodes")
+            children = tuple(self.node(c, f"{here}[{i}]") for i, c in enumerate(body))
+            return All(children) if key == "all" else AnyOf(children)
+        if key == "not":
+            return Not(self.node(body, here))
+        if key == "property":
+            field, spec = _single(body, here, "profile attribute")
+            ft = self.schema.profile.get(field)
+            if ft is None:
+                raise _fail(
+                    f"{here}.{field}", f"unknown profile attribute; known: {sorted(self.schema.profile)}"
+                )
+            return PropertyLeaf(self.cond(field, ft, spec, f"{here}.{field}"))
+        if key == "event":
+            spec = _mapping(
+                body, here, {"type", "where", "last", "between", "from", "to", *MEASURES}, {"type"}
+            )
+            measures = [m for m in MEASURES if m in spec]
+            if len(measures) > 1:
+                raise _fail(here, f"use one measure, found {measures}")
+            measure = measures[0] if measures else "count"
+            if measures:
+                cond = self.cond(
+                    measure,
+                    FieldType("int" if measure == "count" else "float"),
+                    spec[measure],
+                    f"{here}.{measure}",
+                )
+                op, value = cond.op, cond.value
+            else:
+                op, value = "gte", 1
+            if measure != "count" and "value" not in self.schema.event_fields:
+                raise _fail(here, f"{measure} needs a numeric 'value' event field")
+            return EventLeaf(self.step(spec, here), self._window(spec, here), measure, op, value)
+        if key == "recency":
+            spec = _mapping(body, here, {"type", "where", "within", "not_within"}, {"type"})
+            modes = [m for m in ("within", "not_within") if m in spec]
+            if len(modes) != 1:
+                raise _fail(here, "give exactly one of within or not_within")
+            return RecencyLeaf(
+                self.step(spec, here),
+                parse_duration(spec[modes[0]], f"{here}.{modes[0]}"),
+                modes[0] == "not_within",
+            )
+        if key == "sequence":
+            spec = _mapping(
+                body, here, {"steps", "within", "last", "between", "from", "to"}, {"steps", "within"}
+            )
+            steps = spec["steps"]
+            if not isinstance(steps, list) or len(steps) != 2:
+                raise _fail(f"{here}.steps", "expected exactly two steps")
+            first, then = (
+                self.step(
+                    _mapping(s, f"{here}.steps[{i}]", {"type", "where"}, {"type"}), f"{here}.steps[{i}]"
+                )
+                for i, s in enumerate(steps)
+            )
+            return SequenceLeaf(
+                first, then, parse_duration(spec["within"], f"{here}.within"), self._window(spec, here)
+            )
+        if key == "trait":
+            name, spec = _single(body, here, "trait name")
+            cond = self.cond(name, FieldType("int"), spec, f"{here}.{name}")
+            return TraitLeaf(name, cond.op, cond.value)
+        if key == "segment":
+            if not isinstance(body, str) or not ID_RE.match(body):
+                raise _fail(here, f"expected a segment id, found {body!r}")
+            return SegmentRef(body)
+        if key == "bucket":
+            spec = _mapping(body, here, {"salt", "range"}, {"salt", "range"})
+            salt, rng = spec["salt"], spec["range"]
+            if not isinstance(salt, str) or not salt:
+                raise _fail(f"{here}.salt", "expected non-empty text")
+            ok = (
+                isinstance(rng, list)
+                and len(rng) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in rng)
+            )
+            if not ok or not 0 <= rng[0] <= rng[1] < BUCKETS:
+                raise _fail(f"{here}.range", f"expected [low, high] with 0 <= low <= high <= {BUCKETS - 1}")
+            return BucketLeaf(salt, rng[0], rng[1])
+        raise _fail(
+            here,
+            "unknown node; use all, any, not, property, event, recency, sequence, trait, segment or bucket",
+        )
+
+    def segment(self, doc: Any, path: str) -> SegmentDef:
+        spec = _mapping(
+            doc,
+            path,
+            {"id", "description", "category", "objective", "where"},
+            {"id", "category", "objective", "where"},
+        )
+        sid = spec["id"]
+        if not isinstance(sid, str) or not ID_RE.match(sid):
+            raise _fail(
+                f"{path}.id", "expected lower-case letters, digits and _ (starting with a letter, at most 64)"
+            )
+        path = f"{path} (segment {sid!r})"
+        if spec["category"] not in self.categories:
+            raise _fail(
+                f"{path}.category", f"unknown category {spec['category']!r}; known: {sorted(self.categories)}"
+            )
+        if spec["objective"] not in ("performance", "brand"):
+            raise _fail(f"{path}.objective", "expected performance or brand")
+        return SegmentDef(
+            sid,
+            str(spec.get("description", "")),
+            spec["category"],
+            spec["objective"],
+            self.node(spec["where"], f"{path}.where"),
+        )
+
+    def trait(self, doc: Any, path: str) -> TraitDef:
+        spec = _mapping(
+            doc,
+            path,
+            {"name", "description", "source", "edges", "scores", "missing"},
+            {"name", "source", "edges", "scores"},
+        )
+        name = spec["name"]
+        if not isinstance(name, str) or not ID_RE.match(name):
+            raise _fail(f"{path}.name", "expected lower-case letters, digits and _")
+        path = f"{path} (trait {name!r})"
+        kind, src = _single(
+            spec["source"], f"{path}.source", "source (days_since, count, sum, avg, min, max)"
+        )
+        if kind not in ("days_since", *MEASURES):
+            raise _fail(f"{path}.source.{kind}", "expected days_since, count, sum, avg, min or max")
+        allowed = (
+            {"type", "where"} if kind == "days_since" else {"type", "where", "last", "between", "from", "to"}
+        )
+        src = _mapping(src, f"{path}.source.{kind}", allowed, {"type"})
+        here = f"{path}.source.{kind}"
+        source = TraitSource(kind, self.step(src, here), self._window(src, here))  # type: ignore[arg-type]
+        edges, scores = spec["edges"], spec["scores"]
+        if not isinstance(edges, list) or not edges or not all(isinstance(e, int | float) for e in edges):
+            raise _fail(f"{path}.edges", "expected a non-empty list of numbers")
+        if edges != sorted(set(edges)):
+            raise _fail(f"{path}.edges", "edges must be strictly ascending")
+        if (
+            not isinstance(scores, list)
+            or len(scores) != len(edges) + 1
+            or not all(isinstance(s, int) for s in scores)
+        ):
+            raise _fail(
+                f"{path}.scores", f"expected {len(edges) + 1} whole numbers (one more than the edges)"
+            )
+        missing = spec.get("missing", 0)
+        if not isinstance(missing, int):
+            raise _fail(f"{path}.missing", "expected a whole number")
+        return TraitDef(name, str(spec.get("description", "")), source, tuple(edges), tuple(scores), missing)
