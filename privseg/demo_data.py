@@ -1,7 +1,8 @@
 """Synthetic customers and events with raw identifiers, for demos, tests and benchmarks.
 
 Behaviour is drawn per persona so that real segments exist in the data: browsers, cart abandoners,
-discount and coupon seekers, frequent buyers, high spenders, lapsed customers and casual shoppers,
+discount and coupon seekers, frequent buyers, high spenders, lapsed customers, casual shoppers and
+people engaged with content and e-mail who have not bought yet,
 plus interest in stigmatized categories (hearing aids, mostly 55+; cannabis, mostly under 45; sexual
 health) at plausible rates. Generation is vectorized and streamed to disk in chunks of customers, so
 1M customers / 10M events take minutes and bounded memory.
@@ -52,13 +53,15 @@ DOMAINS = ("example.com", "mail.example.org", "inbox.example.net")
 
 # persona -> (share of customers, mean events, days-ago range, event-type weights in EVENT_TYPES order)
 PERSONAS: dict[str, tuple[float, float, tuple[int, int], tuple[float, ...]]] = {
-    "browser": (0.25, 14, (0, 365), (40, 40, 15, 3, 0, 0, 0, 1, 1)),
+    "browser": (0.21, 14, (0, 365), (40, 40, 15, 3, 0, 0, 0, 1, 1)),
+    # Engaged with content and e-mail lately, not buying yet: the brand-objective audience.
+    "engaged": (0.06, 12, (0, 45), (40, 25, 10, 0, 0, 0, 0, 15, 10)),
     "cart_abandoner": (0.12, 10, (0, 30), (25, 35, 10, 25, 5, 0, 0, 0, 0)),
     "discount_seeker": (0.10, 12, (0, 365), (20, 25, 10, 10, 5, 12, 12, 3, 3)),
     "frequent_buyer": (0.10, 20, (0, 365), (15, 25, 5, 15, 10, 25, 2, 2, 1)),
     "high_spender": (0.05, 8, (0, 365), (15, 25, 5, 15, 15, 25, 0, 0, 0)),
     "lapsed": (0.15, 6, (181, 700), (30, 30, 10, 10, 5, 15, 0, 0, 0)),
-    "casual": (0.23, 5, (0, 365), (35, 30, 10, 8, 4, 8, 1, 2, 2)),
+    "casual": (0.21, 5, (0, 365), (35, 30, 10, 8, 4, 8, 1, 2, 2)),
 }
 _P_SHARE = np.array([p[0] for p in PERSONAS.values()])
 _P_MEAN = np.array([p[1] for p in PERSONAS.values()])

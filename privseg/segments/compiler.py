@@ -82,7 +82,9 @@ def feature_name(feature: Feature) -> str:
 def window_mask(window: Window, as_of: datetime, ts: pl.Expr) -> pl.Expr:
     """Events of the window (see language.py for the edges); every feature already drops ts > as_of."""
     if window.kind == "all":
-        return pl.lit(True)
+        # Not pl.lit(True): inside group_by().agg() a literal does not broadcast, so its sum() is 1
+        # per group instead of the number of events (found by the property test).
+        return ts.is_not_null()
     if window.kind == "last":
         assert isinstance(window.start, timedelta)
         return ts >= as_of - window.start
@@ -216,7 +218,7 @@ class Compiler:
 
 def _duration(d: timedelta) -> str:
     seconds = int(d.total_seconds())
-    for unit, size in (("week", 604_800), ("day", 86_400), ("hour", 3_600), ("minute", 60)):
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
         if seconds % size == 0:
             n = seconds // size
             return f"{n} {unit}{'s' if n != 1 else ''}"
