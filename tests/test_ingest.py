@@ -53,7 +53,7 @@ def test_profiles_are_pseudonymized_generalized_and_typed(dep: Deployment, tmp_p
     assert df.schema["consent_marketing"] == pl.Boolean
     assert df.schema["signup_date"] == pl.Date  # absent from the file: typed null column
     assert df.get_column("age_band").to_list() == [
-        "45_54",
+        "45-54",
         "65+",
     ]  # born 1980-05-17 / 1950, as of 2026-06-01
     assert df.get_column("region").to_list() == ["pacific", "new_england"]
