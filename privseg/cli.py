@@ -175,7 +175,7 @@ def demo_cmd(
         Path | None, typer.Option(help="Directory with customers.csv and events.csv (default: generate).")
     ] = None,
 ) -> None:
-    """Run the whole pipeline on embedded defaults: keys, demo data, ingestion, summary."""
+    """Run the whole pipeline on embedded defaults: keys, demo data, ingestion, segments, summary."""
     dep = _deployment()
     for line in demo.run(dep, customers=customers, seed=seed, data_dir=data):
         typer.echo(line)
@@ -224,9 +224,6 @@ def policy_check(
     typer.echo(f"{policy_dir / 'ingest.yaml'}: OK")
 
 
-EXAMPLES = Path(__file__).resolve().parent / "segments" / "examples"
-
-
 @segments_app.command("apply")
 def segments_apply(
     files: Annotated[list[Path], typer.Argument(help="YAML/JSON definition files (all or none).")],
@@ -244,7 +241,7 @@ def segments_apply(
 @segments_app.command("examples")
 def segments_examples() -> None:
     """Print the paths of the shipped example definitions (traits first)."""
-    typer.echo(f"{EXAMPLES / 'traits.yaml'} {EXAMPLES / 'segments.yaml'}")
+    typer.echo(f"{demo.EXAMPLES / 'traits.yaml'} {demo.EXAMPLES / 'segments.yaml'}")
 
 
 @segments_app.command("list")

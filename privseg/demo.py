@@ -11,7 +11,10 @@ from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
 from privseg.ingest import ingest_files
 from privseg.keyset import create_keyset
+from privseg.segments import definitions, engine
 from privseg.store import Kind
+
+EXAMPLES = Path(__file__).resolve().parent / "segments" / "examples"
 
 
 def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) -> Iterator[str]:
@@ -59,6 +62,22 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
     if profiles is not None:
         yield "  profile columns: " + ", ".join(profiles.collect_schema().names())
     yield f"  pseudonym key version: k{status['key_version']}, namespace {status['namespace']!r}"
+    results = definitions.apply(
+        dep.store.conn,
+        dep.keyset,
+        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
+        schema=dep.schema,
+        categories=dep.categories,
+    )
+    changed = sum(r.status != "unchanged" for r in results)
+    yield f"segments: {len(results)} example definitions ({changed} new or changed)"
+    snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
+    seconds = sum(v for k, v in timings.items() if k != "features_count")
+    yield (
+        f"snapshot {snap.id}: {len(snap.segments)} segments evaluated over {snap.people} people in "
+        f"{seconds:.2f}s; memberships stay on the server, sizes leave only as DP releases"
+    )
+    yield "  try: privseg segments explain hearing_aid_interest_55plus"
     verdict = audit.verify(dep.store.conn, dep.keyset)
     yield f"audit log: {verdict.entries} entries, chain {'verified' if verdict.ok else 'BROKEN'}"
     yield "next: `privseg store status`, `privseg audit show`, `privseg serve`"

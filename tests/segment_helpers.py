@@ -80,7 +80,7 @@ def members(
 ) -> set[str]:
     ev = ev if ev is not None else pl.DataFrame(schema=EVENT_SCHEMA)
     comp = compiler([segment(where, category=category), *others], traits)
-    result, _ = evaluate(comp, profiles=prof, events=ev, as_of=as_of)
+    result, _ = evaluate(comp.compile(as_of), profiles=prof, events=ev)
     return set(result.filter(pl.col("s")).get_column("pid").to_list())
 
 

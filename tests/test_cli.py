@@ -85,3 +85,29 @@ def test_demo_runs_from_nothing_and_is_idempotent(settings: Settings) -> None:
     assert "chain verified" in first.stdout
     second = run_cli(settings, "demo", "--customers", "500")
     assert "already ingested" in second.stdout and "keys: using" in second.stdout
+
+
+def test_segments_commands(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run_cli(settings, "demo", "--customers", "300")  # applies the examples and computes a snapshot
+    listed = run_cli(settings, "segments", "list").stdout
+    assert "cart_abandoners_7d" in listed and "rfm_recency" in listed
+    shown = json.loads(run_cli(settings, "segments", "show", "cannabis_curious").stdout)
+    assert shown["version"] == 1 and shown["category"] == "cannabis"
+    explained = run_cli(settings, "segments", "explain", "cart_abandoners_7d").stdout
+    assert "add_to_cart events in the last 7 days" in explained
+    assert "current" in run_cli(settings, "segments", "status").stdout
+    edit = tmp_path / "edit.yaml"
+    edit.write_text(
+        "id: coupon_responders\ncategory: general\nobjective: brand\nwhere: {event: {type: coupon_redeem}}\n"
+    )
+    assert "updated (v2)" in run_cli(settings, "segments", "apply", str(edit)).stdout
+    status = json.loads(run_cli(settings, "segments", "status", "--json").stdout)
+    assert status["stale"] and "definitions changed" in status["reasons"][0]
+    computed = run_cli(settings, "segments", "compute", "--as-of", "2026-06-01T00:00:00").stdout
+    assert "15 segments over 300 people at 2026-06-01T00:00:00+00:00" in computed
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: x\ncategory: general\nobjective: brand\nwhere: {event: {type: purchse}}\n")
+    out = run_cli(settings, "segments", "apply", str(bad), check=False)
+    assert out.returncode == 2 and "where.event.type: unknown event type 'purchse'" in out.stderr
+    missing = run_cli(settings, "segments", "explain", "nope", check=False)
+    assert missing.returncode == 2 and "no active segment 'nope'" in missing.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def test_no_raw_identifier_in_store_database_logs_or_output(
     outputs.append(run_cli(settings, "erase", "--id", "-", stdin="C000000007\n"))
     outputs.append(run_cli(settings, "keys", "rotate"))
     outputs.append(run_cli(settings, "store", "compact"))
+    outputs.append(run_cli(settings, "segments", "compute", "--json"))
+    outputs.append(run_cli(settings, "segments", "status", "--json"))
     # A refused batch must not echo what it refused.
     bad = data / "bad.csv"
     bad.write_text("customer_id,gender\nC000000001,leaked-C000000002@example.com\n")
@@ -89,6 +92,8 @@ def test_no_raw_identifier_in_store_database_logs_or_output(
             assert value not in stored_text, f"raw {kind} in stored values"
             assert value not in shown, f"raw {kind} in output or logs"
     assert "C000000002" not in shown
+    # Nothing person-level either: no pseudonym appears in any output or log line.
+    assert re.search(r"k\d+\.[A-Za-z0-9_-]{20,}", shown) is None
 
 
 def test_key_material_never_reaches_output_logs_or_store(settings: Settings) -> None:

@@ -107,6 +107,29 @@ class Plan:
         self.features.setdefault(name, feature)
         return pl.col(name)
 
+    def event_columns(self) -> list[str]:
+        """The event columns the features read: loading only these halves the load of a big store."""
+        needed = {"pid", "ts", "event_type"}
+        for f in self.features.values():
+            steps = (
+                [f.first, f.then]
+                if isinstance(f, SeqFeature)
+                else []
+                if isinstance(f, BucketFeature)
+                else [f.step]
+            )
+            needed.update(c.field for step in steps for c in step.filters)
+            if isinstance(f, AggFeature) and f.measure != "count":
+                needed.add("value")
+        return sorted(needed)
+
+    def profile_columns(self) -> list[str]:
+        """The profile columns the segment expressions read (plus pid)."""
+        names = {"pid"}
+        for expr in self.segments.values():
+            names.update(n for n in expr.meta.root_names() if n not in self.features)
+        return sorted(names)
+
 
 class Compiler:
     def __init__(

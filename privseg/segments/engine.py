@@ -26,7 +26,7 @@ from privseg.db import transaction
 from privseg.errors import NotFound
 from privseg.keyset import Keyset
 from privseg.segments import features as feature_engine
-from privseg.segments.compiler import Compiler
+from privseg.segments.compiler import Compiler, Plan
 from privseg.segments.definitions import Stored, active
 from privseg.store import Store
 
@@ -49,27 +49,32 @@ class Snapshot:
 def membership(compiler: Compiler, store: Store, as_of: datetime) -> tuple[pl.DataFrame, dict[str, float]]:
     """Evaluate every active segment for every person in the store (see :func:`evaluate`)."""
     t0 = time.perf_counter()
+    plan = compiler.compile(as_of)
     profiles_lf, events_lf = store.scan_profiles(), store.scan_events()
-    profiles = profiles_lf.collect() if profiles_lf is not None else pl.DataFrame(schema={"pid": pl.String})
+    if profiles_lf is not None:
+        available = profiles_lf.collect_schema().names()
+        profiles = profiles_lf.select([c for c in plan.profile_columns() if c in available]).collect()
+    else:
+        profiles = pl.DataFrame(schema={"pid": pl.String})
     if events_lf is not None:
-        events = events_lf.filter(pl.col("ts") <= as_of).collect()
+        events = events_lf.select(plan.event_columns()).filter(pl.col("ts") <= as_of).collect()
     else:
         events = pl.DataFrame(
             schema={"pid": pl.String, "ts": feature_engine.TS_DTYPE, "event_type": pl.String}
         )
     load = time.perf_counter() - t0
-    members, timings = evaluate(compiler, profiles=profiles, events=events, as_of=as_of)
+    members, timings = evaluate(plan, profiles=profiles, events=events)
     return members, {"load": load, **timings}
 
 
 def evaluate(
-    compiler: Compiler, *, profiles: pl.DataFrame, events: pl.DataFrame, as_of: datetime
+    plan: Plan, *, profiles: pl.DataFrame, events: pl.DataFrame
 ) -> tuple[pl.DataFrame, dict[str, float]]:
-    """``pid`` plus one Boolean column per segment, for everyone in ``profiles`` or ``events``
-    (one row per pid in profiles; events after ``as_of`` are ignored). Returns timings too."""
+    """``pid`` plus one Boolean column per segment of ``plan``, for everyone in ``profiles`` or
+    ``events`` (one row per pid in profiles; events after the plan's ``as_of`` are ignored)."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    plan = compiler.compile(as_of)
+    as_of = plan.as_of
     events = events.filter(pl.col("ts") <= as_of)
     # One person index over profiles and events: the dense rank of the pseudonym.
     all_pids = pl.concat([profiles.get_column("pid"), events.get_column("pid")])
