@@ -64,6 +64,41 @@ _MIGRATIONS: tuple[str, ...] = (
         batches TEXT NOT NULL
     );
     """,
+    """
+    -- Every privacy spend, committed before any noise is drawn and never refunded. Epsilon is held in
+    -- integer micro-units: summed floats drift (ten charges of 0.1 do not fit a budget of 1.0).
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        category TEXT NOT NULL,
+        epsilon_micro INTEGER NOT NULL CHECK (epsilon_micro > 0),
+        delta REAL NOT NULL,
+        release_id INTEGER NOT NULL,
+        policy_hash TEXT NOT NULL
+    );
+    CREATE INDEX ledger_by_category ON ledger (category, at);
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+    -- Releases: the request, what it cost, and (once computed) its noisy result, for the cache.
+    CREATE TABLE releases (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        category TEXT NOT NULL,
+        cache_key TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'done')),
+        request TEXT NOT NULL,
+        result TEXT,
+        snapshot_id INTEGER NOT NULL,
+        policy_hash TEXT NOT NULL,
+        epsilon_micro INTEGER NOT NULL
+    );
+    CREATE INDEX releases_by_key ON releases (cache_key);
+    """,
 )
 
 

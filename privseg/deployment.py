@@ -35,7 +35,8 @@ class Deployment:
 
     @cached_property
     def categories(self) -> CategorySet:
-        return load_categories(self.settings.policy_dir)
+        """The category policies, refused (PolicyError) if any finding stands against them."""
+        return load_categories(self.settings.policy_dir, self.schema.breakdown_dimensions())
 
     @cached_property
     def schema(self) -> Schema:

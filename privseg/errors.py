@@ -7,6 +7,8 @@ identifiers, key material or field values from customer data.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class PrivsegError(Exception):
     """Base class: anything privseg refuses or cannot do, said in words a user can act on."""
@@ -74,9 +76,41 @@ class StoreError(PrivsegError):
     title = "Store error"
 
 
+class PolicyViolation(PrivsegError):
+    """The request asks for something the category policy forbids (a dimension, too many of them)."""
+
+    code = "policy-violation"
+    status = 422
+    title = "Refused by policy"
+
+
+class NotPermitted(PrivsegError):
+    """The recipient may not receive this kind of release for this category."""
+
+    code = "not-permitted"
+    status = 403
+    title = "Not permitted"
+
+
+class BudgetExhausted(PrivsegError):
+    """The release would exceed a privacy budget; the message states what remains."""
+
+    code = "budget-exhausted"
+    status = 429
+    title = "Privacy budget exhausted"
+
+
 class AuditTampered(PrivsegError):
     """The audit log's hash chain does not verify."""
 
     code = "audit-tampered"
     status = 500
     title = "Audit log failed verification"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``loc: message; ...`` for a pydantic error, never quoting the input (it may be key material)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+        for e in exc.errors(include_input=False, include_url=False)
+    )

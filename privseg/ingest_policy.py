@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from privseg.errors import PolicyError
+from privseg.errors import PolicyError, describe_validation_error
 from privseg.pseudonym import IdType
 
 # Columns privseg writes itself; a policy may not reuse these names for source columns.
@@ -168,8 +168,5 @@ def load_ingest_policy(path: Path) -> IngestPolicy:
     try:
         return IngestPolicy.model_validate(doc)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
+        problems = describe_validation_error(exc)
         raise PolicyError(f"{path}: {problems}") from None

@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privseg.errors import KeysetError
+from privseg.errors import KeysetError, describe_validation_error
 from privseg.fsutil import write_private_bytes
 
 FORMAT_VERSION = 1
@@ -183,10 +183,7 @@ def load_keyset(path: Path) -> Keyset:
         parsed = _KeysetFile.model_validate(doc)
     except ValidationError as exc:
         # include_input=False: pydantic would otherwise echo the offending value, i.e. key bytes.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors(include_input=False, include_url=False)
-        )
+        problems = describe_validation_error(exc)
         raise KeysetError(f"keyset {path} is malformed: {problems}") from None
     if parsed.format != FORMAT_VERSION:
         raise KeysetError(f"keyset {path} has format {parsed.format}; this privseg reads {FORMAT_VERSION}")

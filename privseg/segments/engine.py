@@ -116,15 +116,42 @@ def compute_snapshot(
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{as_of:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
     final = folder / name
-    tmp = fsutil.tmp_path_for(final)
-    t = time.perf_counter()
-    members.write_parquet(tmp, compression="zstd")
-    fsutil.publish(tmp, final)
-    timings["write"] = time.perf_counter() - t
-
     seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
     trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
     computed_at = datetime.now(UTC).isoformat(timespec="seconds")
+    t = time.perf_counter()
+    # Under the store's writer lock, so that clearing files left by a snapshot writer that crashed
+    # before its commit can never delete the file another writer is about to record.
+    with store.writer_lock():
+        _remove_unrecorded(conn, folder)
+        tmp = fsutil.tmp_path_for(final)
+        members.write_parquet(tmp, compression="zstd")
+        fsutil.publish(tmp, final)
+        snap_id = _record(
+            conn, keyset, final, members.height, as_of, computed_at, seg_versions, trait_versions, batches
+        )
+        _remove_unrecorded(conn, folder)  # the ones just pruned
+    timings["write"] = time.perf_counter() - t
+    snap = Snapshot(
+        snap_id, as_of.isoformat(), computed_at, name, members.height, seg_versions, trait_versions, batches
+    )
+    log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
+    return snap, timings
+
+
+def _record(
+    conn: sqlite3.Connection,
+    keyset: Keyset,
+    final: Path,
+    people: int,
+    as_of: datetime,
+    computed_at: str,
+    seg_versions: dict[str, int],
+    trait_versions: dict[str, int],
+    batches: list[int],
+) -> int:
+    """Insert the snapshot row and its audit entry, and prune old snapshots, in one transaction."""
+    name = final.name
     try:
         with transaction(conn):
             cur = conn.execute(
@@ -134,7 +161,7 @@ def compute_snapshot(
                     as_of.isoformat(),
                     computed_at,
                     name,
-                    members.height,
+                    people,
                     json.dumps(seg_versions),
                     json.dumps(trait_versions),
                     json.dumps(batches),
@@ -152,21 +179,23 @@ def compute_snapshot(
                     "batches": len(batches),
                 },
             )
-            stale = conn.execute(
-                "SELECT id, file FROM snapshots WHERE file IS NOT NULL ORDER BY id DESC LIMIT -1 OFFSET ?",
+            conn.execute(
+                "UPDATE snapshots SET file = NULL WHERE file IS NOT NULL AND id NOT IN "
+                "(SELECT id FROM snapshots WHERE file IS NOT NULL ORDER BY id DESC LIMIT ?)",
                 (KEEP_SNAPSHOTS,),
-            ).fetchall()
-            conn.executemany("UPDATE snapshots SET file = NULL WHERE id = ?", [(r[0],) for r in stale])
+            )
     except BaseException:
         final.unlink(missing_ok=True)
         raise
-    for _id, old in stale:
-        (folder / old).unlink(missing_ok=True)
-    snap = Snapshot(
-        snap_id, as_of.isoformat(), computed_at, name, members.height, seg_versions, trait_versions, batches
-    )
-    log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
-    return snap, timings
+    return snap_id
+
+
+def _remove_unrecorded(conn: sqlite3.Connection, folder: Path) -> None:
+    """Delete snapshot files no row refers to: pruned ones, and any a crashed writer left."""
+    recorded = {r[0] for r in conn.execute("SELECT file FROM snapshots WHERE file IS NOT NULL")}
+    for path in folder.iterdir():
+        if path.name not in recorded:
+            path.unlink()
 
 
 def _row(r: tuple[Any, ...]) -> Snapshot:

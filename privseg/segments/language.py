@@ -201,6 +201,10 @@ class Schema:
     event_types: tuple[str, ...]
     event_fields: dict[str, FieldType]
 
+    def breakdown_dimensions(self) -> dict[str, bool]:
+        """Profile attributes, and whether each has a public single-valued domain (can be a key)."""
+        return {name: ft.type in ("category", "bool") for name, ft in self.profile.items()}
+
     @classmethod
     def from_ingest_policy(cls, policy: IngestPolicy) -> Schema:
         profile: dict[str, FieldType] = {}

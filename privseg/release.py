@@ -1,0 +1,387 @@
+"""Releases: the only way numbers leave privseg.
+
+A request is planned against the segment's category policy (recipient, dimensions, epsilon), charged
+to the ledger in a write transaction that commits *before* any noise is drawn, then computed: exact
+counts in one Polars pass over the membership snapshot, and OpenDP's discrete Laplace measurement
+applied to the whole count vector. Identical requests on the same snapshot and policy return the
+stored release and spend nothing (no averaging attacks).
+
+Sensitivity (privacy unit: one person). Breakdown keys are the public domains of the dimensions (plus
+"unknown"), never taken from the data, and every dimension is single-valued, so a person is in
+exactly one cell of a segment's breakdown. Adding or removing one person therefore changes each
+segment's count vector by at most 1 in L1, and a report over k segments by at most k: the
+measurement is built for d_in = k. A partner audience releases the segment's counts and the cell
+populations (two vectors), so d_in = 2. Suppressing cells below the minimum cohort size is done on
+the noisy counts, which is post-processing and costs nothing further.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import opendp.prelude as dp
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from privseg import audit, ledger
+from privseg.category_policy import CategoryPolicy
+from privseg.db import transaction
+from privseg.deployment import Deployment
+from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
+from privseg.segments import definitions, engine
+
+dp.enable_features("contrib")
+
+ALPHA = 0.05  # intervals are 95%, two-sided
+PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
+UNKNOWN = "unknown"
+
+
+class CohortReportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    segments: list[str] = Field(min_length=1, max_length=20, description="Segment ids, one category.")
+    breakdown: list[str] = Field(default_factory=list, description="Profile dimensions, in order.")
+    recipient: str = Field(min_length=1, description="The marketer receiving the report.")
+    dry_run: bool = Field(False, description="Plan and price the release without spending anything.")
+
+
+class PartnerAudienceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    segment: str
+    breakdown: list[str] = Field(default_factory=lambda: ["region"], min_length=1)
+    partner: str = Field(min_length=1)
+    dry_run: bool = False
+
+
+Kind = Literal["cohort_report", "partner_audience"]
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    kind: Kind
+    recipient: str
+    policy: CategoryPolicy
+    segments: list[str]
+    breakdown: list[str]
+    keys: list[tuple[str, ...]]  # every cell, in release order
+    sensitivity: int  # L1 over the whole released vector
+    epsilon: float
+    snapshot: engine.Snapshot
+    policy_hash: str
+
+    @property
+    def scale(self) -> float:
+        # Discrete Laplace: epsilon = d_in / scale.
+        return self.sensitivity / self.epsilon
+
+    def measurement(self) -> Any:
+        m = dp.m.make_laplace(
+            dp.vector_domain(dp.atom_domain(T=int)), dp.l1_distance(T=int), scale=self.scale
+        )
+        cost = m.map(self.sensitivity)  # type: ignore[no-untyped-call]
+        if cost > self.epsilon * (1 + 1e-9):
+            raise RuntimeError(f"measurement costs {cost}, more than the planned {self.epsilon}")
+        return m
+
+    @property
+    def half_width(self) -> float:
+        return float(dp.discrete_laplacian_scale_to_accuracy(self.scale, ALPHA))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "recipient": self.recipient,
+            "category": self.policy.name,
+            "segments": self.segments,
+            "breakdown": self.breakdown,
+            "cells_per_segment": len(self.keys),
+            "epsilon": self.epsilon,
+            "delta": self.policy.delta,
+            "noise_scale": self.scale,
+            "interval_95_half_width": self.half_width,
+            "min_cohort_size": self.policy.min_cohort_size,
+            "allowed_dimensions": self.policy.allowed_dimensions(),
+            "max_dimensions": self.policy.breakdowns.max_dimensions,
+            "snapshot": self.snapshot.id,
+            "as_of": self.snapshot.as_of,
+            "policy_hash": self.policy_hash,
+        }
+
+
+def _refuse(dep: Deployment, kind: str, recipient: str, exc: Exception) -> None:
+    with transaction(dep.store.conn):
+        code = getattr(exc, "code", "error")
+        audit.append(
+            dep.store.conn, dep.keyset, "refusal", {"kind": kind, "recipient": recipient, "code": code}
+        )
+
+
+def _segment_categories(dep: Deployment, snap: engine.Snapshot, segments: list[str]) -> str:
+    cats = set()
+    for sid in segments:
+        if sid not in snap.segments:
+            raise NotFound(
+                f"segment {sid!r} is not in snapshot {snap.id}; apply it and run `privseg segments compute`"
+            )
+        versions = {s.version: s for s in definitions.history(dep.store.conn, "segment", sid)}
+        cats.add(str(versions[snap.segments[sid]].body["category"]))
+    if len(cats) != 1:
+        raise PolicyViolation(f"a release covers one category; these segments span {sorted(cats)}")
+    return cats.pop()
+
+
+def _keys(dep: Deployment, policy: CategoryPolicy, breakdown: list[str]) -> list[tuple[str, ...]]:
+    if len(set(breakdown)) != len(breakdown):
+        raise InvalidInput(f"breakdown names a dimension twice: {breakdown}")
+    if len(breakdown) > policy.breakdowns.max_dimensions:
+        raise PolicyViolation(
+            f"category {policy.name!r} allows at most {policy.breakdowns.max_dimensions} breakdown "
+            f"dimension(s); the request has {len(breakdown)}"
+        )
+    allowed = policy.allowed_dimensions()
+    for dim in breakdown:
+        if dim in policy.breakdowns.forbidden:
+            raise PolicyViolation(f"category {policy.name!r} forbids breaking down by {dim!r}")
+        if dim not in allowed:
+            raise PolicyViolation(
+                f"category {policy.name!r} does not allow breaking down by {dim!r}; allowed: {allowed}"
+            )
+    domains = []
+    for dim in breakdown:
+        ft = dep.schema.profile[dim]
+        values = list(ft.values or ()) if ft.type == "category" else ["true", "false"]
+        domains.append([*values, UNKNOWN])
+    return [tuple(k) for k in itertools.product(*domains)]
+
+
+def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan:
+    snap = _snapshot(dep)
+    if len(set(req.segments)) != len(req.segments):
+        raise InvalidInput("a segment is named twice")
+    policy = dep.categories.get(_segment_categories(dep, snap, req.segments))
+    if req.recipient not in policy.recipients.marketers:
+        raise NotPermitted(f"{req.recipient!r} may not receive releases for category {policy.name!r}")
+    keys = _keys(dep, policy, req.breakdown)
+    return ReleasePlan(
+        "cohort_report",
+        req.recipient,
+        policy,
+        req.segments,
+        req.breakdown,
+        keys,
+        len(req.segments),
+        policy.epsilon_per_release,
+        snap,
+        dep.categories.content_hash,
+    )
+
+
+def plan_partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> ReleasePlan:
+    snap = _snapshot(dep)
+    policy = dep.categories.get(_segment_categories(dep, snap, [req.segment]))
+    if not policy.partner_audiences:
+        raise NotPermitted(f"category {policy.name!r} does not allow partner audiences")
+    if req.partner not in policy.recipients.partners:
+        raise NotPermitted(f"partner {req.partner!r} is not granted audiences for category {policy.name!r}")
+    keys = _keys(dep, policy, req.breakdown)
+    return ReleasePlan(
+        "partner_audience",
+        req.partner,
+        policy,
+        [req.segment],
+        req.breakdown,
+        keys,
+        2,
+        policy.epsilon_per_release,
+        snap,
+        dep.categories.content_hash,
+    )
+
+
+def _snapshot(dep: Deployment) -> engine.Snapshot:
+    snap = engine.latest(dep.store.conn)
+    if snap is None or snap.file is None:
+        raise NotFound("no membership snapshot yet: run `privseg segments compute`")
+    return snap
+
+
+def _cache_key(plan: ReleasePlan) -> str:
+    doc = {
+        "kind": plan.kind,
+        "recipient": plan.recipient,
+        "segments": plan.segments,
+        "breakdown": plan.breakdown,
+        "snapshot": plan.snapshot.id,
+        "policy": plan.policy_hash,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _exact(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
+    members = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid", *plan.segments)
+    dims = plan.breakdown
+    if dims:
+        profiles = dep.store.scan_profiles()
+        consent = plan.policy.consent_attribute
+        cols = ["pid", *dims] + ([consent] if plan.kind == "partner_audience" else [])
+        prof = (
+            profiles.select(cols)
+            if profiles is not None
+            else pl.LazyFrame(schema={c: pl.String for c in cols})
+        )
+        frame = members.join(prof, on="pid", how="left").with_columns(
+            [pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims]
+        )
+    else:
+        frame = members
+    keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row") if dims else None
+    exprs = [pl.col(s).sum().alias(s) for s in plan.segments]
+    if plan.kind == "partner_audience":
+        exprs.append(pl.col(plan.policy.consent_attribute).fill_null(False).sum().alias("__population"))
+    if dims:
+        assert keys is not None
+        agg = frame.group_by(dims).agg(exprs).collect()
+        table = keys.join(agg, on=dims, how="left", maintain_order="left").fill_null(0)
+    else:
+        table = frame.select(exprs).collect()
+    out: list[int] = []
+    for name in [*plan.segments, *(["__population"] if plan.kind == "partner_audience" else [])]:
+        out += [int(v) for v in table.get_column(name).to_list()]
+    return out
+
+
+def _result(plan: ReleasePlan, noisy: list[int], release_id: int) -> dict[str, Any]:
+    n = len(plan.keys)
+    hw = plan.half_width
+    floor = plan.policy.min_cohort_size
+    segments_out = []
+    population = noisy[n:] if plan.kind == "partner_audience" else None
+    for i, sid in enumerate(plan.segments if plan.kind == "cohort_report" else plan.segments[:1]):
+        cells, suppressed = [], 0
+        for j, key in enumerate(plan.keys):
+            value = noisy[i * n + j]
+            if value < floor:
+                suppressed += 1
+                continue
+            cell: dict[str, Any] = dict(zip(plan.breakdown, key, strict=True))
+            cell |= {"count": value, "interval_95": [max(value - hw, 0), value + hw]}
+            if population is not None:
+                pop = population[j]
+                cell["share"] = None if pop < floor else min(max(value / pop, 0.0), 1.0)
+            cells.append(cell)
+        segments_out.append({"segment": sid, "cells": cells, "suppressed_cells": suppressed})
+    return {
+        "release_id": release_id,
+        **plan.describe(),
+        "results": segments_out,
+        "note": f"cells with a noisy count below {floor} are suppressed and only counted",
+    }
+
+
+def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
+    """Charge (or reuse the cache), then compute. The charge commits before noise is drawn."""
+    now = now or datetime.now(UTC)
+    conn = dep.store.conn
+    key = _cache_key(plan)
+    eps_micro = ledger.to_micro(plan.epsilon)
+    with transaction(conn):
+        row = conn.execute(
+            "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1", (key,)
+        ).fetchone()
+        if row is not None and row[1] == "done":
+            return {**json.loads(row[2]), "cached": True, "charged_epsilon": 0.0}
+        if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
+            raise Conflict("an identical release is being computed; retry in a moment")
+        cur = conn.execute(
+            "INSERT INTO releases (at, kind, recipient, category, cache_key, status, request, snapshot_id, "
+            "policy_hash, epsilon_micro) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (
+                now.isoformat(),
+                plan.kind,
+                plan.recipient,
+                plan.policy.name,
+                key,
+                json.dumps({"segments": plan.segments, "breakdown": plan.breakdown}),
+                plan.snapshot.id,
+                plan.policy_hash,
+                eps_micro,
+            ),
+        )
+        release_id = int(cur.lastrowid or 0)
+        ledger.charge(
+            conn,
+            policy=plan.policy,
+            recipient=plan.recipient,
+            epsilon_micro=eps_micro,
+            delta=plan.policy.delta,
+            release_id=release_id,
+            policy_hash=plan.policy_hash,
+            now=now,
+        )
+        audit.append(
+            conn,
+            dep.keyset,
+            "release",
+            {
+                "release": release_id,
+                "kind": plan.kind,
+                "recipient": plan.recipient,
+                "category": plan.policy.name,
+                "segments": plan.segments,
+                "breakdown": plan.breakdown,
+                "epsilon": plan.epsilon,
+                "snapshot": plan.snapshot.id,
+                "policy_hash": plan.policy_hash,
+            },
+        )
+    # Committed: from here on the budget is spent whatever happens.
+    noisy = [int(v) for v in plan.measurement()(_exact(dep, plan))]
+    result = _result(plan, noisy, release_id)
+    with transaction(conn):
+        conn.execute(
+            "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
+        )
+    return {**result, "cached": False, "charged_epsilon": plan.epsilon}
+
+
+def dry_run(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
+    """What the release would cost and how accurate it would be; spends nothing."""
+    now = now or datetime.now(UTC)
+    cached = dep.store.conn.execute(
+        "SELECT 1 FROM releases WHERE cache_key = ? AND status = 'done'", (_cache_key(plan),)
+    ).fetchone()
+    left = ledger.remaining(dep.store.conn, plan.policy, plan.recipient, now)
+    return {
+        **plan.describe(),
+        "dry_run": True,
+        "would_charge_epsilon": 0.0 if cached else plan.epsilon,
+        "cached": cached is not None,
+        "remaining_epsilon": ledger.from_micro(max(left.micro, 0)),
+    }
+
+
+def cohort_report(dep: Deployment, req: CohortReportRequest) -> dict[str, Any]:
+    try:
+        plan = plan_cohort_report(dep, req)
+        return dry_run(dep, plan) if req.dry_run else release(dep, plan)
+    except (PolicyViolation, NotPermitted) as exc:
+        _refuse(dep, "cohort_report", req.recipient, exc)
+        raise
+    except BudgetExhausted as exc:
+        _refuse(dep, "cohort_report", req.recipient, exc)
+        raise
+
+
+def partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> dict[str, Any]:
+    try:
+        plan = plan_partner_audience(dep, req)
+        return dry_run(dep, plan) if req.dry_run else release(dep, plan)
+    except (PolicyViolation, NotPermitted, BudgetExhausted) as exc:
+        _refuse(dep, "partner_audience", req.partner, exc)
+        raise
