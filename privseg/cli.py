@@ -215,13 +215,33 @@ def policy_check(
         Path | None, typer.Argument(help="Policy directory (default: PRIVSEG_POLICY_DIR).")
     ] = None,
 ) -> None:
-    """Validate the policy files; explains every finding."""
+    """Validate the whole policy set and explain every finding. Exit 1 if the set would be refused."""
+    from privseg.category_policy import findings, read_categories
     from privseg.ingest_policy import load_ingest_policy
+    from privseg.segments.language import Schema
 
-    settings = Settings()
-    policy_dir = directory or settings.policy_dir
-    load_ingest_policy(policy_dir / "ingest.yaml")
+    policy_dir = directory or Settings().policy_dir
+    schema = Schema.from_ingest_policy(load_ingest_policy(policy_dir / "ingest.yaml"))
     typer.echo(f"{policy_dir / 'ingest.yaml'}: OK")
+    cats = read_categories(policy_dir)
+    problems = findings(cats, schema.breakdown_dimensions())
+    if problems:
+        typer.echo(f"{policy_dir / 'categories'}: {len(problems)} finding(s); this policy set is refused:")
+        for p in problems:
+            typer.echo(f"  - {p}")
+        raise typer.Exit(1)
+    typer.echo(
+        f"{policy_dir / 'categories'}: OK, {len(cats.categories)} categories, policy hash {cats.content_hash}"
+    )
+
+
+@policy_app.command("diff")
+def policy_diff(old: Path, new: Path) -> None:
+    """What got looser or stricter between two policy directories."""
+    from privseg.category_policy import diff, read_categories
+
+    changes = diff(read_categories(old), read_categories(new))
+    typer.echo("\n".join(changes) if changes else "no differences in category policies")
 
 
 @segments_app.command("apply")
@@ -315,6 +335,65 @@ def segments_status(as_json: JsonOpt = False) -> None:
     )
     text += "; stale: " + "; ".join(reasons) if reasons else "; current"
     _emit(info, as_json, text)
+
+
+@app.command("report")
+def report(
+    segment: Annotated[list[str], typer.Option("--segment", "-s", help="Segment id (repeatable).")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the report (policy-checked).")],
+    by: Annotated[list[str] | None, typer.Option("--by", help="Breakdown dimension (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A differentially private cohort report: segment sizes (and breakdowns) with 95% intervals."""
+    from privseg import release
+
+    dep = _deployment()
+    req = release.CohortReportRequest(
+        segments=segment, breakdown=by or [], recipient=recipient, dry_run=dry_run
+    )
+    result = release.cohort_report(dep, req)
+    _emit(result, as_json, release.release_text(result))
+
+
+@app.command("audience")
+def audience(
+    segment: Annotated[str, typer.Option("--segment", "-s", help="Segment id.")],
+    partner: Annotated[str, typer.Option(help="Ad partner receiving the audience (policy-checked).")],
+    by: Annotated[list[str] | None, typer.Option("--by", help="Breakdown dimension (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A thresholded partner audience: DP counts per cell and the segment's share of each cell."""
+    from privseg import release
+
+    dep = _deployment()
+    req = release.PartnerAudienceRequest(
+        segment=segment, breakdown=by or ["region"], partner=partner, dry_run=dry_run
+    )
+    result = release.partner_audience(dep, req)
+    _emit(result, as_json, release.release_text(result))
+
+
+@app.command("budget")
+def budget(as_json: JsonOpt = False) -> None:
+    """Privacy budget spent and remaining, per category and recipient, in the current periods."""
+    from privseg import ledger
+
+    dep = _deployment()
+    rows = ledger.status(dep.store.conn, dep.categories, datetime.now(UTC))
+    lines = []
+    for c in rows:
+        lines.append(
+            f"{c['category']:<14} spent {c['category_spent']:g} of {c['category_cap']:g} "
+            f"(last {c['period_days']} days)"
+        )
+        for r in c["recipients"]:  # type: ignore[attr-defined]
+            lines.append(
+                f"  {r['recipient']:<20} spent {r['spent']:g} in {r['releases']} release(s), "
+                f"{r['remaining']:g} left"
+            )
+    _emit(rows, as_json, "\n".join(lines))
 
 
 @app.command("serve")

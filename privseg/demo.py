@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from privseg import audit
+from privseg import audit, release
 from privseg.demo_data import generate
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
 from privseg.ingest import ingest_files
 from privseg.keyset import create_keyset
+from privseg.release import release_text
 from privseg.segments import definitions, engine
 from privseg.store import Kind
 
@@ -71,13 +72,37 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
     )
     changed = sum(r.status != "unchanged" for r in results)
     yield f"segments: {len(results)} example definitions ({changed} new or changed)"
-    snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
-    seconds = sum(v for k, v in timings.items() if k != "features_count")
-    yield (
-        f"snapshot {snap.id}: {len(snap.segments)} segments evaluated over {snap.people} people in "
-        f"{seconds:.2f}s; memberships stay on the server, sizes leave only as DP releases"
-    )
+    latest = engine.latest(dep.store.conn)
+    if engine.staleness(dep.store, latest):
+        snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
+        seconds = sum(v for k, v in timings.items() if k != "features_count")
+        yield (
+            f"snapshot {snap.id}: {len(snap.segments)} segments evaluated over {snap.people} people in "
+            f"{seconds:.2f}s; memberships stay on the server, sizes leave only as DP releases"
+        )
+    else:
+        assert latest is not None
+        yield f"snapshot {latest.id} is current (rerunning the demo spends no budget: releases are cached)"
     yield "  try: privseg segments explain hearing_aid_interest_55plus"
+    # The only way numbers leave: differentially private, thresholded, charged to the ledger.
+    report = release.cohort_report(
+        dep,
+        release.CohortReportRequest(
+            segments=["cart_abandoners_7d", "engaged_not_ready"],
+            breakdown=["age_band"],
+            recipient="growth_team",
+        ),
+    )
+    yield "cohort report (marketer growth_team):"
+    yield from ("  " + line for line in release_text(report).splitlines())
+    audience = release.partner_audience(
+        dep,
+        release.PartnerAudienceRequest(
+            segment="hearing_aid_interest_55plus", breakdown=["age_band"], partner="adnet_alpha"
+        ),
+    )
+    yield "partner audience (ad partner adnet_alpha, stigmatized category hearing_aids):"
+    yield from ("  " + line for line in release_text(audience).splitlines())
     verdict = audit.verify(dep.store.conn, dep.keyset)
     yield f"audit log: {verdict.entries} entries, chain {'verified' if verdict.ok else 'BROKEN'}"
-    yield "next: `privseg store status`, `privseg audit show`, `privseg serve`"
+    yield "next: `privseg budget`, `privseg audit show`, `privseg report --help`, `privseg serve`"

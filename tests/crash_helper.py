@@ -36,7 +36,18 @@ def main() -> None:
         store.fsutil.publish = publish_then_die  # type: ignore[attr-defined]
     elif point == "before_commit":  # manifest rows inserted inside the open transaction
         store.audit.append = _die  # type: ignore[attr-defined]
+    elif point == "after_charge":  # the ledger charge has committed, no noise drawn yet
+        from privseg import release
+
+        release._exact = _die  # type: ignore[assignment]
     dep = Deployment()
+    if operation == "release":
+        from privseg import release
+
+        release.cohort_report(
+            dep, release.CohortReportRequest(segments=[file], breakdown=["age_band"], recipient="growth_team")
+        )
+        return
     if operation == "rotate":
         maintenance.rotate_keys(store=dep.store, keyset_path=dep.settings.keyset, policy=dep.ingest_policy)
     else:

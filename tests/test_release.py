@@ -1,0 +1,280 @@
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import pytest
+from opendp.accuracy import discrete_laplacian_scale_to_accuracy
+
+from privseg import audit, ledger, release
+from privseg.deployment import Deployment
+from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
+from privseg.ingest import ingest_files
+from privseg.segments import definitions, engine
+from tests.conftest import AS_OF, REPO
+from tests.test_store import _env
+
+EXAMPLES = REPO / "privseg" / "segments" / "examples"
+GENERAL = [
+    "cart_abandoners_7d",
+    "discount_seekers",
+    "coupon_responders",
+    "frequent_buyers",
+    "high_spenders",
+    "lapsed_customers",
+    "rfm_champions",
+    "rfm_at_risk",
+    "view_then_cart_1d",
+    "engaged_not_ready",
+]
+
+
+@pytest.fixture
+def ready(dep: Deployment, demo_files) -> Deployment:  # type: ignore[no-untyped-def]
+    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
+        ingest_files(
+            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path], now=AS_OF
+        )  # type: ignore[arg-type]
+    definitions.apply(
+        dep.store.conn,
+        dep.keyset,
+        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
+        schema=dep.schema,
+        categories=dep.categories,
+    )
+    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    return dep
+
+
+def spent(dep: Deployment) -> int:
+    return int(dep.store.conn.execute("SELECT COALESCE(SUM(epsilon_micro), 0) FROM ledger").fetchone()[0])
+
+
+def report(dep: Deployment, segments: list[str], by: list[str] = (), recipient: str = "growth_team", **kw):  # type: ignore[no-untyped-def,assignment]
+    return release.cohort_report(
+        dep, release.CohortReportRequest(segments=segments, breakdown=list(by), recipient=recipient, **kw)
+    )
+
+
+# -- the noise ---------------------------------------------------------------------------------------
+def test_noise_has_the_scale_opendp_states(ready: Deployment) -> None:
+    plan = release.plan_cohort_report(
+        ready, release.CohortReportRequest(segments=GENERAL[:2], recipient="growth_team")
+    )
+    assert plan.sensitivity == 2 and plan.scale == pytest.approx(4.0)  # d_in 2 at epsilon 0.5
+    m = plan.measurement()
+    assert m.map(2) <= 0.5 + 1e-9
+    draws = [v - 1000 for _ in range(5) for v in m([1000] * 2000)]
+    p = math.exp(-1 / plan.scale)
+    variance = 2 * p / (1 - p) ** 2  # discrete Laplace with scale t: 2e^{-1/t} / (1 - e^{-1/t})^2
+    mean = sum(draws) / len(draws)
+    emp = sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)
+    assert abs(mean) < 0.25
+    assert emp == pytest.approx(variance, rel=0.08)
+    # The stated 95% interval covers about 95% of draws.
+    covered = sum(abs(d) <= plan.half_width for d in draws) / len(draws)
+    assert 0.94 <= covered <= 0.975
+    assert plan.half_width == pytest.approx(discrete_laplacian_scale_to_accuracy(plan.scale, 0.05))
+
+
+def test_an_empty_cell_is_almost_never_released(ready: Deployment) -> None:
+    plan = release.plan_partner_audience(
+        ready, release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus", partner="adnet_alpha")
+    )
+    m = plan.measurement()
+    floor = plan.policy.min_cohort_size
+    draws = [v for _ in range(10) for v in m([0] * 2000)]
+    released = sum(v >= floor for v in draws)
+    # P(noise >= 100) at scale 8 is about 3e-6: 20,000 draws should release none; 3 would be 1e-6 rare.
+    bound = math.exp(-floor / plan.scale) * len(draws)
+    assert bound < 0.1 and released <= 3
+
+
+# -- the ledger --------------------------------------------------------------------------------------
+def test_budget_arithmetic_is_exact(ready: Deployment) -> None:
+    combos = [list(c) for n in (1, 2) for c in itertools.combinations(GENERAL, n)]
+    for segments in combos[:20]:  # 20 x 0.5 = exactly the 10.0 a recipient has
+        assert report(ready, segments)["charged_epsilon"] == 0.5
+    assert spent(ready) == 10 * ledger.MICRO
+    with pytest.raises(BudgetExhausted, match=r"costs epsilon 0\.5 but the recipient budget .* has 0 left"):
+        report(ready, combos[20])
+    assert spent(ready) == 10 * ledger.MICRO
+    # Another marketer still has their own budget; the category cap (40) is not reached.
+    assert report(ready, combos[20], recipient="crm_team")["charged_epsilon"] == 0.5
+
+
+def test_concurrent_requests_never_overspend(ready: Deployment) -> None:
+    combos = [list(c) for n in (2, 3) for c in itertools.combinations(GENERAL, n)][:50]
+    assert len(combos) == 50
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one(segments: list[str]) -> None:
+        mine = Deployment(ready.settings)  # its own SQLite connection, as a separate request would have
+        try:
+            report(mine, segments)
+            result = "ok"
+        except BudgetExhausted:
+            result = "refused"
+        finally:
+            mine.close()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in combos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(outcomes) == 50
+    assert outcomes.count("ok") == 20 and outcomes.count("refused") == 30
+    assert spent(ready) == 10 * ledger.MICRO
+
+
+def test_a_kill_during_a_release_leaves_the_charge_recorded(ready: Deployment) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.crash_helper", "after_charge", "release", "frequent_buyers"],
+        cwd=REPO,
+        env=_env(ready.settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert spent(ready) == ledger.to_micro(0.5)  # spent, and never refunded
+    with pytest.raises(Conflict, match="being computed"):
+        report(ready, ["frequent_buyers"], ["age_band"])
+    # Once the dead release times out, asking again draws fresh noise and pays for it again:
+    # a crash must never become a free second sample.
+    later = release.plan_cohort_report(
+        ready,
+        release.CohortReportRequest(
+            segments=["frequent_buyers"], breakdown=["age_band"], recipient="growth_team"
+        ),
+    )
+    from datetime import UTC, datetime
+
+    out = release.release(
+        ready, later, now=datetime.now(UTC) + release.PENDING_TIMEOUT + timedelta(seconds=1)
+    )
+    assert out["charged_epsilon"] == 0.5 and spent(ready) == ledger.to_micro(1.0)
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda d: report(d, ["hearing_aid_interest_55plus"], ["gender"]),
+            PolicyViolation,
+            "forbids breaking down by 'gender'",
+        ),
+        (
+            lambda d: report(d, ["cart_abandoners_7d"], ["signup_date"]),
+            PolicyViolation,
+            "does not allow breaking down by 'signup_date'",
+        ),
+        (
+            lambda d: report(d, ["hearing_aid_interest_55plus"], ["age_band", "region"]),
+            PolicyViolation,
+            "at most 1 breakdown",
+        ),
+        (
+            lambda d: report(d, ["cart_abandoners_7d"], recipient="stranger"),
+            NotPermitted,
+            "'stranger' may not receive",
+        ),
+        (lambda d: report(d, ["cart_abandoners_7d", "cannabis_curious"]), PolicyViolation, "one category"),
+        (
+            lambda d: release.partner_audience(
+                d, release.PartnerAudienceRequest(segment="cannabis_curious", partner="adnet_alpha")
+            ),
+            NotPermitted,
+            "does not allow partner audiences",
+        ),
+        (
+            lambda d: release.partner_audience(
+                d, release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus", partner="adnet_beta")
+            ),
+            NotPermitted,
+            "'adnet_beta' is not granted",
+        ),
+        (lambda d: report(d, ["no_such_segment"]), NotFound, "not in snapshot"),
+        (lambda d: report(d, ["cart_abandoners_7d"], ["region", "region"]), InvalidInput, "twice"),
+    ],
+)
+def test_refusals_are_clear_and_spend_nothing(ready: Deployment, call, error, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=message):
+        call(ready)
+    assert spent(ready) == 0
+    assert ready.store.conn.execute("SELECT COUNT(*) FROM releases").fetchone()[0] == 0
+    if error in (PolicyViolation, NotPermitted):
+        assert audit.entries(ready.store.conn, after=0, limit=1000)[-1].event == "refusal"
+
+
+# -- cache, dry run, what leaves ------------------------------------------------------------------------
+def test_identical_requests_are_cached_and_free(ready: Deployment) -> None:
+    first = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
+    second = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
+    assert second["cached"] and second["charged_epsilon"] == 0
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("cached", "charged_epsilon")}  # noqa: E731
+    assert strip(first) == strip(second)
+    assert spent(ready) == ledger.to_micro(0.5)
+    # A new snapshot is new data: the same request is a new release and is charged.
+    engine.compute_snapshot(store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF)
+    third = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
+    assert not third["cached"] and spent(ready) == ledger.to_micro(1.0)
+
+
+def test_dry_run_states_cost_and_accuracy_and_spends_nothing(ready: Deployment) -> None:
+    out = report(ready, ["hearing_aid_interest_55plus"], ["region"], dry_run=True)
+    assert out["dry_run"] and out["would_charge_epsilon"] == 0.25 and out["remaining_epsilon"] == 2.0
+    assert out["interval_95_half_width"] > 0 and out["cells_per_segment"] == 11  # 10 regions + unknown
+    assert out["allowed_dimensions"] == ["age_band", "region"]
+    assert spent(ready) == 0
+    report(ready, ["hearing_aid_interest_55plus"], ["region"])
+    again = report(ready, ["hearing_aid_interest_55plus"], ["region"], dry_run=True)
+    assert again["cached"] and again["would_charge_epsilon"] == 0 and again["remaining_epsilon"] == 1.75
+
+
+def test_releases_hold_no_person_level_data_and_audit_holds_no_values(ready: Deployment) -> None:
+    out = report(ready, GENERAL[:3], ["age_band"])
+    aud = release.partner_audience(
+        ready,
+        release.PartnerAudienceRequest(
+            segment="hearing_aid_interest_55plus", partner="adnet_alpha", breakdown=["age_band"]
+        ),
+    )
+    text = json.dumps(out) + json.dumps(aud)
+    assert re.search(r"k\d+\.[A-Za-z0-9_-]{20,}", text) is None
+    floor = out["min_cohort_size"]
+    for seg in out["results"]:
+        assert all(c["count"] >= floor for c in seg["cells"])  # nothing below the threshold leaves
+        assert len(seg["cells"]) + seg["suppressed_cells"] == 8  # 7 age bands + unknown
+    entry = [e for e in audit.entries(ready.store.conn, limit=1000) if e.event == "release"][-1]
+    assert (
+        entry.details["epsilon"] == 0.25
+        and "results" not in entry.details
+        and "count" not in json.dumps(entry.details)
+    )
+    assert audit.verify(ready.store.conn, ready.keyset).ok
+
+
+def test_counts_are_close_to_the_truth(ready: Deployment) -> None:
+    snap = engine.latest(ready.store.conn)
+    assert snap is not None
+    import polars as pl
+
+    truth = pl.read_parquet(engine.snapshot_path(ready.store, snap)).get_column("cart_abandoners_7d").sum()
+    out = report(ready, ["cart_abandoners_7d"])
+    (cell,) = out["results"][0]["cells"]
+    # 10 x the 95% half-width: a failure here means a wrong count, not bad luck.
+    assert abs(cell["count"] - truth) <= 10 * out["interval_95_half_width"]
