@@ -375,6 +375,48 @@ def audience(
     _emit(result, as_json, release.release_text(result))
 
 
+@app.command("movement")
+def movement_cmd(
+    segment: Annotated[list[str], typer.Option("--segment", "-s", help="Ordered states (repeatable).")],
+    from_snapshot: Annotated[int, typer.Option(help="The earlier snapshot id (see segments status).")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the report.")],
+    to_snapshot: Annotated[int | None, typer.Option(help="The later snapshot (default: latest).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A DP transition table: how many people moved between segments across two snapshots."""
+    from privseg import release
+
+    req = release.MovementRequest(
+        segments=segment,
+        from_snapshot=from_snapshot,
+        to_snapshot=to_snapshot,
+        recipient=recipient,
+        dry_run=dry_run,
+    )
+    result = release.movement(_deployment(), req)
+    _emit(result, as_json, release.release_text(result))
+
+
+@app.command("lift")
+def lift_cmd(
+    treatment: Annotated[str, typer.Option(help="Segment of the treatment arm.")],
+    control: Annotated[str, typer.Option(help="Segment of the control arm.")],
+    conversion: Annotated[str, typer.Option(help="Segment whose members count as converted.")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the report.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A DP A/B lift report: conversions per arm and the lift, with an interval that includes the noise."""
+    from privseg import release
+
+    req = release.LiftRequest(
+        treatment=treatment, control=control, conversion=conversion, recipient=recipient, dry_run=dry_run
+    )
+    result = release.lift(_deployment(), req)
+    _emit(result, as_json, release.release_text(result))
+
+
 @app.command("budget")
 def budget(as_json: JsonOpt = False) -> None:
     """Privacy budget spent and remaining, per category and recipient, in the current periods."""
@@ -407,6 +449,8 @@ def serve(
     from privseg.api.app import create_app
 
     dep = _deployment()
+    # Refuse to start on a bad policy set, a missing keyset or an unreadable store.
+    dep.keyset, dep.ingest_policy, dep.categories  # noqa: B018
     uvicorn.run(create_app(dep), host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
 
 

@@ -10,8 +10,9 @@ import logging
 import sys
 from functools import cached_property
 
+from privseg import audit
 from privseg.category_policy import CategorySet, load_categories
-from privseg.db import connect
+from privseg.db import connect, get_meta, set_meta, transaction
 from privseg.ingest_policy import IngestPolicy, load_ingest_policy
 from privseg.keyset import Keyset, load_keyset
 from privseg.segments.compiler import Compiler
@@ -35,8 +36,20 @@ class Deployment:
 
     @cached_property
     def categories(self) -> CategorySet:
-        """The category policies, refused (PolicyError) if any finding stands against them."""
-        return load_categories(self.settings.policy_dir, self.schema.breakdown_dimensions())
+        """The category policies, refused (PolicyError) if any finding stands against them. A policy
+        set not seen before is recorded in the audit log with its hash."""
+        cats = load_categories(self.settings.policy_dir, self.schema.breakdown_dimensions())
+        conn = self.store.conn
+        with transaction(conn):
+            if get_meta(conn, "policy_hash") != cats.content_hash:
+                set_meta(conn, "policy_hash", cats.content_hash)
+                audit.append(
+                    conn,
+                    self.keyset,
+                    "policy_load",
+                    {"policy_hash": cats.content_hash, "categories": sorted(cats.categories)},
+                )
+        return cats
 
     @cached_property
     def schema(self) -> Schema:

@@ -63,7 +63,30 @@ class PartnerAudienceRequest(BaseModel):
     dry_run: bool = False
 
 
-Kind = Literal["cohort_report", "partner_audience"]
+class MovementRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    segments: list[str] = Field(
+        min_length=2,
+        max_length=6,
+        description="Ordered states: a person's state is the first listed segment they are in.",
+    )
+    from_snapshot: int = Field(description="The earlier snapshot id.")
+    to_snapshot: int | None = Field(None, description="The later snapshot id (default: the latest).")
+    recipient: str = Field(min_length=1)
+    dry_run: bool = False
+
+
+class LiftRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    treatment: str = Field(description="Segment of the treatment arm.")
+    control: str = Field(description="Segment of the control arm (e.g. a bucket holdout).")
+    conversion: str = Field(description="Segment whose members count as converted.")
+    recipient: str = Field(min_length=1)
+    dry_run: bool = False
+
+
+Kind = Literal["cohort_report", "partner_audience", "segment_movement", "ab_lift"]
+NONE_STATE = "none"
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,7 @@ class ReleasePlan:
     epsilon: float
     snapshot: engine.Snapshot
     policy_hash: str
+    from_snapshot: engine.Snapshot | None = None  # segment movement only
 
     @property
     def scale(self) -> float:
@@ -113,7 +137,11 @@ class ReleasePlan:
             "snapshot": self.snapshot.id,
             "as_of": self.snapshot.as_of,
             "policy_hash": self.policy_hash,
-        }
+        } | (
+            {"from_snapshot": self.from_snapshot.id, "from_as_of": self.from_snapshot.as_of}
+            if self.from_snapshot
+            else {}
+        )
 
 
 def _refuse(dep: Deployment, kind: str, recipient: str, exc: Exception) -> None:
@@ -167,8 +195,7 @@ def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan
     if len(set(req.segments)) != len(req.segments):
         raise InvalidInput("a segment is named twice")
     policy = dep.categories.get(_segment_categories(dep, snap, req.segments))
-    if req.recipient not in policy.recipients.marketers:
-        raise NotPermitted(f"{req.recipient!r} may not receive releases for category {policy.name!r}")
+    _marketer(policy, req.recipient)
     keys = _keys(dep, policy, req.breakdown)
     return ReleasePlan(
         "cohort_report",
@@ -206,11 +233,84 @@ def plan_partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> Relea
     )
 
 
-def _snapshot(dep: Deployment) -> engine.Snapshot:
-    snap = engine.latest(dep.store.conn)
-    if snap is None or snap.file is None:
-        raise NotFound("no membership snapshot yet: run `privseg segments compute`")
-    return snap
+def _snapshot(dep: Deployment, snapshot_id: int | None = None) -> engine.Snapshot:
+    if snapshot_id is None:
+        snap = engine.latest(dep.store.conn)
+        if snap is None or snap.file is None:
+            raise NotFound("no membership snapshot yet: run `privseg segments compute`")
+        return snap
+    found = [s for s in engine.snapshots(dep.store.conn) if s.id == snapshot_id]
+    if not found:
+        raise NotFound(f"no snapshot {snapshot_id}")
+    if found[0].file is None:
+        raise NotFound(f"snapshot {snapshot_id} was pruned (only the last {engine.KEEP_SNAPSHOTS} are kept)")
+    return found[0]
+
+
+def _marketer(policy: CategoryPolicy, recipient: str) -> None:
+    if recipient not in policy.recipients.marketers:
+        raise NotPermitted(f"{recipient!r} may not receive releases for category {policy.name!r}")
+
+
+def plan_movement(dep: Deployment, req: MovementRequest) -> ReleasePlan:
+    """A transition table between two snapshots. Each person has exactly one state per snapshot (the
+    first listed segment they are in, or none; absent from a snapshot counts as none), so each person
+    is in exactly one (from, to) cell: d_in = 1."""
+    later = _snapshot(dep, req.to_snapshot)
+    earlier = _snapshot(dep, req.from_snapshot)
+    if earlier.id >= later.id:
+        raise InvalidInput("from_snapshot must be earlier than to_snapshot")
+    if len(set(req.segments)) != len(req.segments):
+        raise InvalidInput("a segment is named twice")
+    category = _segment_categories(dep, later, req.segments)
+    if _segment_categories(dep, earlier, req.segments) != category:
+        raise PolicyViolation("the segments changed category between the two snapshots")
+    policy = dep.categories.get(category)
+    _marketer(policy, req.recipient)
+    states = [*req.segments, NONE_STATE]
+    keys: list[tuple[str, ...]] = [(a, b) for a in states for b in states]
+    return ReleasePlan(
+        "segment_movement",
+        req.recipient,
+        policy,
+        req.segments,
+        ["from", "to"],
+        keys,
+        1,
+        policy.epsilon_per_release,
+        later,
+        dep.categories.content_hash,
+        from_snapshot=earlier,
+    )
+
+
+def plan_lift(dep: Deployment, req: LiftRequest) -> ReleasePlan:
+    """Arm sizes and conversions: [n_treatment, n_control, converted_treatment, converted_control].
+    Nothing forces the arms to be disjoint, so one person may add 1 to all four: d_in = 4."""
+    names = [req.treatment, req.control, req.conversion]
+    if len(set(names)) != 3:
+        raise InvalidInput("treatment, control and conversion must be three different segments")
+    snap = _snapshot(dep)
+    policy = dep.categories.get(_segment_categories(dep, snap, names))
+    _marketer(policy, req.recipient)
+    keys: list[tuple[str, ...]] = [
+        ("treatment", "size"),
+        ("control", "size"),
+        ("treatment", "converted"),
+        ("control", "converted"),
+    ]
+    return ReleasePlan(
+        "ab_lift",
+        req.recipient,
+        policy,
+        names,
+        ["arm", "measure"],
+        keys,
+        4,
+        policy.epsilon_per_release,
+        snap,
+        dep.categories.content_hash,
+    )
 
 
 def _cache_key(plan: ReleasePlan) -> str:
@@ -225,7 +325,42 @@ def _cache_key(plan: ReleasePlan) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def _states(dep: Deployment, snap: engine.Snapshot, segments: list[str], name: str) -> pl.LazyFrame:
+    members = pl.scan_parquet(engine.snapshot_path(dep.store, snap)).select("pid", *segments)
+    state: pl.Expr = pl.lit(NONE_STATE)
+    for sid in reversed(segments):
+        state = pl.when(pl.col(sid)).then(pl.lit(sid)).otherwise(state)
+    return members.select("pid", state.alias(name))
+
+
 def _exact(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """The exact counts, in the order of the released vector."""
+    if plan.kind == "segment_movement":
+        assert plan.from_snapshot is not None
+        before = _states(dep, plan.from_snapshot, plan.segments, "from")
+        after = _states(dep, plan.snapshot, plan.segments, "to")
+        moved = (
+            before.join(after, on="pid", how="full", coalesce=True)
+            .with_columns(pl.col("from").fill_null(NONE_STATE), pl.col("to").fill_null(NONE_STATE))
+            .group_by("from", "to")
+            .len()
+            .collect()
+        )
+        counts: dict[tuple[str, ...], int] = {(r[0], r[1]): int(r[2]) for r in moved.iter_rows()}
+        return [counts.get(k, 0) for k in plan.keys]
+    if plan.kind == "ab_lift":
+        t, c, conv = (pl.col(s) for s in plan.segments)
+        row = (
+            pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot))
+            .select(t.sum(), c.sum(), (t & conv).sum().alias("ct"), (c & conv).sum().alias("cc"))
+            .collect()
+            .row(0)
+        )
+        return [int(v) for v in row]
+    return _exact_cells(dep, plan)
+
+
+def _exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
     """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
     members = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid", *plan.segments)
     dims = plan.breakdown
@@ -260,6 +395,10 @@ def _exact(dep: Deployment, plan: ReleasePlan) -> list[int]:
 
 
 def _result(plan: ReleasePlan, noisy: list[int], release_id: int) -> dict[str, Any]:
+    if plan.kind == "segment_movement":
+        return _movement_result(plan, noisy, release_id)
+    if plan.kind == "ab_lift":
+        return _lift_result(plan, noisy, release_id)
     n = len(plan.keys)
     hw = plan.half_width
     floor = plan.policy.min_cohort_size
@@ -284,6 +423,65 @@ def _result(plan: ReleasePlan, noisy: list[int], release_id: int) -> dict[str, A
         **plan.describe(),
         "results": segments_out,
         "note": f"cells with a noisy count below {floor} are suppressed and only counted",
+    }
+
+
+def _movement_result(plan: ReleasePlan, noisy: list[int], release_id: int) -> dict[str, Any]:
+    hw, floor = plan.half_width, plan.policy.min_cohort_size
+    cells, suppressed = [], 0
+    for (a, b), value in zip(plan.keys, noisy, strict=True):
+        if value < floor:
+            suppressed += 1
+            continue
+        cells.append({"from": a, "to": b, "count": value, "interval_95": [max(value - hw, 0), value + hw]})
+    return {
+        "release_id": release_id,
+        **plan.describe(),
+        "results": [{"segment": " -> ".join(plan.segments), "cells": cells, "suppressed_cells": suppressed}],
+        "note": f"transitions with a noisy count below {floor} are suppressed and only counted",
+    }
+
+
+def _lift_result(plan: ReleasePlan, noisy: list[int], release_id: int, draws: int = 4000) -> dict[str, Any]:
+    """Rates and lift with a 95% interval that accounts for both the DP noise and sampling.
+
+    The interval is simulated by post-processing only: the noise distribution is sampled from the
+    same OpenDP measurement (on a zero vector, touching no data), and sampling error of each rate is
+    approximated as normal. Arms whose noisy size is below the minimum cohort size are suppressed.
+    """
+    import numpy as np
+
+    nt, nc, ct, cc = noisy
+    floor, hw = plan.policy.min_cohort_size, plan.half_width
+    base = {
+        "release_id": release_id,
+        **plan.describe(),
+        "arms": {"treatment": plan.segments[0], "control": plan.segments[1]},
+        "conversion": plan.segments[2],
+    }
+    if min(nt, nc) < floor:
+        return {**base, "suppressed": True, "note": f"an arm's noisy size is below {floor}; nothing is shown"}
+    m = plan.measurement()
+    noise = np.array([m([0, 0, 0, 0]) for _ in range(draws)], dtype=float)
+    est = np.array([nt, nc, ct, cc], dtype=float) - noise  # plausible true counts given the noisy ones
+    n_t, n_c = np.maximum(est[:, 0], 1), np.maximum(est[:, 1], 1)
+    r_t, r_c = np.clip(est[:, 2] / n_t, 0, 1), np.clip(est[:, 3] / n_c, 0, 1)
+    rng = np.random.default_rng()
+    r_t = np.clip(r_t + rng.standard_normal(draws) * np.sqrt(r_t * (1 - r_t) / n_t), 0, 1)
+    r_c = np.clip(r_c + rng.standard_normal(draws) * np.sqrt(r_c * (1 - r_c) / n_c), 0, 1)
+    defined = r_c > 0  # a draw with no control conversions has no lift
+    lift = r_t[defined] / r_c[defined] - 1
+    rate_t, rate_c = min(max(ct / nt, 0.0), 1.0), min(max(cc / nc, 0.0), 1.0)
+    return {
+        **base,
+        "suppressed": False,
+        "treatment": {"size": nt, "converted": max(ct, 0), "rate": rate_t},
+        "control": {"size": nc, "converted": max(cc, 0), "rate": rate_c},
+        "count_interval_95_half_width": hw,
+        "lift": None if rate_c == 0 else rate_t / rate_c - 1,
+        "lift_interval_95": (
+            [float(np.quantile(lift, 0.025)), float(np.quantile(lift, 0.975))] if lift.size else None
+        ),
     }
 
 
@@ -369,25 +567,29 @@ def dry_run(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
     }
 
 
-def cohort_report(dep: Deployment, req: CohortReportRequest) -> dict[str, Any]:
+def _run(dep: Deployment, kind: str, recipient: str, plan_fn: Any, req: Any) -> dict[str, Any]:
     try:
-        plan = plan_cohort_report(dep, req)
+        plan = plan_fn(dep, req)
         return dry_run(dep, plan) if req.dry_run else release(dep, plan)
-    except (PolicyViolation, NotPermitted) as exc:
-        _refuse(dep, "cohort_report", req.recipient, exc)
+    except (PolicyViolation, NotPermitted, BudgetExhausted) as exc:
+        _refuse(dep, kind, recipient, exc)
         raise
-    except BudgetExhausted as exc:
-        _refuse(dep, "cohort_report", req.recipient, exc)
-        raise
+
+
+def movement(dep: Deployment, req: MovementRequest) -> dict[str, Any]:
+    return _run(dep, "segment_movement", req.recipient, plan_movement, req)
+
+
+def lift(dep: Deployment, req: LiftRequest) -> dict[str, Any]:
+    return _run(dep, "ab_lift", req.recipient, plan_lift, req)
+
+
+def cohort_report(dep: Deployment, req: CohortReportRequest) -> dict[str, Any]:
+    return _run(dep, "cohort_report", req.recipient, plan_cohort_report, req)
 
 
 def partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> dict[str, Any]:
-    try:
-        plan = plan_partner_audience(dep, req)
-        return dry_run(dep, plan) if req.dry_run else release(dep, plan)
-    except (PolicyViolation, NotPermitted, BudgetExhausted) as exc:
-        _refuse(dep, "partner_audience", req.partner, exc)
-        raise
+    return _run(dep, "partner_audience", req.partner, plan_partner_audience, req)
 
 
 def release_text(r: dict[str, Any]) -> str:
@@ -406,6 +608,22 @@ def release_text(r: dict[str, Any]) -> str:
         head
         + (" [cached: charged nothing]" if r["cached"] else f" [charged epsilon {r['charged_epsilon']:g}]")
     ]
+    if r["kind"] == "ab_lift":
+        if r["suppressed"]:
+            return "\n".join([*lines, "  " + r["note"]])
+        for arm in ("treatment", "control"):
+            a = r[arm]
+            lines.append(
+                f"  {arm:<9} {r['arms'][arm]:<28} size {a['size']:>8}  "
+                f"converted {a['converted']:>7}  rate {a['rate']:.2%}"
+            )
+        lift = "n/a" if r["lift"] is None else f"{r['lift']:+.1%}"
+        if r["lift_interval_95"] is None:
+            lines.append(f"  lift {lift} (no interval: the control arm shows no conversions)")
+        else:
+            lo, hi = r["lift_interval_95"]
+            lines.append(f"  lift {lift} (95% interval {lo:+.1%} .. {hi:+.1%}, noise and sampling included)")
+        return "\n".join(lines)
     for seg in r["results"]:
         lines.append(
             f"  {seg['segment']}: {seg['suppressed_cells']} cell(s) suppressed "

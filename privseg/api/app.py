@@ -41,6 +41,7 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
         for name, probe in (
             ("keyset", lambda: dep.keyset),
             ("ingest_policy", lambda: dep.ingest_policy),
+            ("category_policies", lambda: dep.categories),
             ("store", lambda: dep.store.key_version()),
         ):
             try:
