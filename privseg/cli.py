@@ -143,7 +143,8 @@ def erase(
     if result.found:
         typer.echo(
             f"erased: {result.profile_rows} profile rows and {result.event_rows} event rows "
-            f"from {result.batches_rewritten} batches"
+            f"from {result.batches_rewritten} batches, and the person from "
+            f"{result.snapshots_rewritten} snapshot(s)"
         )
     else:
         typer.echo("no data for that identifier; nothing erased")

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import polars as pl
 
-from privseg.db import get_meta
+from privseg import audit
+from privseg.db import get_meta, transaction
 from privseg.errors import Conflict, InvalidInput
 from privseg.ingest_policy import IngestPolicy
 from privseg.keyset import Keyset, add_pseudonym_version, load_keyset
 from privseg.pseudonym import Pseudonymizer, normalize
+from privseg.segments import engine
 from privseg.store import Rewrite, Store
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,11 @@ class ErasureResult:
     profile_rows: int
     event_rows: int
     batches_rewritten: int
+    snapshots_rewritten: int = 0
 
     @property
     def found(self) -> bool:
-        return self.profile_rows + self.event_rows > 0
+        return self.profile_rows + self.event_rows + self.snapshots_rewritten > 0
 
 
 def erase_subject(*, store: Store, keyset: Keyset, policy: IngestPolicy, raw_id: str) -> ErasureResult:
@@ -107,19 +110,24 @@ def erase_subject(*, store: Store, keyset: Keyset, policy: IngestPolicy, raw_id:
                 df = pl.read_parquet(path).filter(pl.col("pid") != pid)
                 changes.append(Rewrite(batch, df))
                 removed[batch.kind] += int(hits)
-        if not changes:
-            return ErasureResult(0, 0, 0)
-        store.rewrite(
-            changes,
-            keyset=keyset,
-            event="erasure",
-            details={
-                "profile_rows": removed["profiles"],
-                "event_rows": removed["events"],
-                "batches": len(changes),
-            },
-        )
-    return ErasureResult(removed["profiles"], removed["events"], len(changes))
+        if changes:
+            store.rewrite(
+                changes,
+                keyset=keyset,
+                event="erasure",
+                details={
+                    "profile_rows": removed["profiles"],
+                    "event_rows": removed["events"],
+                    "batches": len(changes),
+                },
+            )
+        # Also out of every kept membership snapshot (checked even when the batches were already
+        # clean, so that an erasure interrupted between the two steps is finished by running it again).
+        snapshots_changed = engine.remove_person(store, pid)
+        if snapshots_changed and not changes:
+            with transaction(store.conn):
+                audit.append(store.conn, keyset, "erasure", {"snapshots": snapshots_changed})
+    return ErasureResult(removed["profiles"], removed["events"], len(changes), snapshots_changed)
 
 
 @dataclass(frozen=True)

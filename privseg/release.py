@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -360,34 +361,59 @@ def _exact(dep: Deployment, plan: ReleasePlan) -> list[int]:
     return _exact_cells(dep, plan)
 
 
+_DIMS_CACHE: dict[tuple[str, str], pl.DataFrame] = {}
+_DIMS_LOCK = threading.Lock()
+
+
+def _dimensions(dep: Deployment, snap: engine.Snapshot) -> pl.DataFrame:
+    """Every breakdown dimension and consent attribute, in the snapshot's row order (cached per
+    snapshot: the join on pseudonyms is the slow part of a release, and a snapshot never changes)."""
+    # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
+    key = (str(dep.settings.db_path.resolve()), f"{snap.id}/{snap.file}")
+    with _DIMS_LOCK:
+        cached = _DIMS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    dims = sorted(
+        {d for c in dep.categories.categories.values() for d in c.allowed_dimensions()}
+        | {c.consent_attribute for c in dep.categories.categories.values()}
+    )
+    pids = pl.scan_parquet(engine.snapshot_path(dep.store, snap)).select("pid")
+    profiles = dep.store.scan_profiles()
+    if profiles is None:
+        frame = pids.collect().with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims])
+    else:
+        available = profiles.collect_schema().names()
+        cols = [d for d in dims if d in available]
+        frame = pids.join(
+            profiles.select("pid", *cols), on="pid", how="left", maintain_order="left"
+        ).collect()
+    frame = frame.drop("pid")
+    with _DIMS_LOCK:
+        if len(_DIMS_CACHE) >= 4:  # a few snapshots at most: the latest, and those movement reads
+            _DIMS_CACHE.pop(next(iter(_DIMS_CACHE)))
+        _DIMS_CACHE[key] = frame
+    return frame
+
+
 def _exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
     """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
-    members = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid", *plan.segments)
     dims = plan.breakdown
-    if dims:
-        profiles = dep.store.scan_profiles()
-        consent = plan.policy.consent_attribute
-        cols = ["pid", *dims] + ([consent] if plan.kind == "partner_audience" else [])
-        prof = (
-            profiles.select(cols)
-            if profiles is not None
-            else pl.LazyFrame(schema={c: pl.String for c in cols})
-        )
-        frame = members.join(prof, on="pid", how="left").with_columns(
-            [pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims]
-        )
-    else:
-        frame = members
-    keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row") if dims else None
+    members = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
+    frame = members
+    if dims or plan.kind == "partner_audience":
+        need = [*dims] + ([plan.policy.consent_attribute] if plan.kind == "partner_audience" else [])
+        frame = pl.concat([members, _dimensions(dep, plan.snapshot).select(need)], how="horizontal")
+        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
     exprs = [pl.col(s).sum().alias(s) for s in plan.segments]
     if plan.kind == "partner_audience":
         exprs.append(pl.col(plan.policy.consent_attribute).fill_null(False).sum().alias("__population"))
     if dims:
-        assert keys is not None
-        agg = frame.group_by(dims).agg(exprs).collect()
+        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
+        agg = frame.group_by(dims).agg(exprs)
         table = keys.join(agg, on=dims, how="left", maintain_order="left").fill_null(0)
     else:
-        table = frame.select(exprs).collect()
+        table = frame.select(exprs)
     out: list[int] = []
     for name in [*plan.segments, *(["__population"] if plan.kind == "partner_audience" else [])]:
         out += [int(v) for v in table.get_column(name).to_list()]

@@ -382,3 +382,33 @@ def test_ab_lift_report(ready_20k: Deployment) -> None:
             ready,
             release.LiftRequest(treatment="a_b", control="a_b", conversion="c", recipient="growth_team"),
         )
+
+
+def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None:
+    import polars as pl
+
+    from privseg.maintenance import erase_subject
+    from privseg.pseudonym import Pseudonymizer
+
+    snap = engine.latest(ready.store.conn)
+    assert snap is not None
+    before = pl.read_parquet(engine.snapshot_path(ready.store, snap))
+    report(ready, ["cart_abandoners_7d"], ["age_band"])  # warms the per-snapshot dimension cache
+    p = Pseudonymizer(ready.keyset, ready.ingest_policy.identity.type, 1)
+    member = before.filter(pl.col("cart_abandoners_7d")).get_column("pid")[0]
+    raw = p.decrypt(member)
+    result = erase_subject(store=ready.store, keyset=ready.keyset, policy=ready.ingest_policy, raw_id=raw)
+    assert result.snapshots_rewritten == 1 and result.profile_rows == 1
+    snap_after = engine.latest(ready.store.conn)
+    assert snap_after is not None and snap_after.id == snap.id and snap_after.file != snap.file
+    after = pl.read_parquet(engine.snapshot_path(ready.store, snap_after))
+    assert after.height == before.height - 1 and member not in set(after.get_column("pid"))
+    # A new release on the rewritten snapshot uses dimensions aligned to its new rows.
+    dims = release._dimensions(ready, snap_after)
+    assert dims.height == after.height
+    out = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
+    assert not out["cached"]
+    # Running the erasure again finds nothing left anywhere.
+    assert not erase_subject(
+        store=ready.store, keyset=ready.keyset, policy=ready.ingest_policy, raw_id=raw
+    ).found

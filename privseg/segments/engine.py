@@ -235,3 +235,33 @@ def snapshot_path(store: Store, snap: Snapshot) -> Path:
     if snap.file is None:
         raise NotFound(f"snapshot {snap.id} was pruned (only the last {KEEP_SNAPSHOTS} are kept)")
     return store.data_dir / "snapshots" / snap.file
+
+
+def remove_person(store: Store, pid: str) -> int:
+    """Rewrite every kept snapshot without ``pid`` (erasure); returns how many held them.
+
+    Each rewritten snapshot gets a new file name, so anything cached per snapshot file (the release
+    dimension cache is aligned to row order) can never be used with the new rows. Caller holds the
+    store's writer lock."""
+    conn = store.conn
+    folder = store.data_dir / "snapshots"
+    changed = 0
+    for snap in snapshots(conn):
+        if snap.file is None:
+            continue
+        path = folder / snap.file
+        members = pl.read_parquet(path)
+        kept = members.filter(pl.col("pid") != pid)
+        if kept.height == members.height:
+            continue
+        name = f"{datetime.fromisoformat(snap.as_of):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = fsutil.tmp_path_for(folder / name)
+        kept.write_parquet(tmp, compression="zstd")
+        fsutil.publish(tmp, folder / name)
+        with transaction(conn):
+            conn.execute(
+                "UPDATE snapshots SET file = ?, people = ? WHERE id = ?", (name, kept.height, snap.id)
+            )
+        path.unlink(missing_ok=True)
+        changed += 1
+    return changed

@@ -1,0 +1,222 @@
+"""Release benchmark: a cohort report of 10 segments x a 2-dimension breakdown on the 1M snapshot.
+
+    .venv/bin/python benchmarks/release.py --customers 1000000
+
+Measured in the same run:
+  (a)  plain Polars: the same exact report, non-private, from the snapshot and profile files
+       (read, join on pseudonyms, group by) -- the floor a naive implementation pays every time;
+  (a') plain Polars over the in-memory dimensions privseg caches per snapshot (the strict floor);
+  (b)  the naive OpenDP path: a fresh Context and release() per query (one query per segment);
+  (c)  privseg's full release: planning, ledger charge (SQLite, fsync), OpenDP noise, result, audit;
+  (d)  privseg serving the same request again from its cache (no charge).
+Reports medians and the ratios c/a, c/a' and c/b. Needs the store built by benchmarks/segments.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import print_table, run_phase, write_results
+from benchmarks.segments import _deployment, definitions
+
+HERE = Path(__file__).resolve()
+DIMS = ["age_band", "region"]
+RECIPIENTS = ["growth_team", "crm_team", "brand_team"]
+
+
+def _prepare(customers: int) -> tuple[Any, list[str]]:
+    from privseg.segments import definitions as defs
+    from privseg.segments import engine
+
+    dep = _deployment(customers)
+    docs = definitions(20, seed=99)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(docs, fh)
+    defs.apply(dep.store.conn, dep.keyset, [Path(fh.name)], schema=dep.schema, categories=dep.categories)
+    snap = engine.latest(dep.store.conn)
+    if engine.staleness(dep.store, snap):
+        engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
+    return dep, [d["id"] for d in docs]
+
+
+def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
+    import opendp.prelude as dp
+    import polars as pl
+
+    from privseg import release
+    from privseg.segments import engine
+
+    dep, seg_ids = _prepare(customers)
+    snap = engine.latest(dep.store.conn)
+    assert snap is not None
+    path = engine.snapshot_path(dep.store, snap)
+    profile_files = [dep.store.path_of(b) for b in dep.store.batches("profiles")]
+    rng = random.Random(1)
+    requests = []
+    while len(requests) < reps:
+        segs = sorted(rng.sample(seg_ids, 10))
+        if segs not in requests:
+            requests.append(segs)
+
+    def floor(segs: list[str]) -> pl.DataFrame:
+        members = pl.scan_parquet(path).select("pid", *segs)
+        prof = pl.scan_parquet(profile_files).select("pid", *DIMS)
+        frame = members.join(prof, on="pid", how="left")
+        return frame.group_by(DIMS).agg([pl.col(s).sum() for s in segs]).collect()
+
+    t_a = []
+    for segs in requests:
+        t = time.perf_counter()
+        floor(segs)
+        t_a.append(time.perf_counter() - t)
+
+    dims_frame = release._dimensions(dep, snap)  # warm privseg's per-snapshot cache (built once)
+    t_a2 = []
+    for segs in requests:
+        t = time.perf_counter()
+        members = pl.read_parquet(path, columns=segs)
+        pl.concat([members, dims_frame.select(DIMS)], how="horizontal").group_by(DIMS).agg(
+            [pl.col(s).sum() for s in segs]
+        )
+        t_a2.append(time.perf_counter() - t)
+
+    t_c, t_d, stages = [], [], []
+    for i, segs in enumerate(requests):
+        req = release.CohortReportRequest(
+            segments=segs, breakdown=DIMS, recipient=RECIPIENTS[i % len(RECIPIENTS)]
+        )
+        t = time.perf_counter()
+        out = release.cohort_report(dep, req)
+        t_c.append(time.perf_counter() - t)
+        assert not out["cached"], "a benchmark request hit the cache; use a fresh store"
+        t = time.perf_counter()
+        again = release.cohort_report(dep, req)
+        t_d.append(time.perf_counter() - t)
+        assert again["cached"]
+        # where the time goes, for one request
+        if i == 0:
+            plan = release.plan_cohort_report(dep, req)
+            t0 = time.perf_counter()
+            release.plan_cohort_report(dep, req)
+            t1 = time.perf_counter()
+            exact = release._exact(dep, plan)
+            t2 = time.perf_counter()
+            plan.measurement()(exact)
+            t3 = time.perf_counter()
+            stages = [("plan", t1 - t0), ("exact counts", t2 - t1), ("OpenDP noise", t3 - t2)]
+
+    # (b) the naive OpenDP path on a one-row-per-person file of the same data
+    dp.enable_features("contrib")
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "flat.parquet"
+        pl.concat(
+            [pl.read_parquet(path, columns=seg_ids), dims_frame.select(DIMS)], how="horizontal"
+        ).with_columns([pl.col(d).cast(pl.String).fill_null("unknown") for d in DIMS]).write_parquet(flat)
+        plan = release.plan_cohort_report(
+            dep, release.CohortReportRequest(segments=requests[0], breakdown=DIMS, recipient="growth_team")
+        )
+        keys = pl.DataFrame([list(k) for k in plan.keys], schema=DIMS, orient="row")
+        t_b = []
+        for segs in requests[:naive_reps]:
+            t = time.perf_counter()
+            ctx = dp.Context.compositor(
+                data=pl.scan_parquet(flat),
+                privacy_unit=dp.unit_of(contributions=1),
+                privacy_loss=dp.loss_of(epsilon=0.5),
+                split_evenly_over=len(segs),
+                margins=[dp.polars.Margin(by=DIMS, invariant="keys", max_length=customers * 2)],
+            )
+            for s in segs:
+                ctx.query().filter(pl.col(s)).group_by(DIMS).agg(dp.len(signed=True)).with_keys(
+                    keys
+                ).release().collect()
+            t_b.append(time.perf_counter() - t)
+
+    med = statistics.median
+    return {
+        "reps": reps,
+        "a_plain_polars_s": med(t_a),
+        "a2_plain_polars_cached_dims_s": med(t_a2),
+        "b_naive_opendp_s": med(t_b),
+        "c_privseg_release_s": med(t_c),
+        "c_privseg_release_p90_s": sorted(t_c)[int(0.9 * (len(t_c) - 1))],
+        "d_privseg_cached_s": med(t_d),
+        "stages": dict(stages),
+        "cells": len(plan.keys) * 10,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--customers", type=int, default=1_000_000)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--naive-reps", type=int, default=2)
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        from benchmarks.common import peak_rss_mb
+
+        print(
+            json.dumps(
+                {**phase_run(args.customers, args.reps, args.naive_reps), "peak_rss_mb": peak_rss_mb()}
+            )
+        )
+        return
+    r = run_phase(
+        HERE,
+        "run",
+        "--customers",
+        str(args.customers),
+        "--reps",
+        str(args.reps),
+        "--naive-reps",
+        str(args.naive_reps),
+    )
+    c = r["c_privseg_release_s"]
+    rows = [
+        [
+            "(a) plain Polars, join each time",
+            f"{r['a_plain_polars_s'] * 1000:.1f}",
+            f"{c / r['a_plain_polars_s']:.2f}",
+        ],
+        [
+            "(a') plain Polars, cached dimensions",
+            f"{r['a2_plain_polars_cached_dims_s'] * 1000:.1f}",
+            f"{c / r['a2_plain_polars_cached_dims_s']:.2f}",
+        ],
+        [
+            "(b) naive OpenDP Context per report",
+            f"{r['b_naive_opendp_s'] * 1000:.1f}",
+            f"{c / r['b_naive_opendp_s']:.4f}",
+        ],
+        ["(c) privseg release (fresh, charged)", f"{c * 1000:.1f}", "1.00"],
+        [
+            "(d) privseg release (cached)",
+            f"{r['d_privseg_cached_s'] * 1000:.1f}",
+            f"{c / r['d_privseg_cached_s']:.2f}",
+        ],
+    ]
+    print(
+        f"\nrelease benchmark: {args.customers} customers, 10 segments x {DIMS} ({r['cells']} cells), "
+        f"medians of {r['reps']}"
+    )
+    print_table(["path", "median ms", "c / path"], rows)
+    print(
+        f"privseg p90 {r['c_privseg_release_p90_s'] * 1000:.1f} ms; stages of one release: "
+        + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["stages"].items())
+    )
+    print(f"results: {write_results('release', {'customers': args.customers, **r})}")
+
+
+if __name__ == "__main__":
+    main()
