@@ -343,6 +343,9 @@ def report(
     segment: Annotated[list[str], typer.Option("--segment", "-s", help="Segment id (repeatable).")],
     recipient: Annotated[str, typer.Option(help="Marketer receiving the report (policy-checked).")],
     by: Annotated[list[str] | None, typer.Option("--by", help="Breakdown dimension (repeatable).")] = None,
+    spend: Annotated[
+        bool, typer.Option("--spend", help="Also release total and mean clipped spend.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -351,7 +354,11 @@ def report(
 
     dep = _deployment()
     req = release.CohortReportRequest(
-        segments=segment, breakdown=by or [], recipient=recipient, dry_run=dry_run
+        segments=segment,
+        breakdown=by or [],
+        recipient=recipient,
+        measures=["count", "spend"] if spend else ["count"],
+        dry_run=dry_run,
     )
     result = release.cohort_report(dep, req)
     _emit(result, as_json, release.release_text(result))

@@ -48,11 +48,21 @@ PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this die
 UNKNOWN = "unknown"
 
 
+Measure = Literal["count", "spend"]
+
+
 class CohortReportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     segments: list[str] = Field(min_length=1, max_length=20, description="Segment ids, one category.")
     breakdown: list[str] = Field(default_factory=list, description="Profile dimensions, in order.")
     recipient: str = Field(min_length=1, description="The marketer receiving the report.")
+    measures: list[Measure] = Field(
+        default_factory=lambda: list[Measure](["count"]),
+        min_length=1,
+        description="count: people per cell; spend: total and mean clipped spend per cell (needs count).",
+    )
+    spend_event: str = Field("purchase", description="Event type whose value counts as spend.")
+    spend_window_days: int = Field(365, ge=1, le=3650, description="Spend is summed over this many days.")
     dry_run: bool = Field(False, description="Plan and price the release without spending anything.")
 
 
@@ -103,45 +113,91 @@ class ReleasePlan:
     snapshot: engine.Snapshot
     policy_hash: str
     from_snapshot: engine.Snapshot | None = None  # segment movement only
+    spend: tuple[str, int] | None = None  # cohort report with spend: (event type, window days)
+
+    @property
+    def count_epsilon(self) -> float:
+        # With spend, the epsilon is split evenly between the count and the spend vectors (basic
+        # composition: the two measurements together cost exactly the charged epsilon).
+        return self.epsilon / 2 if self.spend else self.epsilon
 
     @property
     def scale(self) -> float:
         # Discrete Laplace: epsilon = d_in / scale.
-        return self.sensitivity / self.epsilon
+        return self.sensitivity / self.count_epsilon
+
+    @property
+    def clip_cents(self) -> int:
+        return round(self.policy.value_clip * 100)
+
+    @property
+    def spend_sensitivity(self) -> int:
+        # Each person's spend is clipped to [0, clip] and lands in one cell per segment.
+        return len(self.segments) * self.clip_cents
+
+    @property
+    def spend_scale(self) -> float:
+        return self.spend_sensitivity / (self.epsilon - self.count_epsilon)
+
+    @staticmethod
+    def _laplace(scale: float, d_in: int, budget: float) -> Any:
+        m = make_laplace(vector_domain(atom_domain(T=int)), l1_distance(T=int), scale=scale)
+        cost = m.map(d_in)  # type: ignore[no-untyped-call]
+        if cost > budget * (1 + 1e-9):
+            raise RuntimeError(f"measurement costs {cost}, more than the planned {budget}")
+        return m
 
     def measurement(self) -> Any:
-        m = make_laplace(vector_domain(atom_domain(T=int)), l1_distance(T=int), scale=self.scale)
-        cost = m.map(self.sensitivity)  # type: ignore[no-untyped-call]
-        if cost > self.epsilon * (1 + 1e-9):
-            raise RuntimeError(f"measurement costs {cost}, more than the planned {self.epsilon}")
-        return m
+        return self._laplace(self.scale, self.sensitivity, self.count_epsilon)
+
+    def spend_measurement(self) -> Any:
+        return self._laplace(self.spend_scale, self.spend_sensitivity, self.epsilon - self.count_epsilon)
 
     @property
     def half_width(self) -> float:
         return float(discrete_laplacian_scale_to_accuracy(self.scale, ALPHA))
 
+    @property
+    def spend_half_width(self) -> float:
+        """In currency units (the noise is drawn in cents)."""
+        return float(discrete_laplacian_scale_to_accuracy(self.spend_scale, ALPHA)) / 100
+
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "recipient": self.recipient,
-            "category": self.policy.name,
-            "segments": self.segments,
-            "breakdown": self.breakdown,
-            "cells_per_segment": len(self.keys),
-            "epsilon": self.epsilon,
-            "delta": self.policy.delta,
-            "noise_scale": self.scale,
-            "interval_95_half_width": self.half_width,
-            "min_cohort_size": self.policy.min_cohort_size,
-            "allowed_dimensions": self.policy.allowed_dimensions(),
-            "max_dimensions": self.policy.breakdowns.max_dimensions,
-            "snapshot": self.snapshot.id,
-            "as_of": self.snapshot.as_of,
-            "policy_hash": self.policy_hash,
-        } | (
-            {"from_snapshot": self.from_snapshot.id, "from_as_of": self.from_snapshot.as_of}
-            if self.from_snapshot
-            else {}
+        return (
+            {
+                "kind": self.kind,
+                "recipient": self.recipient,
+                "category": self.policy.name,
+                "segments": self.segments,
+                "breakdown": self.breakdown,
+                "cells_per_segment": len(self.keys),
+                "epsilon": self.epsilon,
+                "delta": self.policy.delta,
+                "noise_scale": self.scale,
+                "interval_95_half_width": self.half_width,
+                "min_cohort_size": self.policy.min_cohort_size,
+                "allowed_dimensions": self.policy.allowed_dimensions(),
+                "max_dimensions": self.policy.breakdowns.max_dimensions,
+                "snapshot": self.snapshot.id,
+                "as_of": self.snapshot.as_of,
+                "policy_hash": self.policy_hash,
+            }
+            | (
+                {"from_snapshot": self.from_snapshot.id, "from_as_of": self.from_snapshot.as_of}
+                if self.from_snapshot
+                else {}
+            )
+            | (
+                {
+                    "measures": ["count", "spend"],
+                    "spend_event": self.spend[0],
+                    "spend_window_days": self.spend[1],
+                    "value_clip": self.policy.value_clip,
+                    "spend_interval_95_half_width": self.spend_half_width,
+                }
+                if self.spend
+                else {}
+            )
         )
 
 
@@ -198,6 +254,15 @@ def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan
     policy = dep.categories.get(_segment_categories(dep, snap, req.segments))
     _marketer(policy, req.recipient)
     keys = _keys(dep, policy, req.breakdown)
+    spend = None
+    if "spend" in req.measures:
+        if "count" not in req.measures:
+            raise InvalidInput(
+                "spend is released with its counts (the mean needs them): add the count measure"
+            )
+        if req.spend_event not in dep.schema.event_types:
+            raise InvalidInput(f"unknown spend event type {req.spend_event!r}")
+        spend = (req.spend_event, req.spend_window_days)
     return ReleasePlan(
         "cohort_report",
         req.recipient,
@@ -209,6 +274,7 @@ def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan
         policy.epsilon_per_release,
         snap,
         dep.categories.content_hash,
+        spend=spend,
     )
 
 
@@ -322,6 +388,8 @@ def _cache_key(plan: ReleasePlan) -> str:
         "breakdown": plan.breakdown,
         "snapshot": plan.snapshot.id,
         "policy": plan.policy_hash,
+        "from_snapshot": plan.from_snapshot.id if plan.from_snapshot else None,
+        "spend": plan.spend,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -396,6 +464,46 @@ def _dimensions(dep: Deployment, snap: engine.Snapshot) -> pl.DataFrame:
     return frame
 
 
+def _person_spend(dep: Deployment, plan: ReleasePlan) -> pl.Series:
+    """Each person's spend in cents, clipped to [0, value_clip], in the snapshot's row order."""
+    assert plan.spend is not None
+    event, days = plan.spend
+    as_of = datetime.fromisoformat(plan.snapshot.as_of)
+    pids = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid")
+    events = dep.store.scan_events()
+    if events is None:
+        return pl.zeros(pids.select(pl.len()).collect().item(), dtype=pl.Int64, eager=True)
+    window = (pl.col("ts") <= as_of) & (pl.col("ts") >= as_of - timedelta(days=days))
+    totals = (
+        events.filter((pl.col("event_type") == event) & window)
+        .group_by("pid")
+        .agg(pl.col("value").fill_null(0).clip(lower_bound=0).sum().alias("spend"))
+    )
+    spend = pids.join(totals, on="pid", how="left", maintain_order="left").select(
+        (pl.col("spend").fill_null(0).clip(0, plan.policy.value_clip) * 100).round().cast(pl.Int64)
+    )
+    return spend.collect().to_series()
+
+
+def _exact_spend(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """Clipped spend in cents per cell, segment-major, in the order of the count vector."""
+    dims = plan.breakdown
+    frame = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
+    frame = frame.with_columns(_person_spend(dep, plan).alias("__spend"))
+    if dims:
+        frame = pl.concat([frame, _dimensions(dep, plan.snapshot).select(dims)], how="horizontal")
+        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
+    exprs = [pl.col("__spend").filter(pl.col(s)).sum().alias(s) for s in plan.segments]
+    if dims:
+        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
+        table = keys.join(
+            frame.group_by(dims).agg(exprs), on=dims, how="left", maintain_order="left"
+        ).fill_null(0)
+    else:
+        table = frame.select(exprs)
+    return [int(v) for s in plan.segments for v in table.get_column(s).to_list()]
+
+
 def _exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
     """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
     dims = plan.breakdown
@@ -420,7 +528,9 @@ def _exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
     return out
 
 
-def _result(plan: ReleasePlan, noisy: list[int], release_id: int) -> dict[str, Any]:
+def _result(
+    plan: ReleasePlan, noisy: list[int], release_id: int, noisy_spend: list[int] | None = None
+) -> dict[str, Any]:
     if plan.kind == "segment_movement":
         return _movement_result(plan, noisy, release_id)
     if plan.kind == "ab_lift":
@@ -439,6 +549,15 @@ def _result(plan: ReleasePlan, noisy: list[int], release_id: int) -> dict[str, A
                 continue
             cell: dict[str, Any] = dict(zip(plan.breakdown, key, strict=True))
             cell |= {"count": value, "interval_95": [max(value - hw, 0), value + hw]}
+            if noisy_spend is not None:
+                total = max(noisy_spend[i * n + j], 0) / 100
+                shw = plan.spend_half_width
+                cell |= {
+                    "spend": total,
+                    "spend_interval_95": [max(total - shw, 0.0), total + shw],
+                    # Post-processing: a mean of clipped values cannot exceed the clip.
+                    "mean_spend": min(total / value, plan.policy.value_clip),
+                }
             if population is not None:
                 pop = population[j]
                 cell["share"] = None if pop < floor else min(max(value / pop, 0.0), 1.0)
@@ -569,7 +688,8 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
         )
     # Committed: from here on the budget is spent whatever happens.
     noisy = [int(v) for v in plan.measurement()(_exact(dep, plan))]
-    result = _result(plan, noisy, release_id)
+    noisy_spend = [int(v) for v in plan.spend_measurement()(_exact_spend(dep, plan))] if plan.spend else None
+    result = _result(plan, noisy, release_id, noisy_spend)
     with transaction(conn):
         conn.execute(
             "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
@@ -658,6 +778,8 @@ def release_text(r: dict[str, Any]) -> str:
         for cell in seg["cells"]:
             key = ", ".join(f"{d}={cell[d]}" for d in r["breakdown"]) or "all"
             share = f", share {cell['share']:.1%}" if cell.get("share") is not None else ""
+            if "spend" in cell:
+                share += f", spend {cell['spend']:,.0f} (mean {cell['mean_spend']:,.2f})"
             lo, hi = cell["interval_95"]
             lines.append(f"    {key:<40} {cell['count']:>9}  [{lo:.0f}, {hi:.0f}]{share}")
     return "\n".join(lines)

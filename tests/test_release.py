@@ -412,3 +412,73 @@ def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None
     assert not erase_subject(
         store=ready.store, keyset=ready.keyset, policy=ready.ingest_policy, raw_id=raw
     ).found
+
+
+def test_spend_measure_is_clipped_noisy_and_close_to_the_truth(ready_20k: Deployment) -> None:
+    import polars as pl
+
+    ready = ready_20k
+    req = release.CohortReportRequest(
+        segments=["frequent_buyers"],
+        recipient="growth_team",
+        measures=["count", "spend"],
+        spend_window_days=365,
+    )
+    plan = release.plan_cohort_report(ready, req)
+    assert (
+        plan.count_epsilon == 0.25 and plan.spend_sensitivity == 500 * 100
+    )  # one segment x clip 500 in cents
+    assert plan.spend_measurement().map(plan.spend_sensitivity) <= 0.25 + 1e-9
+    out = release.cohort_report(ready, req)
+    assert out["charged_epsilon"] == 0.5 and spent(ready) == ledger.to_micro(0.5)
+    (cell,) = out["results"][0]["cells"]
+    snap = engine.latest(ready.store.conn)
+    assert snap is not None
+    members = pl.read_parquet(engine.snapshot_path(ready.store, snap), columns=["pid", "frequent_buyers"])
+    events = ready.store.scan_events().collect()  # type: ignore[union-attr]
+    as_of = AS_OF
+    per_person = (
+        events.filter(
+            (pl.col("event_type") == "purchase")
+            & (pl.col("ts") <= as_of)
+            & (pl.col("ts") >= as_of - timedelta(days=365))
+        )
+        .group_by("pid")
+        .agg(pl.col("value").sum().clip(0, 500).alias("spend"))
+    )
+    truth = (
+        members.filter(pl.col("frequent_buyers"))
+        .join(per_person, on="pid", how="left")
+        .get_column("spend")
+        .fill_null(0)
+        .sum()
+    )
+    assert abs(cell["spend"] - truth) <= 10 * out["spend_interval_95_half_width"]
+    assert cell["mean_spend"] == pytest.approx(min(cell["spend"] / cell["count"], 500))
+    with pytest.raises(InvalidInput, match="add the count measure"):
+        release.cohort_report(
+            ready,
+            release.CohortReportRequest(
+                segments=["frequent_buyers"], recipient="growth_team", measures=["spend"]
+            ),
+        )
+
+
+def test_movement_from_different_snapshots_are_different_releases(ready: Deployment) -> None:
+    first = engine.latest(ready.store.conn)
+    assert first is not None
+    second, _ = engine.compute_snapshot(
+        store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF + timedelta(days=5)
+    )
+    engine.compute_snapshot(
+        store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF + timedelta(days=10)
+    )
+    stages = ["engaged_not_ready", "cart_abandoners_7d"]
+    a = release.movement(
+        ready, release.MovementRequest(segments=stages, from_snapshot=first.id, recipient="growth_team")
+    )
+    b = release.movement(
+        ready, release.MovementRequest(segments=stages, from_snapshot=second.id, recipient="growth_team")
+    )
+    assert not a["cached"] and not b["cached"] and a["from_snapshot"] != b["from_snapshot"]
+    assert spent(ready) == ledger.to_micro(1.0)
