@@ -53,7 +53,7 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
     import opendp.prelude as dp
     import polars as pl
 
-    from privseg import release
+    from privseg import release, release_data
     from privseg.segments import engine
 
     dep, seg_ids = _prepare(customers)
@@ -80,7 +80,7 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
         floor(segs)
         t_a.append(time.perf_counter() - t)
 
-    dims_frame = release._dimensions(dep, snap)  # warm privseg's per-snapshot cache (built once)
+    dims_frame = release_data.dimensions(dep, snap)  # warm privseg's per-snapshot cache (built once)
     t_a2 = []
     for segs in requests:
         t = time.perf_counter()
@@ -109,7 +109,7 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             release.plan_cohort_report(dep, req)
             t1 = time.perf_counter()
-            exact = release._exact(dep, plan)
+            exact = release_data.exact(dep, plan)
             t2 = time.perf_counter()
             plan.measurement()(exact)
             t3 = time.perf_counter()

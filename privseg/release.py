@@ -18,187 +18,50 @@ the noisy counts, which is post-processing and costs nothing further.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
-
-import polars as pl
-from opendp.accuracy import discrete_laplacian_scale_to_accuracy
-from opendp.domains import atom_domain, vector_domain
-from opendp.measurements import make_laplace
-from opendp.metrics import l1_distance
-from opendp.mod import enable_features
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from privseg import audit, ledger
-from privseg.category_policy import CategoryPolicy
 from privseg.db import transaction
 from privseg.deployment import Deployment
-from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
-from privseg.segments import definitions, engine
+from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
+from privseg.release_data import exact, exact_spend
+from privseg.release_plan import (
+    ALPHA,
+    CohortReportRequest,
+    LiftRequest,
+    MovementRequest,
+    PartnerAudienceRequest,
+    ReleasePlan,
+    plan_cohort_report,
+    plan_lift,
+    plan_movement,
+    plan_partner_audience,
+)
 
-# Specific modules, not opendp.prelude: the prelude imports scikit-learn (0.75 s on every CLI call).
-enable_features("contrib")
+__all__ = [
+    "ALPHA",
+    "PENDING_TIMEOUT",
+    "CohortReportRequest",
+    "LiftRequest",
+    "MovementRequest",
+    "PartnerAudienceRequest",
+    "ReleasePlan",
+    "cohort_report",
+    "dry_run",
+    "lift",
+    "movement",
+    "partner_audience",
+    "plan_cohort_report",
+    "plan_lift",
+    "plan_movement",
+    "plan_partner_audience",
+    "release",
+    "release_text",
+]
 
-ALPHA = 0.05  # intervals are 95%, two-sided
 PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
-UNKNOWN = "unknown"
-
-
-Measure = Literal["count", "spend"]
-
-
-class CohortReportRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    segments: list[str] = Field(min_length=1, max_length=20, description="Segment ids, one category.")
-    breakdown: list[str] = Field(default_factory=list, description="Profile dimensions, in order.")
-    recipient: str = Field(min_length=1, description="The marketer receiving the report.")
-    measures: list[Measure] = Field(
-        default_factory=lambda: list[Measure](["count"]),
-        min_length=1,
-        description="count: people per cell; spend: total and mean clipped spend per cell (needs count).",
-    )
-    spend_event: str = Field("purchase", description="Event type whose value counts as spend.")
-    spend_window_days: int = Field(365, ge=1, le=3650, description="Spend is summed over this many days.")
-    dry_run: bool = Field(False, description="Plan and price the release without spending anything.")
-
-
-class PartnerAudienceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    segment: str
-    breakdown: list[str] = Field(default_factory=lambda: ["region"], min_length=1)
-    partner: str = Field(min_length=1)
-    dry_run: bool = False
-
-
-class MovementRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    segments: list[str] = Field(
-        min_length=2,
-        max_length=6,
-        description="Ordered states: a person's state is the first listed segment they are in.",
-    )
-    from_snapshot: int = Field(description="The earlier snapshot id.")
-    to_snapshot: int | None = Field(None, description="The later snapshot id (default: the latest).")
-    recipient: str = Field(min_length=1)
-    dry_run: bool = False
-
-
-class LiftRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    treatment: str = Field(description="Segment of the treatment arm.")
-    control: str = Field(description="Segment of the control arm (e.g. a bucket holdout).")
-    conversion: str = Field(description="Segment whose members count as converted.")
-    recipient: str = Field(min_length=1)
-    dry_run: bool = False
-
-
-Kind = Literal["cohort_report", "partner_audience", "segment_movement", "ab_lift"]
-NONE_STATE = "none"
-
-
-@dataclass(frozen=True)
-class ReleasePlan:
-    kind: Kind
-    recipient: str
-    policy: CategoryPolicy
-    segments: list[str]
-    breakdown: list[str]
-    keys: list[tuple[str, ...]]  # every cell, in release order
-    sensitivity: int  # L1 over the whole released vector
-    epsilon: float
-    snapshot: engine.Snapshot
-    policy_hash: str
-    from_snapshot: engine.Snapshot | None = None  # segment movement only
-    spend: tuple[str, int] | None = None  # cohort report with spend: (event type, window days)
-
-    @property
-    def count_epsilon(self) -> float:
-        # With spend, the epsilon is split evenly between the count and the spend vectors (basic
-        # composition: the two measurements together cost exactly the charged epsilon).
-        return self.epsilon / 2 if self.spend else self.epsilon
-
-    @property
-    def scale(self) -> float:
-        # Discrete Laplace: epsilon = d_in / scale.
-        return self.sensitivity / self.count_epsilon
-
-    @property
-    def clip_cents(self) -> int:
-        return round(self.policy.value_clip * 100)
-
-    @property
-    def spend_sensitivity(self) -> int:
-        # Each person's spend is clipped to [0, clip] and lands in one cell per segment.
-        return len(self.segments) * self.clip_cents
-
-    @property
-    def spend_scale(self) -> float:
-        return self.spend_sensitivity / (self.epsilon - self.count_epsilon)
-
-    @staticmethod
-    def _laplace(scale: float, d_in: int, budget: float) -> Any:
-        m = make_laplace(vector_domain(atom_domain(T=int)), l1_distance(T=int), scale=scale)
-        cost = m.map(d_in)  # type: ignore[no-untyped-call]
-        if cost > budget * (1 + 1e-9):
-            raise RuntimeError(f"measurement costs {cost}, more than the planned {budget}")
-        return m
-
-    def measurement(self) -> Any:
-        return self._laplace(self.scale, self.sensitivity, self.count_epsilon)
-
-    def spend_measurement(self) -> Any:
-        return self._laplace(self.spend_scale, self.spend_sensitivity, self.epsilon - self.count_epsilon)
-
-    @property
-    def half_width(self) -> float:
-        return float(discrete_laplacian_scale_to_accuracy(self.scale, ALPHA))
-
-    @property
-    def spend_half_width(self) -> float:
-        """In currency units (the noise is drawn in cents)."""
-        return float(discrete_laplacian_scale_to_accuracy(self.spend_scale, ALPHA)) / 100
-
-    def describe(self) -> dict[str, Any]:
-        return (
-            {
-                "kind": self.kind,
-                "recipient": self.recipient,
-                "category": self.policy.name,
-                "segments": self.segments,
-                "breakdown": self.breakdown,
-                "cells_per_segment": len(self.keys),
-                "epsilon": self.epsilon,
-                "delta": self.policy.delta,
-                "noise_scale": self.scale,
-                "interval_95_half_width": self.half_width,
-                "min_cohort_size": self.policy.min_cohort_size,
-                "allowed_dimensions": self.policy.allowed_dimensions(),
-                "max_dimensions": self.policy.breakdowns.max_dimensions,
-                "snapshot": self.snapshot.id,
-                "as_of": self.snapshot.as_of,
-                "policy_hash": self.policy_hash,
-            }
-            | (
-                {"from_snapshot": self.from_snapshot.id, "from_as_of": self.from_snapshot.as_of}
-                if self.from_snapshot
-                else {}
-            )
-            | (
-                {
-                    "measures": ["count", "spend"],
-                    "spend_event": self.spend[0],
-                    "spend_window_days": self.spend[1],
-                    "value_clip": self.policy.value_clip,
-                    "spend_interval_95_half_width": self.spend_half_width,
-                }
-                if self.spend
-                else {}
-            )
-        )
 
 
 def _refuse(dep: Deployment, kind: str, recipient: str, exc: Exception) -> None:
@@ -207,177 +70,6 @@ def _refuse(dep: Deployment, kind: str, recipient: str, exc: Exception) -> None:
         audit.append(
             dep.store.conn, dep.keyset, "refusal", {"kind": kind, "recipient": recipient, "code": code}
         )
-
-
-def _segment_categories(dep: Deployment, snap: engine.Snapshot, segments: list[str]) -> str:
-    cats = set()
-    for sid in segments:
-        if sid not in snap.segments:
-            raise NotFound(
-                f"segment {sid!r} is not in snapshot {snap.id}; apply it and run `privseg segments compute`"
-            )
-        versions = {s.version: s for s in definitions.history(dep.store.conn, "segment", sid)}
-        cats.add(str(versions[snap.segments[sid]].body["category"]))
-    if len(cats) != 1:
-        raise PolicyViolation(f"a release covers one category; these segments span {sorted(cats)}")
-    return cats.pop()
-
-
-def _keys(dep: Deployment, policy: CategoryPolicy, breakdown: list[str]) -> list[tuple[str, ...]]:
-    if len(set(breakdown)) != len(breakdown):
-        raise InvalidInput(f"breakdown names a dimension twice: {breakdown}")
-    if len(breakdown) > policy.breakdowns.max_dimensions:
-        raise PolicyViolation(
-            f"category {policy.name!r} allows at most {policy.breakdowns.max_dimensions} breakdown "
-            f"dimension(s); the request has {len(breakdown)}"
-        )
-    allowed = policy.allowed_dimensions()
-    for dim in breakdown:
-        if dim in policy.breakdowns.forbidden:
-            raise PolicyViolation(f"category {policy.name!r} forbids breaking down by {dim!r}")
-        if dim not in allowed:
-            raise PolicyViolation(
-                f"category {policy.name!r} does not allow breaking down by {dim!r}; allowed: {allowed}"
-            )
-    domains = []
-    for dim in breakdown:
-        ft = dep.schema.profile[dim]
-        values = list(ft.values or ()) if ft.type == "category" else ["true", "false"]
-        domains.append([*values, UNKNOWN])
-    return [tuple(k) for k in itertools.product(*domains)]
-
-
-def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan:
-    snap = _snapshot(dep)
-    if len(set(req.segments)) != len(req.segments):
-        raise InvalidInput("a segment is named twice")
-    policy = dep.categories.get(_segment_categories(dep, snap, req.segments))
-    _marketer(policy, req.recipient)
-    keys = _keys(dep, policy, req.breakdown)
-    spend = None
-    if "spend" in req.measures:
-        if "count" not in req.measures:
-            raise InvalidInput(
-                "spend is released with its counts (the mean needs them): add the count measure"
-            )
-        if req.spend_event not in dep.schema.event_types:
-            raise InvalidInput(f"unknown spend event type {req.spend_event!r}")
-        spend = (req.spend_event, req.spend_window_days)
-    return ReleasePlan(
-        "cohort_report",
-        req.recipient,
-        policy,
-        req.segments,
-        req.breakdown,
-        keys,
-        len(req.segments),
-        policy.epsilon_per_release,
-        snap,
-        dep.categories.content_hash,
-        spend=spend,
-    )
-
-
-def plan_partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> ReleasePlan:
-    snap = _snapshot(dep)
-    policy = dep.categories.get(_segment_categories(dep, snap, [req.segment]))
-    if not policy.partner_audiences:
-        raise NotPermitted(f"category {policy.name!r} does not allow partner audiences")
-    if req.partner not in policy.recipients.partners:
-        raise NotPermitted(f"partner {req.partner!r} is not granted audiences for category {policy.name!r}")
-    keys = _keys(dep, policy, req.breakdown)
-    return ReleasePlan(
-        "partner_audience",
-        req.partner,
-        policy,
-        [req.segment],
-        req.breakdown,
-        keys,
-        2,
-        policy.epsilon_per_release,
-        snap,
-        dep.categories.content_hash,
-    )
-
-
-def _snapshot(dep: Deployment, snapshot_id: int | None = None) -> engine.Snapshot:
-    if snapshot_id is None:
-        snap = engine.latest(dep.store.conn)
-        if snap is None or snap.file is None:
-            raise NotFound("no membership snapshot yet: run `privseg segments compute`")
-        return snap
-    found = [s for s in engine.snapshots(dep.store.conn) if s.id == snapshot_id]
-    if not found:
-        raise NotFound(f"no snapshot {snapshot_id}")
-    if found[0].file is None:
-        raise NotFound(f"snapshot {snapshot_id} was pruned (only the last {engine.KEEP_SNAPSHOTS} are kept)")
-    return found[0]
-
-
-def _marketer(policy: CategoryPolicy, recipient: str) -> None:
-    if recipient not in policy.recipients.marketers:
-        raise NotPermitted(f"{recipient!r} may not receive releases for category {policy.name!r}")
-
-
-def plan_movement(dep: Deployment, req: MovementRequest) -> ReleasePlan:
-    """A transition table between two snapshots. Each person has exactly one state per snapshot (the
-    first listed segment they are in, or none; absent from a snapshot counts as none), so each person
-    is in exactly one (from, to) cell: d_in = 1."""
-    later = _snapshot(dep, req.to_snapshot)
-    earlier = _snapshot(dep, req.from_snapshot)
-    if earlier.id >= later.id:
-        raise InvalidInput("from_snapshot must be earlier than to_snapshot")
-    if len(set(req.segments)) != len(req.segments):
-        raise InvalidInput("a segment is named twice")
-    category = _segment_categories(dep, later, req.segments)
-    if _segment_categories(dep, earlier, req.segments) != category:
-        raise PolicyViolation("the segments changed category between the two snapshots")
-    policy = dep.categories.get(category)
-    _marketer(policy, req.recipient)
-    states = [*req.segments, NONE_STATE]
-    keys: list[tuple[str, ...]] = [(a, b) for a in states for b in states]
-    return ReleasePlan(
-        "segment_movement",
-        req.recipient,
-        policy,
-        req.segments,
-        ["from", "to"],
-        keys,
-        1,
-        policy.epsilon_per_release,
-        later,
-        dep.categories.content_hash,
-        from_snapshot=earlier,
-    )
-
-
-def plan_lift(dep: Deployment, req: LiftRequest) -> ReleasePlan:
-    """Arm sizes and conversions: [n_treatment, n_control, converted_treatment, converted_control].
-    Nothing forces the arms to be disjoint, so one person may add 1 to all four: d_in = 4."""
-    names = [req.treatment, req.control, req.conversion]
-    if len(set(names)) != 3:
-        raise InvalidInput("treatment, control and conversion must be three different segments")
-    snap = _snapshot(dep)
-    policy = dep.categories.get(_segment_categories(dep, snap, names))
-    _marketer(policy, req.recipient)
-    keys: list[tuple[str, ...]] = [
-        ("treatment", "size"),
-        ("control", "size"),
-        ("treatment", "converted"),
-        ("control", "converted"),
-    ]
-    return ReleasePlan(
-        "ab_lift",
-        req.recipient,
-        policy,
-        names,
-        ["arm", "measure"],
-        keys,
-        4,
-        policy.epsilon_per_release,
-        snap,
-        dep.categories.content_hash,
-    )
 
 
 def _cache_key(plan: ReleasePlan) -> str:
@@ -392,140 +84,6 @@ def _cache_key(plan: ReleasePlan) -> str:
         "spend": plan.spend,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def _states(dep: Deployment, snap: engine.Snapshot, segments: list[str], name: str) -> pl.LazyFrame:
-    members = pl.scan_parquet(engine.snapshot_path(dep.store, snap)).select("pid", *segments)
-    state: pl.Expr = pl.lit(NONE_STATE)
-    for sid in reversed(segments):
-        state = pl.when(pl.col(sid)).then(pl.lit(sid)).otherwise(state)
-    return members.select("pid", state.alias(name))
-
-
-def _exact(dep: Deployment, plan: ReleasePlan) -> list[int]:
-    """The exact counts, in the order of the released vector."""
-    if plan.kind == "segment_movement":
-        assert plan.from_snapshot is not None
-        before = _states(dep, plan.from_snapshot, plan.segments, "from")
-        after = _states(dep, plan.snapshot, plan.segments, "to")
-        moved = (
-            before.join(after, on="pid", how="full", coalesce=True)
-            .with_columns(pl.col("from").fill_null(NONE_STATE), pl.col("to").fill_null(NONE_STATE))
-            .group_by("from", "to")
-            .len()
-            .collect()
-        )
-        counts: dict[tuple[str, ...], int] = {(r[0], r[1]): int(r[2]) for r in moved.iter_rows()}
-        return [counts.get(k, 0) for k in plan.keys]
-    if plan.kind == "ab_lift":
-        t, c, conv = (pl.col(s) for s in plan.segments)
-        row = (
-            pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot))
-            .select(t.sum(), c.sum(), (t & conv).sum().alias("ct"), (c & conv).sum().alias("cc"))
-            .collect()
-            .row(0)
-        )
-        return [int(v) for v in row]
-    return _exact_cells(dep, plan)
-
-
-_DIMS_CACHE: dict[tuple[str, str], pl.DataFrame] = {}
-_DIMS_LOCK = threading.Lock()
-
-
-def _dimensions(dep: Deployment, snap: engine.Snapshot) -> pl.DataFrame:
-    """Every breakdown dimension and consent attribute, in the snapshot's row order (cached per
-    snapshot: the join on pseudonyms is the slow part of a release, and a snapshot never changes)."""
-    # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
-    key = (str(dep.settings.db_path.resolve()), f"{snap.id}/{snap.file}")
-    with _DIMS_LOCK:
-        cached = _DIMS_CACHE.get(key)
-    if cached is not None:
-        return cached
-    dims = sorted(
-        {d for c in dep.categories.categories.values() for d in c.allowed_dimensions()}
-        | {c.consent_attribute for c in dep.categories.categories.values()}
-    )
-    pids = pl.scan_parquet(engine.snapshot_path(dep.store, snap)).select("pid")
-    profiles = dep.store.scan_profiles()
-    if profiles is None:
-        frame = pids.collect().with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims])
-    else:
-        available = profiles.collect_schema().names()
-        cols = [d for d in dims if d in available]
-        frame = pids.join(
-            profiles.select("pid", *cols), on="pid", how="left", maintain_order="left"
-        ).collect()
-    frame = frame.drop("pid")
-    with _DIMS_LOCK:
-        if len(_DIMS_CACHE) >= 4:  # a few snapshots at most: the latest, and those movement reads
-            _DIMS_CACHE.pop(next(iter(_DIMS_CACHE)))
-        _DIMS_CACHE[key] = frame
-    return frame
-
-
-def _person_spend(dep: Deployment, plan: ReleasePlan) -> pl.Series:
-    """Each person's spend in cents, clipped to [0, value_clip], in the snapshot's row order."""
-    assert plan.spend is not None
-    event, days = plan.spend
-    as_of = datetime.fromisoformat(plan.snapshot.as_of)
-    pids = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid")
-    events = dep.store.scan_events()
-    if events is None:
-        return pl.zeros(pids.select(pl.len()).collect().item(), dtype=pl.Int64, eager=True)
-    window = (pl.col("ts") <= as_of) & (pl.col("ts") >= as_of - timedelta(days=days))
-    totals = (
-        events.filter((pl.col("event_type") == event) & window)
-        .group_by("pid")
-        .agg(pl.col("value").fill_null(0).clip(lower_bound=0).sum().alias("spend"))
-    )
-    spend = pids.join(totals, on="pid", how="left", maintain_order="left").select(
-        (pl.col("spend").fill_null(0).clip(0, plan.policy.value_clip) * 100).round().cast(pl.Int64)
-    )
-    return spend.collect().to_series()
-
-
-def _exact_spend(dep: Deployment, plan: ReleasePlan) -> list[int]:
-    """Clipped spend in cents per cell, segment-major, in the order of the count vector."""
-    dims = plan.breakdown
-    frame = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
-    frame = frame.with_columns(_person_spend(dep, plan).alias("__spend"))
-    if dims:
-        frame = pl.concat([frame, _dimensions(dep, plan.snapshot).select(dims)], how="horizontal")
-        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
-    exprs = [pl.col("__spend").filter(pl.col(s)).sum().alias(s) for s in plan.segments]
-    if dims:
-        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
-        table = keys.join(
-            frame.group_by(dims).agg(exprs), on=dims, how="left", maintain_order="left"
-        ).fill_null(0)
-    else:
-        table = frame.select(exprs)
-    return [int(v) for s in plan.segments for v in table.get_column(s).to_list()]
-
-
-def _exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
-    """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
-    dims = plan.breakdown
-    members = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
-    frame = members
-    if dims or plan.kind == "partner_audience":
-        need = [*dims] + ([plan.policy.consent_attribute] if plan.kind == "partner_audience" else [])
-        frame = pl.concat([members, _dimensions(dep, plan.snapshot).select(need)], how="horizontal")
-        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
-    exprs = [pl.col(s).sum().alias(s) for s in plan.segments]
-    if plan.kind == "partner_audience":
-        exprs.append(pl.col(plan.policy.consent_attribute).fill_null(False).sum().alias("__population"))
-    if dims:
-        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
-        agg = frame.group_by(dims).agg(exprs)
-        table = keys.join(agg, on=dims, how="left", maintain_order="left").fill_null(0)
-    else:
-        table = frame.select(exprs)
-    out: list[int] = []
-    for name in [*plan.segments, *(["__population"] if plan.kind == "partner_audience" else [])]:
-        out += [int(v) for v in table.get_column(name).to_list()]
-    return out
 
 
 def _result(
@@ -687,8 +245,8 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
             },
         )
     # Committed: from here on the budget is spent whatever happens.
-    noisy = [int(v) for v in plan.measurement()(_exact(dep, plan))]
-    noisy_spend = [int(v) for v in plan.spend_measurement()(_exact_spend(dep, plan))] if plan.spend else None
+    noisy = [int(v) for v in plan.measurement()(exact(dep, plan))]
+    noisy_spend = [int(v) for v in plan.spend_measurement()(exact_spend(dep, plan))] if plan.spend else None
     result = _result(plan, noisy, release_id, noisy_spend)
     with transaction(conn):
         conn.execute(

@@ -39,7 +39,7 @@ def main() -> None:
     elif point == "after_charge":  # the ledger charge has committed, no noise drawn yet
         from privseg import release
 
-        release._exact = _die  # type: ignore[assignment]
+        release.exact = _die  # type: ignore[assignment]  # the name release() calls
     dep = Deployment()
     if operation == "release":
         from privseg import release

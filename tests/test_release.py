@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from opendp.accuracy import discrete_laplacian_scale_to_accuracy
 
-from privseg import audit, ledger, release
+from privseg import audit, ledger, release, release_data
 from privseg.deployment import Deployment
 from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
 from privseg.ingest import ingest_files
@@ -404,7 +404,7 @@ def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None
     after = pl.read_parquet(engine.snapshot_path(ready.store, snap_after))
     assert after.height == before.height - 1 and member not in set(after.get_column("pid"))
     # A new release on the rewritten snapshot uses dimensions aligned to its new rows.
-    dims = release._dimensions(ready, snap_after)
+    dims = release_data.dimensions(ready, snap_after)
     assert dims.height == after.height
     out = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
     assert not out["cached"]

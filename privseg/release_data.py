@@ -1,0 +1,150 @@
+"""Exact aggregates for releases, in one Polars pass over the membership snapshot.
+
+Nothing here leaves the server: release.py adds OpenDP noise to these vectors before anything is
+returned.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from privseg.deployment import Deployment
+from privseg.release_plan import NONE_STATE, UNKNOWN, ReleasePlan
+from privseg.segments import engine
+
+
+def states(dep: Deployment, snap: engine.Snapshot, segments: list[str], name: str) -> pl.LazyFrame:
+    members = pl.scan_parquet(engine.snapshot_path(dep.store, snap)).select("pid", *segments)
+    state: pl.Expr = pl.lit(NONE_STATE)
+    for sid in reversed(segments):
+        state = pl.when(pl.col(sid)).then(pl.lit(sid)).otherwise(state)
+    return members.select("pid", state.alias(name))
+
+
+def exact(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """The exact counts, in the order of the released vector."""
+    if plan.kind == "segment_movement":
+        assert plan.from_snapshot is not None
+        before = states(dep, plan.from_snapshot, plan.segments, "from")
+        after = states(dep, plan.snapshot, plan.segments, "to")
+        moved = (
+            before.join(after, on="pid", how="full", coalesce=True)
+            .with_columns(pl.col("from").fill_null(NONE_STATE), pl.col("to").fill_null(NONE_STATE))
+            .group_by("from", "to")
+            .len()
+            .collect()
+        )
+        counts: dict[tuple[str, ...], int] = {(r[0], r[1]): int(r[2]) for r in moved.iter_rows()}
+        return [counts.get(k, 0) for k in plan.keys]
+    if plan.kind == "ab_lift":
+        t, c, conv = (pl.col(s) for s in plan.segments)
+        row = (
+            pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot))
+            .select(t.sum(), c.sum(), (t & conv).sum().alias("ct"), (c & conv).sum().alias("cc"))
+            .collect()
+            .row(0)
+        )
+        return [int(v) for v in row]
+    return exact_cells(dep, plan)
+
+
+_DIMS_CACHE: dict[tuple[str, str], pl.DataFrame] = {}
+_DIMS_LOCK = threading.Lock()
+
+
+def dimensions(dep: Deployment, snap: engine.Snapshot) -> pl.DataFrame:
+    """Every breakdown dimension and consent attribute, in the snapshot's row order (cached per
+    snapshot: the join on pseudonyms is the slow part of a release, and a snapshot never changes)."""
+    # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
+    key = (str(dep.settings.db_path.resolve()), f"{snap.id}/{snap.file}")
+    with _DIMS_LOCK:
+        cached = _DIMS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    dims = sorted(
+        {d for c in dep.categories.categories.values() for d in c.allowed_dimensions()}
+        | {c.consent_attribute for c in dep.categories.categories.values()}
+    )
+    pids = pl.scan_parquet(engine.snapshot_path(dep.store, snap)).select("pid")
+    profiles = dep.store.scan_profiles()
+    if profiles is None:
+        frame = pids.collect().with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims])
+    else:
+        available = profiles.collect_schema().names()
+        cols = [d for d in dims if d in available]
+        frame = pids.join(
+            profiles.select("pid", *cols), on="pid", how="left", maintain_order="left"
+        ).collect()
+    frame = frame.drop("pid")
+    with _DIMS_LOCK:
+        if len(_DIMS_CACHE) >= 4:  # a few snapshots at most: the latest, and those movement reads
+            _DIMS_CACHE.pop(next(iter(_DIMS_CACHE)))
+        _DIMS_CACHE[key] = frame
+    return frame
+
+
+def person_spend(dep: Deployment, plan: ReleasePlan) -> pl.Series:
+    """Each person's spend in cents, clipped to [0, value_clip], in the snapshot's row order."""
+    assert plan.spend is not None
+    event, days = plan.spend
+    as_of = datetime.fromisoformat(plan.snapshot.as_of)
+    pids = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid")
+    events = dep.store.scan_events()
+    if events is None:
+        return pl.zeros(pids.select(pl.len()).collect().item(), dtype=pl.Int64, eager=True)
+    window = (pl.col("ts") <= as_of) & (pl.col("ts") >= as_of - timedelta(days=days))
+    totals = (
+        events.filter((pl.col("event_type") == event) & window)
+        .group_by("pid")
+        .agg(pl.col("value").fill_null(0).clip(lower_bound=0).sum().alias("spend"))
+    )
+    spend = pids.join(totals, on="pid", how="left", maintain_order="left").select(
+        (pl.col("spend").fill_null(0).clip(0, plan.policy.value_clip) * 100).round().cast(pl.Int64)
+    )
+    return spend.collect().to_series()
+
+
+def exact_spend(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """Clipped spend in cents per cell, segment-major, in the order of the count vector."""
+    dims = plan.breakdown
+    frame = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
+    frame = frame.with_columns(person_spend(dep, plan).alias("__spend"))
+    if dims:
+        frame = pl.concat([frame, dimensions(dep, plan.snapshot).select(dims)], how="horizontal")
+        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
+    exprs = [pl.col("__spend").filter(pl.col(s)).sum().alias(s) for s in plan.segments]
+    if dims:
+        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
+        table = keys.join(
+            frame.group_by(dims).agg(exprs), on=dims, how="left", maintain_order="left"
+        ).fill_null(0)
+    else:
+        table = frame.select(exprs)
+    return [int(v) for s in plan.segments for v in table.get_column(s).to_list()]
+
+
+def exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
+    dims = plan.breakdown
+    members = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
+    frame = members
+    if dims or plan.kind == "partner_audience":
+        need = [*dims] + ([plan.policy.consent_attribute] if plan.kind == "partner_audience" else [])
+        frame = pl.concat([members, dimensions(dep, plan.snapshot).select(need)], how="horizontal")
+        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
+    exprs = [pl.col(s).sum().alias(s) for s in plan.segments]
+    if plan.kind == "partner_audience":
+        exprs.append(pl.col(plan.policy.consent_attribute).fill_null(False).sum().alias("__population"))
+    if dims:
+        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
+        agg = frame.group_by(dims).agg(exprs)
+        table = keys.join(agg, on=dims, how="left", maintain_order="left").fill_null(0)
+    else:
+        table = frame.select(exprs)
+    out: list[int] = []
+    for name in [*plan.segments, *(["__population"] if plan.kind == "partner_audience" else [])]:
+        out += [int(v) for v in table.get_column(name).to_list()]
+    return out
