@@ -446,6 +446,48 @@ def budget(as_json: JsonOpt = False) -> None:
     _emit(rows, as_json, "\n".join(lines))
 
 
+apikey_app = typer.Typer(no_args_is_help=True, help="Issue, list and revoke API keys.")
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    role: Annotated[str, typer.Option(help="admin, marketer, compliance or partner.")],
+    name: Annotated[str, typer.Option(help="Key name; for marketers, the marketer id releases go to.")],
+    partner: Annotated[str | None, typer.Option(help="For partner keys: the partner id.")] = None,
+) -> None:
+    """Create an API key. The token is printed once; only a keyed hash is stored."""
+    from privseg import apikeys
+
+    dep = _deployment()
+    key, token = apikeys.create(dep.store.conn, dep.keyset, role=role, name=name, partner=partner)
+    typer.echo(f"API key {key.key_id} ({key.role}, acting as {key.principal!r}); shown once:")
+    typer.echo(token)
+
+
+@apikey_app.command("list")
+def apikey_list(as_json: JsonOpt = False) -> None:
+    """API keys (never their tokens)."""
+    from privseg import apikeys
+
+    rows = apikeys.listing(_deployment().store.conn)
+    text = "\n".join(
+        f"{r['id']:>4} {r['role']:<10} {r['principal']:<20} {r['name']:<20} revoked={r['revoked_at']}"
+        for r in rows
+    )
+    _emit(rows, as_json, text or "(no keys)")
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key_id: int) -> None:
+    """Revoke an API key."""
+    from privseg import apikeys
+
+    dep = _deployment()
+    apikeys.revoke(dep.store.conn, dep.keyset, key_id)
+    typer.echo(f"revoked API key {key_id}")
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",

@@ -99,6 +99,18 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX releases_by_key ON releases (cache_key);
     """,
+    """
+    -- API keys: only a keyed hash of each token is stored; the token is shown once, at creation.
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'marketer', 'compliance', 'partner')),
+        principal TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    """,
 )
 
 

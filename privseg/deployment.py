@@ -63,6 +63,15 @@ class Deployment:
     def store(self) -> Store:
         return Store(connect(self.settings.db_path), self.settings.data_dir)
 
+    def for_request(self) -> Deployment:
+        """A deployment sharing what is already loaded (keyset, policies) but with its own database
+        connection: SQLite connections must not be shared by concurrent requests."""
+        fork = Deployment(self.settings)
+        for name in ("keyset", "ingest_policy", "schema", "categories"):
+            if name in self.__dict__:
+                fork.__dict__[name] = self.__dict__[name]
+        return fork
+
     def close(self) -> None:
         if "store" in self.__dict__:
             self.store.conn.close()

@@ -84,6 +84,14 @@ class PolicyViolation(PrivsegError):
     title = "Refused by policy"
 
 
+class Unauthenticated(PrivsegError):
+    """No valid API key was presented."""
+
+    code = "unauthenticated"
+    status = 401
+    title = "Authentication required"
+
+
 class NotPermitted(PrivsegError):
     """The recipient may not receive this kind of release for this category."""
 

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     log_file: Path | None = Field(
         None, description="Also write logs to this file (logs never contain raw identifiers)."
     )
+    max_upload_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Largest accepted upload; bodies are streamed to disk, never held in memory.",
+    )
     log_level: str = Field("WARNING", description="Python logging level name (INFO shows each batch).")
 
     @property

@@ -1,15 +1,28 @@
-"""FastAPI application: health endpoints for now, and the problem+json mapping of PrivsegError."""
+"""The FastAPI application: routes under /v1, health endpoints, and one place that turns every error
+into an RFC 9457 problem+json response with a stable ``type``.
+
+No response ever carries a stack trace, SQL, key material or an input value: validation problems
+name the field and what is wrong with it, never what was sent.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from privseg import __version__
+from privseg.api.routes import router
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
 
+log = logging.getLogger(__name__)
 PROBLEM_BASE = "https://privseg.dev/problems/"
+JSON_BODY_LIMIT = 1024 * 1024  # every route but uploads takes small JSON bodies
 
 
 def problem(status: int, code: str, title: str, detail: str) -> JSONResponse:
@@ -24,10 +37,43 @@ def problem(status: int, code: str, title: str, detail: str) -> JSONResponse:
 def create_app(deployment: Deployment | None = None) -> FastAPI:
     dep = deployment or Deployment()
     app = FastAPI(title="privseg", version=__version__, openapi_url="/openapi.json", docs_url="/docs")
+    app.state.deployment = dep
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def _limit_json_bodies(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if not request.url.path.startswith("/v1/ingest/"):
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > JSON_BODY_LIMIT):
+                return problem(
+                    413,
+                    "body-too-large",
+                    "Body too large",
+                    f"request bodies are limited to {JSON_BODY_LIMIT} bytes",
+                )
+        return await call_next(request)
 
     @app.exception_handler(PrivsegError)
     async def _privseg_error(_request: Request, exc: PrivsegError) -> JSONResponse:
         return problem(exc.status, exc.code, exc.title, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
+        ]
+        return problem(422, "invalid-request", "Invalid request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, f"http-{exc.status_code}", "HTTP error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected %s while serving a request", type(exc).__name__)  # no message: it may hold data
+        return problem(500, "internal", "Internal error", "the server could not complete the request")
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -36,19 +82,23 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     def readyz() -> JSONResponse:
-        """Readiness: keyset, ingest policy and store can be opened."""
+        """Readiness: keyset, policies and store can be opened."""
         checks: dict[str, str] = {}
-        for name, probe in (
-            ("keyset", lambda: dep.keyset),
-            ("ingest_policy", lambda: dep.ingest_policy),
-            ("category_policies", lambda: dep.categories),
-            ("store", lambda: dep.store.key_version()),
-        ):
-            try:
-                probe()
-                checks[name] = "ok"
-            except PrivsegError as exc:
-                checks[name] = exc.code  # the code only: messages can name paths
+        probe_dep = dep.for_request()
+        try:
+            for name, probe in (
+                ("keyset", lambda: probe_dep.keyset),
+                ("ingest_policy", lambda: probe_dep.ingest_policy),
+                ("category_policies", lambda: probe_dep.categories),
+                ("store", lambda: probe_dep.store.key_version()),
+            ):
+                try:
+                    probe()
+                    checks[name] = "ok"
+                except PrivsegError as exc:
+                    checks[name] = exc.code  # the code only: messages can name paths
+        finally:
+            probe_dep.close()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

@@ -1,0 +1,346 @@
+"""The /v1 routes. Thin: each checks the caller's role, then calls the same service function the CLI
+calls. Bodies are pydantic models; the recipient of a release is always the caller's own identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, BackgroundTasks, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from privseg import apikeys, audit, ledger, release
+from privseg.api.deps import Admin, AdminOrMarketer, Compliance, DepDep, Marketer, Partner
+from privseg.category_policy import CategoryPolicy, CategorySet, findings
+from privseg.deployment import Deployment
+from privseg.errors import InvalidInput, NotFound, PolicyError
+from privseg.ingest import ingest_files
+from privseg.maintenance import erase_subject
+from privseg.release_plan import Measure
+from privseg.segments import definitions, engine
+from privseg.sources import detect_format
+
+router = APIRouter(prefix="/v1")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- admin -------------------------------------------------------------------------------------------
+def _recompute(dep: Deployment) -> None:
+    """Recompute a stale snapshot after ingestion, after the response has gone out."""
+    fresh = dep.for_request()
+    try:
+        if engine.staleness(fresh.store, engine.latest(fresh.store.conn)) and definitions.active(
+            fresh.store.conn
+        ):
+            engine.compute_snapshot(store=fresh.store, compiler=fresh.compiler(), keyset=fresh.keyset)
+    finally:
+        fresh.close()
+
+
+@router.post("/ingest/{kind}", tags=["admin"])
+async def ingest(
+    kind: Literal["profiles", "events"],
+    request: Request,
+    dep: DepDep,
+    _who: Admin,
+    background: BackgroundTasks,
+    filename: str = Query(
+        description="Source file name; its ending gives the format (.csv, .csv.gz, .parquet, .ndjson)."
+    ),
+) -> list[dict[str, Any]]:
+    """Upload one batch as the raw request body. It is streamed to a private temporary file (never
+    held in memory), validated and stored all-or-nothing; the snapshot is recomputed in the background."""
+    detect_format(Path(filename))  # refuse an unknown format before reading the body
+    limit = dep.settings.max_upload_bytes
+    uploads = dep.settings.home / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=uploads, suffix="-" + Path(filename).name)
+    tmp = Path(tmp_name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidInput(f"the upload exceeds the limit of {limit} bytes")
+                fh.write(chunk)
+        if size == 0:
+            raise InvalidInput(f"{Path(filename).name}: the upload is empty")
+        results = await run_in_threadpool(
+            ingest_files, store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[tmp]
+        )
+    finally:
+        tmp.unlink(missing_ok=True)
+    if any(r.stored for r in results):
+        background.add_task(_recompute, request.app.state.deployment)
+    return [{**r.__dict__, "source": Path(filename).name} for r in results]
+
+
+@router.get("/store", tags=["admin"])
+def store_status(dep: DepDep, _who: Admin) -> dict[str, Any]:
+    return dep.store.status()
+
+
+class ErasureBody(_Body):
+    id: str = Field(min_length=1, description="The data subject's raw identifier (never logged or stored).")
+
+
+@router.post("/erase", tags=["admin"])
+def erase(body: ErasureBody, dep: DepDep, _who: Admin) -> dict[str, Any]:
+    result = erase_subject(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, raw_id=body.id)
+    return {**result.__dict__, "found": result.found}
+
+
+@router.get("/keys", tags=["admin"])
+def key_status(dep: DepDep, _who: Admin) -> dict[str, Any]:
+    return {**dep.keyset.describe(), "store_key_version": dep.store.key_version()}
+
+
+@router.get("/snapshots", tags=["admin", "marketer"])
+def snapshot_status(dep: DepDep, _who: AdminOrMarketer) -> dict[str, Any]:
+    snap = engine.latest(dep.store.conn)
+    reasons = engine.staleness(dep.store, snap)
+    return {"snapshot": None if snap is None else snap.__dict__, "stale": bool(reasons), "reasons": reasons}
+
+
+@router.post("/snapshots", tags=["admin"])
+def recompute(dep: DepDep, _who: Admin) -> dict[str, Any]:
+    snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
+    return {"snapshot": snap.__dict__, "timings": timings}
+
+
+class ApiKeyBody(_Body):
+    role: apikeys.Role
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
+    partner: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$")
+
+
+@router.get("/apikeys", tags=["admin"])
+def list_keys(dep: DepDep, _who: Admin) -> list[dict[str, Any]]:
+    return apikeys.listing(dep.store.conn)
+
+
+@router.post("/apikeys", tags=["admin"], status_code=201)
+def create_key(body: ApiKeyBody, dep: DepDep, _who: Admin) -> dict[str, Any]:
+    key, token = apikeys.create(
+        dep.store.conn, dep.keyset, role=body.role, name=body.name, partner=body.partner
+    )
+    return {**key.__dict__, "token": token, "note": "shown once; only a keyed hash is stored"}
+
+
+@router.delete("/apikeys/{key_id}", tags=["admin"], status_code=204)
+def revoke_key(key_id: int, dep: DepDep, _who: Admin) -> None:
+    apikeys.revoke(dep.store.conn, dep.keyset, key_id)
+
+
+# -- marketer ------------------------------------------------------------------------------------------
+@router.get("/segments", tags=["marketer"])
+def list_segments(dep: DepDep, _who: Marketer) -> list[dict[str, Any]]:
+    return [s.__dict__ for s in definitions.active(dep.store.conn).values()]
+
+
+@router.post("/segments", tags=["marketer"])
+async def apply_segments(request: Request, dep: DepDep, _who: Marketer) -> list[dict[str, Any]]:
+    """Apply segment and trait definitions (a segment, a list, or {segments, traits}), all or none."""
+    try:
+        doc = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput("the body is not valid JSON") from None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=dep.settings.home, delete=False) as fh:
+        json.dump(doc, fh)
+    try:
+        results = await run_in_threadpool(
+            definitions.apply,
+            dep.store.conn,
+            dep.keyset,
+            [Path(fh.name)],
+            schema=dep.schema,
+            categories=dep.categories,
+        )
+    finally:
+        Path(fh.name).unlink(missing_ok=True)
+    return [r.__dict__ for r in results]
+
+
+@router.get("/segments/{segment_id}/explain", tags=["marketer"])
+def explain(segment_id: str, dep: DepDep, _who: Marketer) -> dict[str, str]:
+    compiler = dep.compiler()
+    if segment_id not in compiler.defs:
+        raise NotFound(f"no active segment {segment_id!r}")
+    return {"segment": segment_id, "explanation": compiler.explain(segment_id)}
+
+
+class CohortBody(_Body):
+    segments: list[str] = Field(min_length=1, max_length=20)
+    breakdown: list[str] = Field(default_factory=list, max_length=4)
+    measures: list[Measure] = Field(default_factory=lambda: list[Measure](["count"]), min_length=1)
+    spend_window_days: int = Field(365, ge=1, le=3650)
+    dry_run: bool = False
+
+
+@router.post("/reports/cohort", tags=["marketer"])
+def cohort_report(body: CohortBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
+    return release.cohort_report(
+        dep, release.CohortReportRequest(**body.model_dump(), recipient=who.principal)
+    )
+
+
+class LiftBody(_Body):
+    treatment: str
+    control: str
+    conversion: str
+    dry_run: bool = False
+
+
+@router.post("/reports/lift", tags=["marketer"])
+def lift_report(body: LiftBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
+    return release.lift(dep, release.LiftRequest(**body.model_dump(), recipient=who.principal))
+
+
+class MovementBody(_Body):
+    segments: list[str] = Field(min_length=2, max_length=6)
+    from_snapshot: int
+    to_snapshot: int | None = None
+    dry_run: bool = False
+
+
+@router.post("/reports/movement", tags=["marketer"])
+def movement_report(body: MovementBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
+    return release.movement(dep, release.MovementRequest(**body.model_dump(), recipient=who.principal))
+
+
+@router.get("/budget/me", tags=["marketer"])
+def my_budget(dep: DepDep, who: Marketer) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    out = []
+    for name, policy in sorted(dep.categories.categories.items()):
+        if who.principal in policy.recipients.marketers:
+            left = ledger.remaining(dep.store.conn, policy, who.principal, now)
+            out.append(
+                {
+                    "category": name,
+                    "remaining_epsilon": ledger.from_micro(max(left.micro, 0)),
+                    "per_recipient": policy.budget.per_recipient,
+                    "period_days": policy.budget.period_days,
+                }
+            )
+    return out
+
+
+# -- compliance ------------------------------------------------------------------------------------------
+@router.get("/policies", tags=["compliance"])
+def policies(dep: DepDep, _who: Compliance) -> dict[str, Any]:
+    cats = dep.categories
+    return {
+        "policy_hash": cats.content_hash,
+        "categories": {n: c.model_dump(mode="json") for n, c in cats.categories.items()},
+        "ingest": dep.ingest_policy.model_dump(mode="json"),
+    }
+
+
+class PolicyCandidate(_Body):
+    categories: dict[str, dict[str, Any]] = Field(description="Category name -> the YAML document, as JSON.")
+
+
+@router.post("/policies/validate", tags=["compliance"])
+def validate_policies(body: PolicyCandidate, dep: DepDep, _who: Compliance) -> dict[str, Any]:
+    """Check a candidate policy set without loading it."""
+    from pydantic import ValidationError
+
+    from privseg.errors import describe_validation_error
+
+    parsed: dict[str, CategoryPolicy] = {}
+    problems: list[str] = []
+    for name, doc in body.categories.items():
+        try:
+            parsed[name] = CategoryPolicy.model_validate(doc)
+        except ValidationError as exc:
+            problems.append(f"{name}: {describe_validation_error(exc)}")
+    if "general" not in parsed and not problems:
+        problems.append("the 'general' category is required")
+    if not problems:
+        try:
+            problems = findings(CategorySet(parsed, "candidate"), dep.schema.breakdown_dimensions())
+        except PolicyError as exc:
+            problems = [exc.message]
+    return {"valid": not problems, "findings": problems}
+
+
+@router.get("/budget", tags=["compliance"])
+def budget(dep: DepDep, _who: Compliance) -> list[dict[str, Any]]:
+    return ledger.status(dep.store.conn, dep.categories, datetime.now(UTC))
+
+
+@router.get("/audit", tags=["compliance"])
+def audit_log(
+    dep: DepDep, _who: Compliance, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+) -> list[dict[str, Any]]:
+    return [e.__dict__ for e in audit.entries(dep.store.conn, after=after, limit=limit)]
+
+
+@router.get("/audit/verify", tags=["compliance"])
+def audit_verify(dep: DepDep, _who: Compliance) -> dict[str, Any]:
+    return audit.verify(dep.store.conn, dep.keyset).__dict__
+
+
+@router.get("/releases/{release_id}", tags=["compliance"])
+def release_metadata(release_id: int, dep: DepDep, _who: Compliance) -> dict[str, Any]:
+    """What was released to whom, at what cost and under which policy; not the released values."""
+    row = dep.store.conn.execute(
+        "SELECT id, at, kind, recipient, category, status, request, snapshot_id, policy_hash, epsilon_micro "
+        "FROM releases WHERE id = ?",
+        (release_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no release {release_id}")
+    keys = (
+        "id",
+        "at",
+        "kind",
+        "recipient",
+        "category",
+        "status",
+        "request",
+        "snapshot",
+        "policy_hash",
+        "epsilon",
+    )
+    out = dict(zip(keys, row, strict=True))
+    out["request"] = json.loads(out["request"])
+    out["epsilon"] = ledger.from_micro(out["epsilon"])
+    return out
+
+
+# -- partner ----------------------------------------------------------------------------------------------
+@router.get("/audiences", tags=["partner"])
+def grants(dep: DepDep, who: Partner) -> list[dict[str, Any]]:
+    """The segments this partner may receive audiences for (its own grants only)."""
+    out = []
+    for (kind, sid), stored in sorted(definitions.active(dep.store.conn).items()):
+        if kind != "segment":
+            continue
+        policy = dep.categories.categories.get(str(stored.body.get("category")))
+        if policy and policy.partner_audiences and who.principal in policy.recipients.partners:
+            out.append({"segment": sid, "category": policy.name, "dimensions": policy.allowed_dimensions()})
+    return out
+
+
+class AudienceBody(_Body):
+    segment: str
+    breakdown: list[str] = Field(default_factory=lambda: ["region"], min_length=1, max_length=4)
+    dry_run: bool = False
+
+
+@router.post("/audiences", tags=["partner"])
+def audience(body: AudienceBody, dep: DepDep, who: Partner) -> dict[str, Any]:
+    return release.partner_audience(
+        dep, release.PartnerAudienceRequest(**body.model_dump(), partner=who.principal)
+    )

@@ -1,0 +1,331 @@
+"""The HTTP API over a temporary deployment: every route x every kind of caller, errors, isolation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from privseg import apikeys, audit
+from privseg.api.app import create_app
+from privseg.deployment import Deployment
+from privseg.ingest import ingest_files
+from privseg.segments import definitions, engine
+from tests.conftest import AS_OF, REPO
+
+EXAMPLES = REPO / "privseg" / "segments" / "examples"
+ROLES = ("admin", "marketer", "compliance", "partner")
+
+# route -> (method, allowed roles, a request body or params that passes validation)
+MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
+    "/v1/ingest/{kind}": (
+        "POST",
+        {"admin"},
+        {
+            "path": "/v1/ingest/events",
+            "params": {"filename": "e.csv"},
+            "content": b"customer_id,ts,event_type\nC1,2026-05-01T00:00:00Z,purchase\n",
+        },
+    ),
+    "/v1/store": ("GET", {"admin"}, {}),
+    "/v1/erase": ("POST", {"admin"}, {"json": {"id": "C_nobody"}}),
+    "/v1/keys": ("GET", {"admin"}, {}),
+    "/v1/snapshots": ("GET", {"admin", "marketer"}, {}),
+    "/v1/snapshots#post": ("POST", {"admin"}, {"path": "/v1/snapshots"}),
+    "/v1/apikeys": ("GET", {"admin"}, {}),
+    "/v1/apikeys#post": (
+        "POST",
+        {"admin"},
+        {"path": "/v1/apikeys", "json": {"role": "marketer", "name": "crm_team"}},
+    ),
+    "/v1/apikeys/{key_id}": ("DELETE", {"admin"}, {"path": "/v1/apikeys/999"}),
+    "/v1/segments": ("GET", {"marketer"}, {}),
+    "/v1/segments#post": (
+        "POST",
+        {"marketer"},
+        {
+            "path": "/v1/segments",
+            "json": {
+                "id": "x_new",
+                "category": "general",
+                "objective": "brand",
+                "where": {"event": {"type": "purchase"}},
+            },
+        },
+    ),
+    "/v1/segments/{segment_id}/explain": (
+        "GET",
+        {"marketer"},
+        {"path": "/v1/segments/cart_abandoners_7d/explain"},
+    ),
+    "/v1/reports/cohort": (
+        "POST",
+        {"marketer"},
+        {"json": {"segments": ["cart_abandoners_7d"], "dry_run": True}},
+    ),
+    "/v1/reports/lift": (
+        "POST",
+        {"marketer"},
+        {
+            "json": {
+                "treatment": "spring_test_treatment",
+                "control": "control_group_10pct",
+                "conversion": "coupon_responders",
+                "dry_run": True,
+            }
+        },
+    ),
+    "/v1/reports/movement": (
+        "POST",
+        {"marketer"},
+        {
+            "json": {
+                "segments": ["engaged_not_ready", "cart_abandoners_7d"],
+                "from_snapshot": 1,
+                "dry_run": True,
+            }
+        },
+    ),
+    "/v1/budget/me": ("GET", {"marketer"}, {}),
+    "/v1/policies": ("GET", {"compliance"}, {}),
+    "/v1/policies/validate": ("POST", {"compliance"}, {"json": {"categories": {}}}),
+    "/v1/budget": ("GET", {"compliance"}, {}),
+    "/v1/audit": ("GET", {"compliance"}, {}),
+    "/v1/audit/verify": ("GET", {"compliance"}, {}),
+    "/v1/releases/{release_id}": ("GET", {"compliance"}, {"path": "/v1/releases/1"}),
+    "/v1/audiences": ("GET", {"partner"}, {}),
+    "/v1/audiences#post": (
+        "POST",
+        {"partner"},
+        {
+            "path": "/v1/audiences",
+            "json": {"segment": "hearing_aid_interest_55plus", "breakdown": ["age_band"], "dry_run": True},
+        },
+    ),
+}
+
+
+@pytest.fixture
+def api(dep: Deployment, demo_files) -> tuple[TestClient, dict[str, str], Deployment]:  # type: ignore[no-untyped-def]
+    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
+        ingest_files(
+            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path], now=AS_OF
+        )  # type: ignore[arg-type]
+    definitions.apply(
+        dep.store.conn,
+        dep.keyset,
+        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
+        schema=dep.schema,
+        categories=dep.categories,
+    )
+    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    tokens = {
+        "admin": apikeys.create(dep.store.conn, dep.keyset, role="admin", name="ops")[1],
+        "marketer": apikeys.create(dep.store.conn, dep.keyset, role="marketer", name="growth_team")[1],
+        "compliance": apikeys.create(dep.store.conn, dep.keyset, role="compliance", name="dpo")[1],
+        "partner": apikeys.create(
+            dep.store.conn, dep.keyset, role="partner", name="alpha", partner="adnet_alpha"
+        )[1],
+        "other_partner": apikeys.create(
+            dep.store.conn, dep.keyset, role="partner", name="beta", partner="adnet_beta"
+        )[1],
+    }
+    return TestClient(create_app(dep), raise_server_exceptions=False), tokens, dep
+
+
+def _call(client: TestClient, route: str, method: str, spec: dict[str, Any], headers: dict[str, str]) -> Any:
+    kwargs = {k: v for k, v in spec.items() if k in ("json", "params", "content")}
+    return client.request(method, spec.get("path", route.split("#")[0]), headers=headers, **kwargs)
+
+
+def _problem(response: Any) -> dict[str, Any]:
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    body = response.json()
+    assert body["type"].startswith("https://privseg.dev/problems/") and body["status"] == response.status_code
+    return body  # type: ignore[no-any-return]
+
+
+def test_the_matrix_covers_every_route(api: tuple[TestClient, dict[str, str], Deployment]) -> None:
+    # From the OpenAPI document: the routes a client can see are the ones that must be covered.
+    paths = create_app(api[2]).openapi()["paths"]
+    routes = {(path, m.upper()) for path, ops in paths.items() if path.startswith("/v1") for m in ops}
+    covered = {(key.split("#")[0], method) for key, (method, _, _) in MATRIX.items()}
+    assert routes == covered
+
+
+@pytest.mark.parametrize("route", sorted(MATRIX))
+def test_every_route_admits_exactly_its_roles(
+    api: tuple[TestClient, dict[str, str], Deployment], route: str
+) -> None:
+    client, tokens, _dep = api
+    method, allowed, spec = MATRIX[route]
+    callers: dict[str, dict[str, str]] = {
+        "nobody": {},
+        "malformed": {"Authorization": "Bearer nonsense"},
+        "wrong scheme": {"Authorization": f"Basic {tokens['admin']}"},
+        "unknown key": {"Authorization": "Bearer psk_" + "A" * 43},
+        **{role: {"Authorization": f"Bearer {tokens[role]}"} for role in ROLES},
+    }
+    for caller, headers in callers.items():
+        response = _call(client, route, method, spec, headers)
+        if caller in allowed:
+            assert response.status_code not in (401, 403), (route, caller, response.text)
+            assert response.status_code < 500, (route, caller, response.text)
+        elif caller in ROLES:
+            assert response.status_code == 403, (route, caller, response.status_code)
+            assert _problem(response)["type"].endswith("/not-permitted")
+        else:
+            assert response.status_code == 401, (route, caller, response.status_code)
+            assert _problem(response)["type"].endswith("/unauthenticated")
+
+
+def test_failed_authentication_is_audited_without_the_token(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    client, _tokens, dep = api
+    secret = "psk_" + "Z" * 43
+    client.get("/v1/store", headers={"Authorization": f"Bearer {secret}"})
+    entry = audit.entries(dep.store.conn, limit=1000)[-1]
+    assert entry.event == "auth_failed" and entry.details["path"] == "/v1/store"
+    db = b"".join(p.read_bytes() for p in dep.settings.home.glob("privseg.db*"))
+    assert secret.encode() not in db and b"Z" * 43 not in db
+
+
+def test_partners_see_only_their_own_grants(api: tuple[TestClient, dict[str, str], Deployment]) -> None:
+    client, tokens, _dep = api
+    alpha = client.get("/v1/audiences", headers={"Authorization": f"Bearer {tokens['partner']}"}).json()
+    beta = client.get("/v1/audiences", headers={"Authorization": f"Bearer {tokens['other_partner']}"}).json()
+    assert "hearing_aid_interest_55plus" in {g["segment"] for g in alpha}
+    assert "hearing_aid_interest_55plus" not in {g["segment"] for g in beta}
+    refused = client.post(
+        "/v1/audiences",
+        json={"segment": "hearing_aid_interest_55plus", "breakdown": ["age_band"]},
+        headers={"Authorization": f"Bearer {tokens['other_partner']}"},
+    )
+    assert refused.status_code == 403 and "adnet_beta" in _problem(refused)["detail"]
+
+
+def test_reports_go_to_the_callers_own_identity_and_budget(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    client, tokens, _dep = api
+    h = {"Authorization": f"Bearer {tokens['marketer']}"}
+    out = client.post(
+        "/v1/reports/cohort", json={"segments": ["cart_abandoners_7d"], "breakdown": ["age_band"]}, headers=h
+    )
+    assert (
+        out.status_code == 200
+        and out.json()["recipient"] == "growth_team"
+        and out.json()["charged_epsilon"] == 0.5
+    )
+    smuggled = client.post(
+        "/v1/reports/cohort", json={"segments": ["cart_abandoners_7d"], "recipient": "crm_team"}, headers=h
+    )
+    assert smuggled.status_code == 422 and "recipient" in _problem(smuggled)["detail"]
+    mine = client.get("/v1/budget/me", headers=h).json()
+    assert {"category": "general", "remaining_epsilon": 9.5, "per_recipient": 10.0, "period_days": 30} in mine
+    meta = client.get("/v1/releases/1", headers={"Authorization": f"Bearer {tokens['compliance']}"}).json()
+    assert meta["recipient"] == "growth_team" and meta["epsilon"] == 0.5 and "results" not in meta
+
+
+def test_bad_input_is_a_clear_problem_and_stores_nothing(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    client, tokens, dep = api
+    admin = {"Authorization": f"Bearer {tokens['admin']}"}
+    marketer = {"Authorization": f"Bearer {tokens['marketer']}"}
+    batches = len(dep.store.batches())
+    cases = [
+        (
+            client.post(
+                "/v1/reports/cohort",
+                content=b"{not json",
+                headers={**marketer, "content-type": "application/json"},
+            ),
+            422,
+            None,
+        ),
+        (
+            client.post(
+                "/v1/reports/cohort",
+                json={"segments": ["cart_abandoners_7d"], "colour": "red"},
+                headers=marketer,
+            ),
+            422,
+            "colour",
+        ),
+        (client.post("/v1/reports/cohort", json={"segments": []}, headers=marketer), 422, "segments"),
+        (client.post("/v1/reports/cohort", json={"segments": ["nope"]}, headers=marketer), 404, "nope"),
+        (
+            client.post(
+                "/v1/reports/cohort",
+                content=b"x" * (1024 * 1024 + 1),
+                headers={**marketer, "content-type": "application/json"},
+            ),
+            413,
+            None,
+        ),
+        (client.post("/v1/segments", content=b"\xff\xfe", headers=marketer), 422, "JSON"),
+        (
+            client.post(
+                "/v1/ingest/profiles", params={"filename": "p.csv"}, content=b"\x00\xff" * 500, headers=admin
+            ),
+            422,
+            "UTF-8",
+        ),
+        (
+            client.post("/v1/ingest/profiles", params={"filename": "p.xlsx"}, content=b"x", headers=admin),
+            422,
+            "unknown file type",
+        ),
+        (
+            client.post("/v1/ingest/profiles", params={"filename": "p.csv"}, content=b"", headers=admin),
+            422,
+            "empty",
+        ),
+        (
+            client.post(
+                "/v1/ingest/profiles",
+                params={"filename": "p.csv"},
+                content=b"customer_id,ssn\nC1,123\n",
+                headers=admin,
+            ),
+            422,
+            "ssn",
+        ),
+        (client.get("/v1/no-such-route", headers=admin), 404, None),
+    ]
+    for response, status, needle in cases:
+        body = _problem(response)
+        assert response.status_code == status, (status, response.text)
+        if needle:
+            assert needle in body["detail"], body
+        assert "Traceback" not in response.text and "SELECT" not in response.text
+    assert len(dep.store.batches()) == batches
+    assert not list((dep.settings.home / "uploads").glob("*"))  # temporary uploads are removed
+
+
+def test_uploads_are_pseudonymized_and_responses_hold_no_identifier(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    client, tokens, dep = api
+    body = b"customer_id,email,gender\nC9000001,secret.person@example.com,female\n"
+    response = client.post(
+        "/v1/ingest/profiles",
+        params={"filename": "new.csv"},
+        content=body,
+        headers={"Authorization": f"Bearer {tokens['admin']}"},
+    )
+    assert response.status_code == 200 and response.json()[0]["rows"] == 1
+    text = response.text + json.dumps(
+        client.get("/v1/store", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+    )
+    assert "C9000001" not in text and "secret.person" not in text
+    erased = client.post(
+        "/v1/erase", json={"id": "C9000001"}, headers={"Authorization": f"Bearer {tokens['admin']}"}
+    )
+    assert erased.json()["profile_rows"] == 1 and "C9000001" not in erased.text
+    stored = b"".join(p.read_bytes() for p in dep.settings.home.rglob("*") if p.is_file())
+    assert b"C9000001" not in stored and b"secret.person" not in stored
