@@ -1,0 +1,188 @@
+"""End to end against a real `privseg serve` process on 127.0.0.1 (a free port), started and stopped
+here: ingest over HTTP, define segments, report as a marketer, fetch an audience as a partner, verify
+the audit log as compliance; then 64 concurrent report requests against one budget."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import yaml
+
+from privseg.settings import Settings
+from tests.conftest import REPO, make_settings, run_cli
+
+EXAMPLES = REPO / "privseg" / "segments" / "examples"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str], Settings, Path]]:
+    root = tmp_path_factory.mktemp("e2e")
+    settings = make_settings(root)
+    run_cli(settings, "keys", "init", "--namespace", "e2e")
+    tokens = {}
+    for role, extra in (
+        ("admin", ["--name", "ops"]),
+        ("marketer", ["--name", "growth_team"]),
+        ("compliance", ["--name", "dpo"]),
+        ("partner", ["--name", "alpha", "--partner", "adnet_alpha"]),
+    ):
+        out = run_cli(settings, "apikey", "create", "--role", role, *extra).stdout.strip().splitlines()
+        tokens[role] = out[-1]
+    data = root / "data"
+    run_cli(settings, "demo-data", "--customers", "3000", "--seed", "4", "--out", str(data))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PRIVSEG_HOME": str(settings.home),
+        "PRIVSEG_KEYSET": str(settings.keyset),
+        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
+        "PRIVSEG_LOG_FILE": str(settings.log_file),
+        "PRIVSEG_LOG_LEVEL": "INFO",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("privseg serve did not become ready")
+            time.sleep(0.2)
+        yield base, tokens, settings, data
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def _h(tokens: dict[str, str], role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens[role]}"}
+
+
+def test_end_to_end_over_http(server: tuple[str, dict[str, str], Settings, Path]) -> None:
+    base, tokens, settings, data = server
+    with httpx2.Client(base_url=base, timeout=120) as c:
+        # Segments first, so that ingestion triggers the background recompute.
+        docs = {
+            **yaml.safe_load((EXAMPLES / "traits.yaml").read_text()),
+            **yaml.safe_load((EXAMPLES / "segments.yaml").read_text()),
+        }
+        applied = c.post("/v1/segments", json=docs, headers=_h(tokens, "marketer"))
+        assert applied.status_code == 200 and len(applied.json()) == 18
+        for kind, name in (("profiles", "customers.csv"), ("events", "events.csv")):
+            with open(data / name, "rb") as fh:  # streamed from disk, as a big upload would be
+                r = c.post(
+                    f"/v1/ingest/{kind}", params={"filename": name}, content=fh, headers=_h(tokens, "admin")
+                )
+            assert r.status_code == 200 and r.json()[0]["stored"], r.text
+        deadline = time.monotonic() + 60
+        while True:
+            status = c.get("/v1/snapshots", headers=_h(tokens, "marketer")).json()
+            if status["snapshot"] is not None and not status["stale"]:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        dry = c.post(
+            "/v1/reports/cohort",
+            json={"segments": ["cart_abandoners_7d"], "breakdown": ["age_band"], "dry_run": True},
+            headers=_h(tokens, "marketer"),
+        )
+        assert dry.status_code == 200 and dry.json()["would_charge_epsilon"] == 0.5
+        report = c.post(
+            "/v1/reports/cohort",
+            json={"segments": ["cart_abandoners_7d"], "breakdown": ["age_band"]},
+            headers=_h(tokens, "marketer"),
+        )
+        assert report.status_code == 200 and report.json()["charged_epsilon"] == 0.5
+        assert report.json()["results"][0]["cells"], report.json()
+        grants = c.get("/v1/audiences", headers=_h(tokens, "partner")).json()
+        assert "hearing_aid_interest_55plus" in {g["segment"] for g in grants}
+        aud = c.post(
+            "/v1/audiences",
+            json={"segment": "hearing_aid_interest_55plus", "breakdown": ["age_band"]},
+            headers=_h(tokens, "partner"),
+        )
+        assert aud.status_code == 200 and aud.json()["kind"] == "partner_audience"
+        verify = c.get("/v1/audit/verify", headers=_h(tokens, "compliance")).json()
+        assert verify["ok"] and verify["entries"] > 5
+        budget = c.get("/v1/budget", headers=_h(tokens, "compliance")).json()
+        spent = {row["category"]: row["category_spent"] for row in budget}
+        assert spent["general"] == 0.5 and spent["hearing_aids"] == 0.25
+    # Nothing raw in the server's log either.
+    log = settings.log_file.read_text()  # type: ignore[union-attr]
+    assert "C000000001" not in log and "@example" not in log
+
+
+def test_concurrent_reports_never_overspend(server: tuple[str, dict[str, str], Settings, Path]) -> None:
+    base, tokens, _settings, _data = server
+    import itertools
+
+    general = [
+        "discount_seekers",
+        "coupon_responders",
+        "frequent_buyers",
+        "high_spenders",
+        "lapsed_customers",
+        "rfm_champions",
+        "rfm_at_risk",
+        "view_then_cart_1d",
+        "engaged_not_ready",
+        "control_group_10pct",
+    ]
+    distinct = [list(c) for c in itertools.combinations(general, 2)][:32]
+    repeated = [["frequent_buyers"]] * 32  # one request asked 32 times
+    requests = [*distinct, *repeated]
+    results: list[tuple[int, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def one(segments: list[str]) -> None:
+        with httpx2.Client(base_url=base, timeout=120) as c:
+            r = c.post("/v1/reports/cohort", json={"segments": segments}, headers=_h(tokens, "marketer"))
+        with lock:
+            results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=one, args=(segs,)) for segs in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert len(results) == 64
+    assert all(code < 500 for code, _ in results), [r for r in results if r[0] >= 500]
+    charged = sum(body.get("charged_epsilon", 0) for code, body in results if code == 200)
+    cached = [body for code, body in results if code == 200 and body.get("cached")]
+    assert all(body["charged_epsilon"] == 0 for body in cached)
+    refused = [body for code, body in results if code == 429]
+    assert all("left" in body["detail"] for body in refused)
+    with httpx2.Client(base_url=base, timeout=30) as c:
+        ledger = c.get("/v1/budget", headers=_h(tokens, "compliance")).json()
+    growth = next(
+        r
+        for row in ledger
+        if row["category"] == "general"
+        for r in row["recipients"]
+        if r["recipient"] == "growth_team"
+    )
+    # The e2e test already spent 0.5; the budget is 10: never more, and these requests filled it.
+    assert growth["spent"] <= 10.0 and growth["spent"] == pytest.approx(0.5 + charged)
+    assert growth["spent"] == pytest.approx(10.0)
