@@ -8,9 +8,10 @@ import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +27,9 @@ from privseg.segments import definitions, engine
 from privseg.sources import detect_format
 
 router = APIRouter(prefix="/v1")
+# SQLite integers are 64-bit signed: larger ids are refused as invalid instead of overflowing.
+MAX_ID = 2**62
+IdParam = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 class _Body(BaseModel):
@@ -137,7 +141,7 @@ def create_key(body: ApiKeyBody, dep: DepDep, _who: Admin) -> dict[str, Any]:
 
 
 @router.delete("/apikeys/{key_id}", tags=["admin"], status_code=204)
-def revoke_key(key_id: int, dep: DepDep, _who: Admin) -> None:
+def revoke_key(key_id: IdParam, dep: DepDep, _who: Admin) -> None:
     apikeys.revoke(dep.store.conn, dep.keyset, key_id)
 
 
@@ -207,8 +211,8 @@ def lift_report(body: LiftBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
 
 class MovementBody(_Body):
     segments: list[str] = Field(min_length=2, max_length=6)
-    from_snapshot: int
-    to_snapshot: int | None = None
+    from_snapshot: int = Field(ge=1, le=MAX_ID)
+    to_snapshot: int | None = Field(None, ge=1, le=MAX_ID)
     dry_run: bool = False
 
 
@@ -281,7 +285,10 @@ def budget(dep: DepDep, _who: Compliance) -> list[dict[str, Any]]:
 
 @router.get("/audit", tags=["compliance"])
 def audit_log(
-    dep: DepDep, _who: Compliance, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+    dep: DepDep,
+    _who: Compliance,
+    after: int = Query(0, ge=0, le=MAX_ID),
+    limit: int = Query(100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
     return [e.__dict__ for e in audit.entries(dep.store.conn, after=after, limit=limit)]
 
@@ -292,7 +299,7 @@ def audit_verify(dep: DepDep, _who: Compliance) -> dict[str, Any]:
 
 
 @router.get("/releases/{release_id}", tags=["compliance"])
-def release_metadata(release_id: int, dep: DepDep, _who: Compliance) -> dict[str, Any]:
+def release_metadata(release_id: IdParam, dep: DepDep, _who: Compliance) -> dict[str, Any]:
     """What was released to whom, at what cost and under which policy; not the released values."""
     row = dep.store.conn.execute(
         "SELECT id, at, kind, recipient, category, status, request, snapshot_id, policy_hash, epsilon_micro "
