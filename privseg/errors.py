@@ -30,6 +30,14 @@ class InvalidInput(PrivsegError):
     title = "Invalid input"
 
 
+class PayloadTooLarge(InvalidInput):
+    """An upload or body over the configured limit."""
+
+    code = "body-too-large"
+    status = 413
+    title = "Body too large"
+
+
 class PolicyError(PrivsegError):
     """A policy file is missing, malformed, or inconsistent."""
 

@@ -91,7 +91,22 @@ def _check_names(path: Path, names: Iterable[str]) -> None:
         seen.add(name)
 
 
+def _check_gzip_complete(path: Path) -> None:
+    """Polars decompresses a truncated gzip stream without complaint and returns what it got, so a
+    cut-off upload would silently lose rows. Read the stream through (constant memory) first."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != GZIP_MAGIC:
+            return
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    except (OSError, EOFError, gzip.BadGzipFile):
+        raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
+
+
 def _read_csv(path: Path) -> pl.DataFrame:
+    _check_gzip_complete(path)
     _check_names(path, _csv_header(path))
     try:
         return pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)

@@ -329,3 +329,37 @@ def test_uploads_are_pseudonymized_and_responses_hold_no_identifier(
     assert erased.json()["profile_rows"] == 1 and "C9000001" not in erased.text
     stored = b"".join(p.read_bytes() for p in dep.settings.home.rglob("*") if p.is_file())
     assert b"C9000001" not in stored and b"secret.person" not in stored
+
+
+def test_oversized_truncated_and_mistyped_uploads(dep: Deployment, demo_files, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+
+    from privseg.settings import Settings
+
+    small = Settings(**{**dep.settings.model_dump(), "max_upload_bytes": 10_000})
+    limited = Deployment(small)
+    token = apikeys.create(limited.store.conn, limited.keyset, role="admin", name="ops")[1]
+    client = TestClient(create_app(limited), raise_server_exceptions=False)
+    h = {"Authorization": f"Bearer {token}"}
+    big = client.post(
+        "/v1/ingest/profiles",
+        params={"filename": "c.csv"},
+        content=demo_files.customers.read_bytes(),
+        headers=h,
+    )
+    assert big.status_code == 413 and "PRIVSEG_MAX_UPLOAD_BYTES" in _problem(big)["detail"]
+    whole = gzip.compress(b"customer_id,gender\n" + b"".join(b"C%d,male\n" % i for i in range(200)))
+    cut = client.post(
+        "/v1/ingest/profiles", params={"filename": "p.csv.gz"}, content=whole[: len(whole) // 2], headers=h
+    )
+    assert cut.status_code == 422 and "truncated" in _problem(cut)["detail"]
+    marketer = apikeys.create(limited.store.conn, limited.keyset, role="marketer", name="growth_team")[1]
+    wrong_type = client.post(
+        "/v1/reports/cohort",
+        content=b'{"segments": ["x"]}',
+        headers={"Authorization": f"Bearer {marketer}", "content-type": "text/plain"},
+    )
+    assert wrong_type.status_code == 422 and _problem(wrong_type)
+    assert limited.store.batches() == []
+    assert not list((small.home / "uploads").glob("*"))
+    limited.close()

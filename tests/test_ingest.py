@@ -294,3 +294,14 @@ def test_demo_data_ingests_cleanly(dep: Deployment, demo_files) -> None:  # type
     assert set(events.get_column("pid")) <= set(profiles.get_column("pid"))
     assert events.get_column("ts").max() <= AS_OF  # type: ignore[operator]
     assert date(2024, 1, 1) < events.get_column("ts").min().date()  # type: ignore[union-attr]
+
+
+def test_a_truncated_gzip_is_refused_not_partly_read(dep: Deployment, tmp_path: Path) -> None:
+    # Polars alone reads what it can of a cut-off gzip stream: rows would vanish silently.
+    rows = [profile_row(f"C{i}") for i in range(2000)]
+    whole = gzip.compress(write_csv(tmp_path / "p.csv", PROFILE_HEADER, rows).read_bytes())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(InvalidInput, match=r"cut\.csv\.gz: the gzip stream is corrupt or truncated"):
+        ingest(dep, "profiles", cut)
+    assert_nothing_stored(dep)

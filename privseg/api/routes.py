@@ -19,7 +19,7 @@ from privseg import apikeys, audit, ledger, release
 from privseg.api.deps import Admin, AdminOrMarketer, Compliance, DepDep, Marketer, Partner
 from privseg.category_policy import CategoryPolicy, CategorySet, findings
 from privseg.deployment import Deployment
-from privseg.errors import InvalidInput, NotFound, PolicyError
+from privseg.errors import InvalidInput, NotFound, PayloadTooLarge, PolicyError
 from privseg.ingest import ingest_files
 from privseg.maintenance import erase_subject
 from privseg.release_plan import Measure
@@ -66,15 +66,18 @@ async def ingest(
     limit = dep.settings.max_upload_bytes
     uploads = dep.settings.home / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=uploads, suffix="-" + Path(filename).name)
-    tmp = Path(tmp_name)
+    # A private directory per upload, so the file keeps its own name (errors name it) and nothing clashes.
+    folder = Path(tempfile.mkdtemp(dir=uploads))
+    tmp = folder / Path(filename).name
     try:
         size = 0
-        with os.fdopen(fd, "wb") as fh:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise InvalidInput(f"the upload exceeds the limit of {limit} bytes")
+                    raise PayloadTooLarge(
+                        f"the upload exceeds the limit of {limit} bytes (PRIVSEG_MAX_UPLOAD_BYTES)"
+                    )
                 fh.write(chunk)
         if size == 0:
             raise InvalidInput(f"{Path(filename).name}: the upload is empty")
@@ -83,6 +86,7 @@ async def ingest(
         )
     finally:
         tmp.unlink(missing_ok=True)
+        folder.rmdir()
     if any(r.stored for r in results):
         background.add_task(_recompute, request.app.state.deployment)
     return [{**r.__dict__, "source": Path(filename).name} for r in results]
