@@ -194,10 +194,14 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
     conn = dep.store.conn
     key = _cache_key(plan)
     eps_micro = ledger.to_micro(plan.epsilon)
+    lookup = "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1"
+    # A cached release is served with a plain read: no write lock, so cache hits never queue behind
+    # charges. (Checked again under the lock below, where it decides.)
+    done = conn.execute(lookup, (key,)).fetchone()
+    if done is not None and done[1] == "done":
+        return {**json.loads(done[2]), "cached": True, "charged_epsilon": 0.0}
     with transaction(conn):
-        row = conn.execute(
-            "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1", (key,)
-        ).fetchone()
+        row = conn.execute(lookup, (key,)).fetchone()
         if row is not None and row[1] == "done":
             return {**json.loads(row[2]), "cached": True, "charged_epsilon": 0.0}
         if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:

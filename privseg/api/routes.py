@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,11 @@ router = APIRouter(prefix="/v1")
 # SQLite integers are 64-bit signed: larger ids are refused as invalid instead of overflowing.
 MAX_ID = 2**62
 IdParam = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+
+
+def _json(result: dict[str, Any]) -> Response:
+    # Releases are plain JSON already: skip FastAPI's generic encoder, which walks every cell.
+    return Response(json.dumps(result), media_type="application/json")
 
 
 class _Body(BaseModel):
@@ -195,10 +200,9 @@ class CohortBody(_Body):
 
 
 @router.post("/reports/cohort", tags=["marketer"])
-def cohort_report(body: CohortBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
-    return release.cohort_report(
-        dep, release.CohortReportRequest(**body.model_dump(), recipient=who.principal)
-    )
+def cohort_report(body: CohortBody, dep: DepDep, who: Marketer) -> Response:
+    req = release.CohortReportRequest(**body.model_dump(), recipient=who.principal)
+    return _json(release.cohort_report(dep, req))
 
 
 class LiftBody(_Body):
@@ -209,8 +213,8 @@ class LiftBody(_Body):
 
 
 @router.post("/reports/lift", tags=["marketer"])
-def lift_report(body: LiftBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
-    return release.lift(dep, release.LiftRequest(**body.model_dump(), recipient=who.principal))
+def lift_report(body: LiftBody, dep: DepDep, who: Marketer) -> Response:
+    return _json(release.lift(dep, release.LiftRequest(**body.model_dump(), recipient=who.principal)))
 
 
 class MovementBody(_Body):
@@ -221,8 +225,8 @@ class MovementBody(_Body):
 
 
 @router.post("/reports/movement", tags=["marketer"])
-def movement_report(body: MovementBody, dep: DepDep, who: Marketer) -> dict[str, Any]:
-    return release.movement(dep, release.MovementRequest(**body.model_dump(), recipient=who.principal))
+def movement_report(body: MovementBody, dep: DepDep, who: Marketer) -> Response:
+    return _json(release.movement(dep, release.MovementRequest(**body.model_dump(), recipient=who.principal)))
 
 
 @router.get("/budget/me", tags=["marketer"])
@@ -351,7 +355,6 @@ class AudienceBody(_Body):
 
 
 @router.post("/audiences", tags=["partner"])
-def audience(body: AudienceBody, dep: DepDep, who: Partner) -> dict[str, Any]:
-    return release.partner_audience(
-        dep, release.PartnerAudienceRequest(**body.model_dump(), partner=who.principal)
-    )
+def audience(body: AudienceBody, dep: DepDep, who: Partner) -> Response:
+    req = release.PartnerAudienceRequest(**body.model_dump(), partner=who.principal)
+    return _json(release.partner_audience(dep, req))

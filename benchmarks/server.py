@@ -1,0 +1,217 @@
+"""Server benchmark: cached and fresh (charging) cohort reports over HTTP on loopback, at concurrency
+1, 8 and 32, against the same release called in-process in the same run.
+
+    .venv/bin/python benchmarks/server.py --customers 1000000
+
+Uses the store benchmarks/segments.py built (and the 20 segments benchmarks/release.py applied), and
+a copy of policies/ with large budgets so that fresh requests are not refused mid-run. Reports
+requests/s, p50 and p99 latency, and the ratio of HTTP p50 to in-process p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import print_table, write_results
+from benchmarks.release import _prepare
+from benchmarks.segments import _bench_home
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+
+
+def _policies(tmp: Path) -> Path:
+    target = tmp / "policies"
+    shutil.copytree(REPO / "policies", target)
+    for f in (target / "categories").glob("*.yaml"):
+        doc = yaml.safe_load(f.read_text())
+        doc["budget"]["per_recipient"] = 100_000.0 if doc["name"] == "general" else 1.0
+        doc["budget"]["category_cap"] = 1_000_000.0 if doc["name"] == "general" else 2.0
+        f.write_text(yaml.safe_dump(doc))
+    return target
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _load(
+    base: str, token: str, bodies: list[dict[str, Any]], concurrency: int, expect_fresh: bool
+) -> tuple[float, list[float], int]:
+    import httpx2
+
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    queue = list(bodies)
+
+    def worker() -> None:
+        nonlocal errors
+        with httpx2.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {token}"}) as c:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    body = queue.pop()
+                t = time.perf_counter()
+                r = c.post("/v1/reports/cohort", json=body)
+                dt = time.perf_counter() - t
+                bad = r.status_code != 200 or (expect_fresh and r.json().get("cached"))
+                with lock:
+                    latencies.append(dt)
+                    errors += bool(bad)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, latencies, errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--customers", type=int, default=1_000_000)
+    ap.add_argument("--fresh", type=int, default=40, help="fresh requests per concurrency level")
+    ap.add_argument("--cached", type=int, default=200, help="cached requests per concurrency level")
+    args = ap.parse_args()
+
+    from privseg import apikeys, release
+    from privseg.deployment import Deployment
+    from privseg.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = _bench_home(args.customers)
+        settings = Settings(home=home, keyset=home / "keyset.json", policy_dir=_policies(Path(tmp)))
+        dep, seg_ids = _prepare(args.customers)  # 20 applied segments and a current snapshot
+        dep.close()
+        dep = Deployment(settings)
+        token = apikeys.create(dep.store.conn, dep.keyset, role="marketer", name="growth_team")[1]
+        # Random 10-segment sets, never repeated in a run: a "fresh" request must not hit the cache that
+        # an earlier run left in the same store (the benchmark also counts any cached reply as an error).
+        rng = random.Random(time.time_ns())
+        seen: set[tuple[str, ...]] = set()
+
+        def fresh_combos() -> Any:
+            while True:
+                combo = tuple(sorted(rng.sample(seg_ids, 10)))
+                if combo not in seen:
+                    seen.add(combo)
+                    yield list(combo)
+
+        combos = fresh_combos()
+        dims = ["age_band", "region"]
+
+        # In-process baseline, same service call, same kinds of request.
+        inproc_fresh, inproc_cached = [], []
+        for _ in range(args.fresh):
+            req = release.CohortReportRequest(segments=next(combos), breakdown=dims, recipient="growth_team")
+            t = time.perf_counter()
+            first = release.cohort_report(dep, req)
+            inproc_fresh.append(time.perf_counter() - t)
+            assert not first["cached"]
+            t = time.perf_counter()
+            release.cohort_report(dep, req)
+            inproc_cached.append(time.perf_counter() - t)
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {
+            **os.environ,
+            "PRIVSEG_HOME": str(home),
+            "PRIVSEG_KEYSET": str(settings.keyset),
+            "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
+            "PRIVSEG_LOG_LEVEL": "WARNING",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        rows, results = [], {}
+        try:
+            import httpx2
+
+            while True:
+                try:
+                    if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx2.TransportError:
+                    time.sleep(0.2)
+            cached_body = {"segments": next(combos), "breakdown": dims}
+            httpx2.post(
+                f"{base}/v1/reports/cohort",
+                json=cached_body,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=120,
+            )
+            for c in (1, 8, 32):
+                fresh = [{"segments": next(combos), "breakdown": dims} for _ in range(args.fresh)]
+                for kind, bodies in (("fresh", fresh), ("cached", [cached_body] * args.cached)):
+                    wall, lat, errors = _load(base, token, bodies, c, expect_fresh=kind == "fresh")
+                    base_p50 = statistics.median(inproc_fresh if kind == "fresh" else inproc_cached)
+                    results[f"{kind}_c{c}"] = {
+                        "rps": len(lat) / wall,
+                        "p50": _pct(lat, 0.5),
+                        "p99": _pct(lat, 0.99),
+                        "errors": errors,
+                        "inprocess_p50": base_p50,
+                    }
+                    rows.append(
+                        [
+                            kind,
+                            c,
+                            f"{len(lat) / wall:.1f}",
+                            f"{_pct(lat, 0.5) * 1000:.1f}",
+                            f"{_pct(lat, 0.99) * 1000:.1f}",
+                            errors,
+                            f"{base_p50 * 1000:.1f}",
+                            f"{_pct(lat, 0.5) / base_p50:.2f}",
+                        ]
+                    )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        print(
+            f"\nserver benchmark: {args.customers} customers, 10 segments x {dims} per report, loopback HTTP"
+        )
+        print_table(
+            [
+                "request",
+                "concurrency",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                "in-process p50 ms",
+                "HTTP p50 / in-process p50",
+            ],
+            rows,
+        )
+        print(f"results: {write_results('server', {'customers': args.customers, 'results': results})}")
+
+
+if __name__ == "__main__":
+    main()
