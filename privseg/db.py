@@ -130,6 +130,11 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
+    # Every request opens a connection: check without the write lock first, so that readers do not
+    # queue behind writers; take the lock (and look again) only when there is something to migrate.
+    (current,) = conn.execute("PRAGMA user_version").fetchone()
+    if current == len(_MIGRATIONS):
+        return
     with transaction(conn):
         (current,) = conn.execute("PRAGMA user_version").fetchone()
         for number, script in enumerate(_MIGRATIONS[current:], start=current + 1):
