@@ -186,3 +186,74 @@ def test_concurrent_reports_never_overspend(server: tuple[str, dict[str, str], S
     # The e2e test already spent 0.5; the budget is 10: never more, and these requests filled it.
     assert growth["spent"] <= 10.0 and growth["spent"] == pytest.approx(0.5 + charged)
     assert growth["spent"] == pytest.approx(10.0)
+
+
+def test_graceful_shutdown_finishes_the_request_in_flight(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    run_cli(settings, "keys", "init")
+    token = (
+        run_cli(settings, "apikey", "create", "--role", "admin", "--name", "ops")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    data = tmp_path / "d"
+    run_cli(settings, "demo-data", "--customers", "500", "--out", str(data))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PRIVSEG_HOME": str(settings.home),
+        "PRIVSEG_KEYSET": str(settings.keyset),
+        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        payload = (data / "customers.csv").read_bytes()
+        started = threading.Event()
+
+        def slow_body() -> Iterator[bytes]:
+            for i in range(0, len(payload), 4096):
+                if i == 4096 * 5:
+                    started.set()  # the server is now reading this request
+                time.sleep(0.01)
+                yield payload[i : i + 4096]
+
+        outcome: dict[str, Any] = {}
+
+        def upload() -> None:
+            r = httpx2.post(
+                f"{base}/v1/ingest/profiles",
+                params={"filename": "customers.csv"},
+                content=slow_body(),
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=120,
+            )
+            outcome["status"], outcome["body"] = r.status_code, r.json()
+
+        t = threading.Thread(target=upload)
+        t.start()
+        assert started.wait(30)
+        proc.send_signal(signal.SIGTERM)  # while the upload is still streaming in
+        t.join(timeout=120)
+        assert outcome["status"] == 200 and outcome["body"][0]["rows"] == 500
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    status = run_cli(settings, "store", "status", "--json").stdout
+    assert '"rows": 500' in status  # the batch the server finished while stopping is stored
