@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -125,3 +126,80 @@ def run_cli(
             f"privseg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+EXAMPLES = REPO / "privseg" / "segments" / "examples"
+
+
+def prepare(dep: Deployment, customers: Path, events: Path) -> None:
+    """Ingest demo files as of AS_OF, apply the shipped example segments, compute a snapshot."""
+    from privseg.ingest import ingest_files
+    from privseg.segments import definitions, engine
+
+    ingest_files(
+        store=dep.store,
+        keyset=dep.keyset,
+        policy=dep.ingest_policy,
+        kind="profiles",
+        paths=[customers],
+        now=AS_OF,
+    )
+    ingest_files(
+        store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind="events", paths=[events], now=AS_OF
+    )
+    definitions.apply(
+        dep.store.conn,
+        dep.keyset,
+        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
+        schema=dep.schema,
+        categories=dep.categories,
+    )
+    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+
+
+@contextmanager
+def running_server(
+    settings: Settings, log_level: str = "WARNING"
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`privseg serve` on a free loopback port for the duration of the block; yields (base URL, process)."""
+    import signal
+    import socket
+    import time
+
+    import httpx2
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PRIVSEG_HOME": str(settings.home),
+        "PRIVSEG_KEYSET": str(settings.keyset),
+        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
+        "PRIVSEG_LOG_FILE": str(settings.log_file),
+        "PRIVSEG_LOG_LEVEL": log_level,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("privseg serve did not become ready")
+            time.sleep(0.2)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it handled.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -24,42 +24,11 @@ def test_not_ready_without_keys_reports_codes_only(settings: Settings) -> None:
 
 
 def test_privseg_serve_answers_on_loopback_and_stops(dep: Deployment) -> None:
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import httpx2
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PRIVSEG_HOME": str(dep.settings.home),
-        "PRIVSEG_KEYSET": str(dep.settings.keyset),
-        "PRIVSEG_POLICY_DIR": str(dep.settings.policy_dir),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                break
-            except httpx2.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
+    from tests.conftest import running_server
+
+    with running_server(dep.settings) as (base, proc):
+        response = httpx2.get(f"{base}/readyz", timeout=5)
         assert response.status_code == 200 and response.json()["ready"] is True
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal it handled.
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert proc.poll() is not None  # stopped, and (checked by the helper) cleanly

@@ -11,11 +11,8 @@ from fastapi.testclient import TestClient
 from privseg import apikeys, audit
 from privseg.api.app import create_app
 from privseg.deployment import Deployment
-from privseg.ingest import ingest_files
-from privseg.segments import definitions, engine
-from tests.conftest import AS_OF, REPO
+from tests.conftest import prepare
 
-EXAMPLES = REPO / "privseg" / "segments" / "examples"
 ROLES = ("admin", "marketer", "compliance", "partner")
 
 # route -> (method, allowed roles, a request body or params that passes validation)
@@ -109,18 +106,7 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
 
 @pytest.fixture
 def api(dep: Deployment, demo_files) -> tuple[TestClient, dict[str, str], Deployment]:  # type: ignore[no-untyped-def]
-    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
-        ingest_files(
-            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path], now=AS_OF
-        )  # type: ignore[arg-type]
-    definitions.apply(
-        dep.store.conn,
-        dep.keyset,
-        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
-        schema=dep.schema,
-        categories=dep.categories,
-    )
-    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    prepare(dep, demo_files.customers, demo_files.events)
     tokens = {
         "admin": apikeys.create(dep.store.conn, dep.keyset, role="admin", name="ops")[1],
         "marketer": apikeys.create(dep.store.conn, dep.keyset, role="marketer", name="growth_team")[1],

@@ -12,12 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from privseg import apikeys
 from privseg.api.app import create_app
 from privseg.deployment import Deployment
-from privseg.ingest import ingest_files
 from privseg.keyset import create_keyset
-from privseg.segments import definitions, engine
-from tests.conftest import AS_OF, REPO, make_settings
+from tests.conftest import make_settings, prepare
 
-EXAMPLES = REPO / "privseg" / "segments" / "examples"
 TOKENS: dict[str, str] = {}
 CALLS: list[int] = []  # status of every call made, to show the fuzzer really exercised the API
 
@@ -27,18 +24,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory, demo_files: Any) -> Ite
     settings_ = make_settings(tmp_path_factory.mktemp("fuzz"))
     create_keyset(settings_.keyset, "fuzz")
     dep = Deployment(settings_)
-    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
-        ingest_files(
-            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path], now=AS_OF
-        )
-    definitions.apply(
-        dep.store.conn,
-        dep.keyset,
-        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
-        schema=dep.schema,
-        categories=dep.categories,
-    )
-    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    prepare(dep, demo_files.customers, demo_files.events)
     for role, name, partner in (
         ("admin", "ops", None),
         ("marketer", "growth_team", None),

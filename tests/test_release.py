@@ -17,9 +17,8 @@ from opendp.accuracy import discrete_laplacian_scale_to_accuracy
 from privseg import audit, ledger, release, release_data
 from privseg.deployment import Deployment
 from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
-from privseg.ingest import ingest_files
-from privseg.segments import definitions, engine
-from tests.conftest import AS_OF, REPO
+from privseg.segments import engine
+from tests.conftest import AS_OF, REPO, prepare
 from tests.test_store import _env
 
 EXAMPLES = REPO / "privseg" / "segments" / "examples"
@@ -39,18 +38,7 @@ GENERAL = [
 
 @pytest.fixture
 def ready(dep: Deployment, demo_files) -> Deployment:  # type: ignore[no-untyped-def]
-    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
-        ingest_files(
-            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path], now=AS_OF
-        )  # type: ignore[arg-type]
-    definitions.apply(
-        dep.store.conn,
-        dep.keyset,
-        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
-        schema=dep.schema,
-        categories=dep.categories,
-    )
-    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    prepare(dep, demo_files.customers, demo_files.events)
     return dep
 
 
@@ -332,18 +320,7 @@ def ready_20k(dep: Deployment, tmp_path: Path) -> Deployment:
     from privseg.demo_data import generate
 
     files = generate(tmp_path / "demo20k", customers=20_000, seed=5, as_of=AS_OF)
-    for kind, path in (("profiles", files.customers), ("events", files.events)):
-        ingest_files(
-            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path], now=AS_OF
-        )  # type: ignore[arg-type]
-    definitions.apply(
-        dep.store.conn,
-        dep.keyset,
-        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
-        schema=dep.schema,
-        categories=dep.categories,
-    )
-    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    prepare(dep, files.customers, files.events)
     return dep
 
 

@@ -4,11 +4,7 @@ the audit log as compliance; then 64 concurrent report requests against one budg
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +16,7 @@ import pytest
 import yaml
 
 from privseg.settings import Settings
-from tests.conftest import REPO, make_settings, run_cli
+from tests.conftest import REPO, make_settings, run_cli, running_server
 
 EXAMPLES = REPO / "privseg" / "segments" / "examples"
 
@@ -41,39 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
         tokens[role] = out[-1]
     data = root / "data"
     run_cli(settings, "demo-data", "--customers", "3000", "--seed", "4", "--out", str(data))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PRIVSEG_HOME": str(settings.home),
-        "PRIVSEG_KEYSET": str(settings.keyset),
-        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
-        "PRIVSEG_LOG_FILE": str(settings.log_file),
-        "PRIVSEG_LOG_LEVEL": "INFO",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("privseg serve did not become ready")
-            time.sleep(0.2)
+    with running_server(settings, log_level="INFO") as (base, _proc):
         yield base, tokens, settings, data
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
 def _h(tokens: dict[str, str], role: str) -> dict[str, str]:
@@ -191,49 +156,22 @@ def test_concurrent_reports_never_overspend(server: tuple[str, dict[str, str], S
 def test_graceful_shutdown_finishes_the_request_in_flight(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     run_cli(settings, "keys", "init")
-    token = (
-        run_cli(settings, "apikey", "create", "--role", "admin", "--name", "ops")
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    created = run_cli(settings, "apikey", "create", "--role", "admin", "--name", "ops")
+    token = created.stdout.strip().splitlines()[-1]
     data = tmp_path / "d"
     run_cli(settings, "demo-data", "--customers", "500", "--out", str(data))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PRIVSEG_HOME": str(settings.home),
-        "PRIVSEG_KEYSET": str(settings.keyset),
-        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.2)
-        payload = (data / "customers.csv").read_bytes()
-        started = threading.Event()
+    payload = (data / "customers.csv").read_bytes()
+    started = threading.Event()
+    outcome: dict[str, Any] = {}
 
-        def slow_body() -> Iterator[bytes]:
-            for i in range(0, len(payload), 4096):
-                if i == 4096 * 5:
-                    started.set()  # the server is now reading this request
-                time.sleep(0.01)
-                yield payload[i : i + 4096]
+    def slow_body() -> Iterator[bytes]:
+        for i in range(0, len(payload), 4096):
+            if i == 4096 * 5:
+                started.set()  # the server is now reading this request
+            time.sleep(0.01)
+            yield payload[i : i + 4096]
 
-        outcome: dict[str, Any] = {}
+    with running_server(settings) as (base, proc):
 
         def upload() -> None:
             r = httpx2.post(
@@ -250,10 +188,6 @@ def test_graceful_shutdown_finishes_the_request_in_flight(tmp_path: Path) -> Non
         assert started.wait(30)
         proc.send_signal(signal.SIGTERM)  # while the upload is still streaming in
         t.join(timeout=120)
-        assert outcome["status"] == 200 and outcome["body"][0]["rows"] == 500
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert outcome["status"] == 200 and outcome["body"][0]["rows"] == 500
     status = run_cli(settings, "store", "status", "--json").stdout
     assert '"rows": 500' in status  # the batch the server finished while stopping is stored
