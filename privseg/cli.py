@@ -150,6 +150,21 @@ def erase(
         typer.echo("no data for that identifier; nothing erased")
 
 
+@app.command("reidentify")
+def reidentify_cmd(
+    pseudonym: Annotated[
+        str, typer.Option(help="The pseudonym (k<version>.<...>) to turn back into an identifier.")
+    ],
+    reason: Annotated[str, typer.Option(help="Why (audited). E.g. a data-subject access request reference.")],
+) -> None:
+    """For the key holder (compliance): decrypt one pseudonym. Audited with the reason; never over HTTP."""
+    dep = _deployment()
+    identifier = maintenance.reidentify(
+        store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, pseudonym=pseudonym, reason=reason
+    )
+    typer.echo(identifier)
+
+
 @app.command("demo-data")
 def demo_data(
     customers: Annotated[int, typer.Option(min=1, help="How many customers.")] = 10_000,

@@ -173,3 +173,25 @@ def compact(
                 details={"expired_events": expired, "superseded_profiles": superseded},
             )
     return CompactionResult(len(profiles), len(store.batches("events")), expired, superseded)
+
+
+def reidentify(*, store: Store, keyset: Keyset, policy: IngestPolicy, pseudonym: str, reason: str) -> str:
+    """The one audited way back from a pseudonym to the (normalized) identifier: CLI only, for whoever
+    holds the keyset file, with a stated reason. The audit entry records the reason and a hash of the
+    pseudonym (enough to match it to a record under review), never the identifier."""
+    import hashlib
+
+    if len(reason.strip()) < 15:
+        raise InvalidInput("state the reason for re-identification (at least 15 characters; it is audited)")
+    identifier = Pseudonymizer(keyset, policy.identity.type).decrypt(pseudonym.strip())
+    with transaction(store.conn):
+        audit.append(
+            store.conn,
+            keyset,
+            "reidentification",
+            {
+                "reason": reason.strip(),
+                "pseudonym_sha256": hashlib.sha256(pseudonym.strip().encode()).hexdigest()[:16],
+            },
+        )
+    return identifier

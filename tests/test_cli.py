@@ -111,3 +111,42 @@ def test_segments_commands(settings: Settings, tmp_path) -> None:  # type: ignor
     assert out.returncode == 2 and "where.event.type: unknown event type 'purchse'" in out.stderr
     missing = run_cli(settings, "segments", "explain", "nope", check=False)
     assert missing.returncode == 2 and "no active segment 'nope'" in missing.stderr
+
+
+def test_reidentification_is_cli_only_needs_a_reason_and_is_audited(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from privseg.api.app import create_app
+    from privseg.deployment import Deployment
+    from privseg.keyset import load_keyset
+    from privseg.pseudonym import IdType, Pseudonymizer
+
+    run_cli(settings, "keys", "init")
+    run_cli(
+        settings,
+        "ingest",
+        "profiles",
+        str(write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C77")])),
+    )
+    token = Pseudonymizer(load_keyset(settings.keyset), IdType.CUSTOMER_NUMBER).pseudonymize("C77")
+    refused = run_cli(settings, "reidentify", "--pseudonym", token, "--reason", "because", check=False)
+    assert refused.returncode == 2 and "state the reason" in refused.stderr
+    tampered = run_cli(
+        settings,
+        "reidentify",
+        "--pseudonym",
+        token[:-2] + "AA",
+        "--reason",
+        "DSAR-2026-0042 access request",
+        check=False,
+    )
+    assert tampered.returncode == 2 and "does not authenticate" in tampered.stderr
+    out = run_cli(settings, "reidentify", "--pseudonym", token, "--reason", "DSAR-2026-0042 access request")
+    assert out.stdout.strip() == "C77"
+    entries = json.loads(run_cli(settings, "audit", "show", "--json").stdout)
+    last = entries[-1]
+    assert (
+        last["event"] == "reidentification" and last["details"]["reason"] == "DSAR-2026-0042 access request"
+    )
+    assert "C77" not in json.dumps(entries) and token not in json.dumps(entries)
+    # Never over HTTP: no route of the API leads there.
+    paths = create_app(Deployment(settings)).openapi()["paths"]
+    assert not [p for p in paths if "ident" in p or "decrypt" in p]
