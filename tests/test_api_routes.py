@@ -349,3 +349,12 @@ def test_oversized_truncated_and_mistyped_uploads(dep: Deployment, demo_files, t
     assert limited.store.batches() == []
     assert not list((small.home / "uploads").glob("*"))
     limited.close()
+
+
+def test_marketers_get_no_exact_head_counts(api: tuple[TestClient, dict[str, str], Deployment]) -> None:
+    client, tokens, _dep = api
+    seen_by_marketer = client.get(
+        "/v1/snapshots", headers={"Authorization": f"Bearer {tokens['marketer']}"}
+    ).json()
+    seen_by_admin = client.get("/v1/snapshots", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+    assert "people" not in seen_by_marketer["snapshot"] and seen_by_admin["snapshot"]["people"] == 2000

@@ -118,10 +118,14 @@ def key_status(dep: DepDep, _who: Admin) -> dict[str, Any]:
 
 
 @router.get("/snapshots", tags=["admin", "marketer"])
-def snapshot_status(dep: DepDep, _who: AdminOrMarketer) -> dict[str, Any]:
+def snapshot_status(dep: DepDep, who: AdminOrMarketer) -> dict[str, Any]:
     snap = engine.latest(dep.store.conn)
     reasons = engine.staleness(dep.store, snap)
-    return {"snapshot": None if snap is None else snap.__dict__, "stale": bool(reasons), "reasons": reasons}
+    info = None if snap is None else dict(snap.__dict__)
+    if info is not None and who.role != "admin":
+        # An exact head count is a non-DP aggregate: two snapshots apart, it shows someone joined or left.
+        info.pop("people")
+    return {"snapshot": info, "stale": bool(reasons), "reasons": reasons}
 
 
 @router.post("/snapshots", tags=["admin"])
