@@ -108,3 +108,33 @@ def test_diff_says_what_got_looser_or_stricter(tmp_path: Path) -> None:
     assert "general: min_cohort_size 50 -> 40 (LOOSER)" in changes
     assert "general: recipients.partners drops ['adnet_beta'] (stricter)" in changes
     assert diff(read_categories(POLICIES), read_categories(POLICIES)) == []
+
+
+def test_the_server_refuses_to_start_on_a_refused_policy_set(tmp_path: Path) -> None:
+    from tests.conftest import make_settings, run_cli
+
+    folder = _copy(tmp_path)
+    _edit(folder, "cannabis", "min_cohort_size", 5)
+    settings = make_settings(tmp_path).model_copy(update={"policy_dir": folder})
+    run_cli(settings, "keys", "init")
+    out = run_cli(settings, "serve", "--port", "1", check=False)  # never gets as far as binding
+    assert out.returncode == 2
+    assert (
+        "cannabis: min_cohort_size is 5, looser than general's 50" in out.stderr and "refused" in out.stderr
+    )
+
+
+def test_each_new_policy_set_is_audited_once(dep: Deployment, tmp_path: Path) -> None:
+    from privseg import audit
+
+    dep.categories  # noqa: B018  (first load)
+    Deployment(dep.settings).categories  # noqa: B018  (same set again: no new entry)
+    loads = [e for e in audit.entries(dep.store.conn, limit=1000) if e.event == "policy_load"]
+    assert len(loads) == 1 and loads[0].details["policy_hash"] == dep.categories.content_hash
+    folder = _copy(tmp_path)
+    _edit(folder, "general", "epsilon_per_release", 0.4)
+    changed = Deployment(dep.settings.model_copy(update={"policy_dir": folder}))
+    changed.categories  # noqa: B018
+    loads = [e for e in audit.entries(dep.store.conn, limit=1000) if e.event == "policy_load"]
+    assert len(loads) == 2 and loads[1].details["policy_hash"] == changed.categories.content_hash
+    changed.close()
