@@ -358,3 +358,23 @@ def test_marketers_get_no_exact_head_counts(api: tuple[TestClient, dict[str, str
     ).json()
     seen_by_admin = client.get("/v1/snapshots", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
     assert "people" not in seen_by_marketer["snapshot"] and seen_by_admin["snapshot"]["people"] == 2000
+
+
+def test_no_response_carries_key_material(api: tuple[TestClient, dict[str, str], Deployment]) -> None:
+    import base64
+
+    client, tokens, dep = api
+    doc = json.loads(dep.settings.keyset.read_text())
+    secrets = [k["key"] for k in doc["pseudonym_keys"]] + [doc["audit_key"]]
+    needles = secrets + [base64.b64decode(s).hex() for s in secrets] + [s[:16] for s in secrets]
+    seen = []
+    for route, (method, allowed, spec) in MATRIX.items():
+        for role in allowed:
+            seen.append(_call(client, route, method, spec, {"Authorization": f"Bearer {tokens[role]}"}).text)
+    seen.append(client.get("/readyz").text + client.get("/openapi.json").text)
+    text = "\n".join(seen)
+    assert len(seen) > len(MATRIX)
+    for needle in needles:
+        assert needle not in text
+    for token in tokens.values():  # API tokens are shown once, at creation, and never again
+        assert token not in text
