@@ -100,9 +100,15 @@ def test_events_are_parsed_to_utc(dep: Deployment, tmp_path: Path) -> None:
 
 
 def test_events_past_retention_are_dropped_and_counted(dep: Deployment, tmp_path: Path) -> None:
-    rows = [event_row("C1", ts="2023-01-01T00:00:00Z"), event_row("C1")]
+    rows = [
+        event_row("C1", ts="2023-01-01T00:00:00Z"),
+        event_row("C1"),
+        event_row("C2", ts="2023-02-01T00:00:00Z"),
+    ]
     (result,) = ingest(dep, "events", write_csv(tmp_path / "e.csv", EVENT_HEADER, rows))
-    assert result.expired_events == 1 and result.rows == 1
+    assert result.expired_events == 2 and result.rows == 1
+    assert result.people == 1  # C2 had only expired events: not a person of this batch
+    assert dep.store.batches("events")[0].people == 1
 
 
 @pytest.mark.parametrize(
