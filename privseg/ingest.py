@@ -271,7 +271,6 @@ def transform(
         if spec.required and name not in raw.columns:
             raise InvalidInput(f"{source}: the required column {name!r} is missing")
 
-    df = raw.with_row_index(ROW, offset=1)
     # Encrypt the identifiers on a second thread while Polars parses and checks the other columns:
     # the AES-SIV loop holds the GIL, Polars' work mostly does not, so the two overlap on two cores.
     # If the file turns out to be invalid, the tokens are simply thrown away.
@@ -279,10 +278,10 @@ def transform(
     pool = ThreadPoolExecutor(max_workers=1)
     future = pool.submit(pseudonymizer.encrypt_column, identifiers.fill_null(""))
     pool.shutdown(wait=False)
+    # The same normalized column is what the checks look at: one normalization, one rule.
+    df = raw.with_row_index(ROW, offset=1).with_columns(identifiers.alias(_typed(id_col)))
     checks = _Checks(source)
-    parsed: dict[str, pl.Expr] = {
-        id_col: normalize_expr(pl.col(id_col).cast(pl.String), policy.identity.type)
-    }
+    parsed: dict[str, pl.Expr] = {}
     checks.add(
         pl.col(_typed(id_col)).is_null() | (pl.col(_typed(id_col)) == ""),
         id_col,
@@ -326,10 +325,8 @@ def transform(
             "the same person appears more than once in this batch",
         )
         checks.raise_if_any(work)
-    typed = work.select(pl.col(_typed(id_col)).alias(id_col), *outputs)
-
     encrypted = future.result()  # every identifier is valid here, so this did not raise
-    typed = typed.with_columns(encrypted.tokens.alias("__pid"))
+    typed = work.select(pl.lit(encrypted.tokens).alias("pid"), *outputs)
     people = encrypted.distinct
     expired = 0
     if kind == "events":
@@ -337,20 +334,19 @@ def transform(
         expired = typed.height - int(typed.select(keep.sum()).item())
         if expired:
             typed = typed.filter(keep)
-            people = typed.get_column("__pid").n_unique()
-    stored = typed.select(pl.col("__pid").alias("pid"), pl.exclude(id_col, "__pid"))
+            people = typed.get_column("pid").n_unique()
     result = IngestResult(
         kind=kind,
         source=source,
         stored=True,
         batch_id=0,
-        rows=stored.height,
+        rows=typed.height,
         people=people,
         dropped_columns=tuple(c for c in raw.columns if c in section.drop),
         generalized_columns=tuple(generalized),
         expired_events=expired,
     )
-    return stored, result
+    return typed, result
 
 
 def _dtype(spec: Attribute) -> pl.DataType:
