@@ -7,6 +7,7 @@ returned.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import polars as pl
@@ -107,44 +108,43 @@ def person_spend(dep: Deployment, plan: ReleasePlan) -> pl.Series:
     return spend.collect().to_series()
 
 
-def exact_spend(dep: Deployment, plan: ReleasePlan) -> list[int]:
-    """Clipped spend in cents per cell, segment-major, in the order of the count vector."""
+def _members(dep: Deployment, plan: ReleasePlan, also: Sequence[str] = ()) -> pl.DataFrame:
+    """The plan's segment columns, its breakdown dimensions (unknown filled in) and ``also`` (more
+    columns of the per-snapshot dimension frame), row-aligned with the snapshot."""
     dims = plan.breakdown
     frame = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
-    frame = frame.with_columns(person_spend(dep, plan).alias("__spend"))
-    if dims:
-        frame = pl.concat([frame, dimensions(dep, plan.snapshot).select(dims)], how="horizontal")
+    if dims or also:
+        frame = pl.concat([frame, dimensions(dep, plan.snapshot).select(*dims, *also)], how="horizontal")
         frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
-    exprs = [pl.col("__spend").filter(pl.col(s)).sum().alias(s) for s in plan.segments]
-    if dims:
-        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
-        table = keys.join(
-            frame.group_by(dims).agg(exprs), on=dims, how="left", maintain_order="left"
-        ).fill_null(0)
-    else:
-        table = frame.select(exprs)
+    return frame
+
+
+def _per_cell(plan: ReleasePlan, frame: pl.DataFrame, exprs: list[pl.Expr]) -> pl.DataFrame:
+    """``exprs`` aggregated per cell, one row per public key in the plan's order (0 where empty)."""
+    dims = plan.breakdown
+    if not dims:
+        return frame.select(exprs)
+    keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
+    return keys.join(frame.group_by(dims).agg(exprs), on=dims, how="left", maintain_order="left").fill_null(0)
+
+
+def exact_spend(dep: Deployment, plan: ReleasePlan) -> list[int]:
+    """Clipped spend in cents per cell, segment-major, in the order of the count vector."""
+    frame = _members(dep, plan).with_columns(person_spend(dep, plan).alias("__spend"))
+    table = _per_cell(
+        plan, frame, [pl.col("__spend").filter(pl.col(s)).sum().alias(s) for s in plan.segments]
+    )
     return [int(v) for s in plan.segments for v in table.get_column(s).to_list()]
 
 
 def exact_cells(dep: Deployment, plan: ReleasePlan) -> list[int]:
     """Exact counts, segment-major then cell order (plus cell populations for partner audiences)."""
-    dims = plan.breakdown
-    members = pl.read_parquet(engine.snapshot_path(dep.store, plan.snapshot), columns=plan.segments)
-    frame = members
-    if dims or plan.kind == "partner_audience":
-        need = [*dims] + ([plan.policy.consent_attribute] if plan.kind == "partner_audience" else [])
-        frame = pl.concat([members, dimensions(dep, plan.snapshot).select(need)], how="horizontal")
-        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
+    audience = plan.kind == "partner_audience"
+    consent = plan.policy.consent_attribute
+    frame = _members(dep, plan, [consent] if audience else [])
     exprs = [pl.col(s).sum().alias(s) for s in plan.segments]
-    if plan.kind == "partner_audience":
-        exprs.append(pl.col(plan.policy.consent_attribute).fill_null(False).sum().alias("__population"))
-    if dims:
-        keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
-        agg = frame.group_by(dims).agg(exprs)
-        table = keys.join(agg, on=dims, how="left", maintain_order="left").fill_null(0)
-    else:
-        table = frame.select(exprs)
-    out: list[int] = []
-    for name in [*plan.segments, *(["__population"] if plan.kind == "partner_audience" else [])]:
-        out += [int(v) for v in table.get_column(name).to_list()]
-    return out
+    if audience:
+        exprs.append(pl.col(consent).fill_null(False).sum().alias("__population"))
+    table = _per_cell(plan, frame, exprs)
+    names = [*plan.segments, *(["__population"] if audience else [])]
+    return [int(v) for name in names for v in table.get_column(name).to_list()]
