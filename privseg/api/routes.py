@@ -171,19 +171,15 @@ async def apply_segments(request: Request, dep: DepDep, _who: Marketer) -> list[
         doc = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidInput("the body is not valid JSON") from None
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=dep.settings.home, delete=False) as fh:
-        json.dump(doc, fh)
-    try:
-        results = await run_in_threadpool(
-            definitions.apply,
-            dep.store.conn,
-            dep.keyset,
-            [Path(fh.name)],
-            schema=dep.schema,
-            categories=dep.categories,
-        )
-    finally:
-        Path(fh.name).unlink(missing_ok=True)
+    docs = definitions.split_document(doc, "request body")
+    results = await run_in_threadpool(
+        definitions.apply_documents,
+        dep.store.conn,
+        dep.keyset,
+        docs,
+        schema=dep.schema,
+        categories=dep.categories,
+    )
     return [r.__dict__ for r in results]
 
 

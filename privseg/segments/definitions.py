@@ -47,10 +47,39 @@ def canonical(doc: dict[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def read_documents(paths: list[Path]) -> list[tuple[DefKind, dict[str, Any], str]]:
-    """(kind, document, where) for every definition in the files. A file holds one segment, a list
-    of segments, or a mapping with ``segments:`` and/or ``traits:`` lists (YAML or JSON)."""
-    out: list[tuple[DefKind, dict[str, Any], str]] = []
+Document = tuple[DefKind, dict[str, Any], str]  # (kind, definition, where it came from)
+
+
+def split_document(doc: Any, source: str) -> list[Document]:
+    """The definitions in one loaded document: a segment, a list of segments, or a mapping with
+    ``segments:`` and/or ``traits:`` lists."""
+    # Round-trip through JSON so that what is stored is exactly what is validated.
+    doc = json.loads(json.dumps(doc, default=str))
+    if isinstance(doc, dict) and ("segments" in doc or "traits" in doc):
+        unknown = sorted(set(doc) - {"segments", "traits"})
+        if unknown:
+            raise DefinitionError(f"{source}: unknown top-level key(s) {unknown}")
+        groups: list[tuple[DefKind, Any]] = [
+            ("trait", doc.get("traits") or []),
+            ("segment", doc.get("segments") or []),
+        ]
+    elif isinstance(doc, list):
+        groups = [("segment", doc)]
+    elif isinstance(doc, dict):
+        groups = [("segment", [doc])]
+    else:
+        raise DefinitionError(f"{source}: expected a segment, a list of segments, or segments:/traits: lists")
+    out: list[Document] = []
+    for kind, items in groups:
+        if not isinstance(items, list):
+            raise DefinitionError(f"{source}: {kind}s must be a list")
+        out += [(kind, item, f"{source}[{kind}s {i}]") for i, item in enumerate(items)]
+    return out
+
+
+def read_documents(paths: list[Path]) -> list[Document]:
+    """Every definition in the files (YAML or JSON)."""
+    out: list[Document] = []
     for path in paths:
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -58,29 +87,7 @@ def read_documents(paths: list[Path]) -> list[tuple[DefKind, dict[str, Any], str
             raise DefinitionError(f"{path}: no such file") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise DefinitionError(f"{path}: not valid YAML or JSON: {exc}") from None
-        # Round-trip through JSON so that what is stored is exactly what is validated.
-        doc = json.loads(json.dumps(doc, default=str))
-        if isinstance(doc, dict) and ("segments" in doc or "traits" in doc):
-            unknown = sorted(set(doc) - {"segments", "traits"})
-            if unknown:
-                raise DefinitionError(f"{path}: unknown top-level key(s) {unknown}")
-            groups: list[tuple[DefKind, Any]] = [
-                ("trait", doc.get("traits") or []),
-                ("segment", doc.get("segments") or []),
-            ]
-        elif isinstance(doc, list):
-            groups = [("segment", doc)]
-        elif isinstance(doc, dict):
-            groups = [("segment", [doc])]
-        else:
-            raise DefinitionError(
-                f"{path}: expected a segment, a list of segments, or segments:/traits: lists"
-            )
-        for kind, items in groups:
-            if not isinstance(items, list):
-                raise DefinitionError(f"{path}: {kind}s must be a list")
-            for i, item in enumerate(items):
-                out.append((kind, item, f"{path.name}[{kind}s {i}]"))
+        out += split_document(doc, path.name)
     return out
 
 
@@ -125,7 +132,18 @@ def apply(
     schema: Schema,
     categories: CategorySet,
 ) -> list[Applied]:
-    docs = read_documents(paths)
+    """Apply the definitions in files (see :func:`apply_documents`)."""
+    return apply_documents(conn, keyset, read_documents(paths), schema=schema, categories=categories)
+
+
+def apply_documents(
+    conn: sqlite3.Connection,
+    keyset: Keyset,
+    docs: list[Document],
+    *,
+    schema: Schema,
+    categories: CategorySet,
+) -> list[Applied]:
     parser = Parser(schema, set(categories.categories))
     incoming: dict[tuple[DefKind, str], tuple[dict[str, Any], str]] = {}
     for kind, doc, where in docs:
