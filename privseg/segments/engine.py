@@ -114,8 +114,6 @@ def compute_snapshot(
 
     folder = store.data_dir / "snapshots"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{as_of:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
-    final = folder / name
     seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
     trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
     computed_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -124,16 +122,21 @@ def compute_snapshot(
     # before its commit can never delete the file another writer is about to record.
     with store.writer_lock():
         _remove_unrecorded(conn, folder)
-        tmp = fsutil.tmp_path_for(final)
-        members.write_parquet(tmp, compression="zstd")
-        fsutil.publish(tmp, final)
+        final = _write_file(folder, as_of, members)
         snap_id = _record(
             conn, keyset, final, members.height, as_of, computed_at, seg_versions, trait_versions, batches
         )
         _remove_unrecorded(conn, folder)  # the ones just pruned
     timings["write"] = time.perf_counter() - t
     snap = Snapshot(
-        snap_id, as_of.isoformat(), computed_at, name, members.height, seg_versions, trait_versions, batches
+        snap_id,
+        as_of.isoformat(),
+        computed_at,
+        final.name,
+        members.height,
+        seg_versions,
+        trait_versions,
+        batches,
     )
     log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
     return snap, timings
@@ -188,6 +191,15 @@ def _record(
         final.unlink(missing_ok=True)
         raise
     return snap_id
+
+
+def _write_file(folder: Path, as_of: datetime, members: pl.DataFrame) -> Path:
+    """Write a snapshot file crash-safely under a new, unique name (never reused: caches key on it)."""
+    final = folder / f"{as_of:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = fsutil.tmp_path_for(final)
+    members.write_parquet(tmp, compression="zstd")
+    fsutil.publish(tmp, final)
+    return final
 
 
 def _remove_unrecorded(conn: sqlite3.Connection, folder: Path) -> None:
@@ -254,10 +266,7 @@ def remove_person(store: Store, pid: str) -> int:
         kept = members.filter(pl.col("pid") != pid)
         if kept.height == members.height:
             continue
-        name = f"{datetime.fromisoformat(snap.as_of):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = fsutil.tmp_path_for(folder / name)
-        kept.write_parquet(tmp, compression="zstd")
-        fsutil.publish(tmp, folder / name)
+        name = _write_file(folder, datetime.fromisoformat(snap.as_of), kept).name
         with transaction(conn):
             conn.execute(
                 "UPDATE snapshots SET file = ?, people = ? WHERE id = ?", (name, kept.height, snap.id)
