@@ -6,6 +6,7 @@ manifest and appends the audit entry, so a crash leaves the store entirely befor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -179,19 +180,11 @@ def reidentify(*, store: Store, keyset: Keyset, policy: IngestPolicy, pseudonym:
     """The one audited way back from a pseudonym to the (normalized) identifier: CLI only, for whoever
     holds the keyset file, with a stated reason. The audit entry records the reason and a hash of the
     pseudonym (enough to match it to a record under review), never the identifier."""
-    import hashlib
-
-    if len(reason.strip()) < 15:
+    reason, pseudonym = reason.strip(), pseudonym.strip()
+    if len(reason) < 15:
         raise InvalidInput("state the reason for re-identification (at least 15 characters; it is audited)")
-    identifier = Pseudonymizer(keyset, policy.identity.type).decrypt(pseudonym.strip())
+    identifier = Pseudonymizer(keyset, policy.identity.type).decrypt(pseudonym)
     with transaction(store.conn):
-        audit.append(
-            store.conn,
-            keyset,
-            "reidentification",
-            {
-                "reason": reason.strip(),
-                "pseudonym_sha256": hashlib.sha256(pseudonym.strip().encode()).hexdigest()[:16],
-            },
-        )
+        digest = hashlib.sha256(pseudonym.encode()).hexdigest()[:16]
+        audit.append(store.conn, keyset, "reidentification", {"reason": reason, "pseudonym_sha256": digest})
     return identifier

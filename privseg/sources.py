@@ -164,7 +164,7 @@ def _read_parquet(path: Path) -> pl.DataFrame:
     return df
 
 
-def _as_text(df: pl.DataFrame, list_columns: frozenset[str]) -> pl.DataFrame:
+def _as_text(df: pl.DataFrame, list_columns: frozenset[str], source: str) -> pl.DataFrame:
     """Typed columns (Parquet) to the same text form CSV gives, so one validator serves all."""
     exprs: list[pl.Expr] = []
     for name, dtype in df.schema.items():
@@ -180,13 +180,11 @@ def _as_text(df: pl.DataFrame, list_columns: frozenset[str]) -> pl.DataFrame:
         elif dtype == pl.Boolean:
             exprs.append(pl.when(col).then(pl.lit("true")).when(~col).then(pl.lit("false")))
         elif (
-            dtype in (pl.String, pl.Null)
-            or isinstance(dtype, pl.Categorical | pl.Enum | pl.Null)
-            or dtype.is_numeric()
+            dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum | pl.Null) or dtype.is_numeric()
         ):
             exprs.append(col.cast(pl.String))
         else:
-            raise InvalidInput(f"column {name!r} has type {dtype}, which privseg cannot ingest")
+            raise InvalidInput(f"{source}: column {name!r} has type {dtype}, which privseg cannot ingest")
         exprs[-1] = exprs[-1].alias(name)
     return df.select(exprs)
 
@@ -199,9 +197,9 @@ def read_source(path: Path, *, list_columns: frozenset[str] = frozenset()) -> pl
     if fmt == "csv":
         df = _read_csv(path)
     elif fmt == "ndjson":
-        df = _as_text(_read_ndjson(path, list_columns), list_columns)
+        df = _as_text(_read_ndjson(path, list_columns), list_columns, path.name)
     else:
-        df = _as_text(_read_parquet(path), list_columns)
+        df = _as_text(_read_parquet(path), list_columns, path.name)
     if df.height == 0:
         raise InvalidInput(f"{path.name}: the file has a header but no rows")
     return df

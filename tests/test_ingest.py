@@ -311,3 +311,11 @@ def test_a_truncated_gzip_is_refused_not_partly_read(dep: Deployment, tmp_path: 
     with pytest.raises(InvalidInput, match=r"cut\.csv\.gz: the gzip stream is corrupt or truncated"):
         ingest(dep, "profiles", cut)
     assert_nothing_stored(dep)
+
+
+def test_an_unsupported_parquet_type_is_refused_naming_the_file(dep: Deployment, tmp_path: Path) -> None:
+    path = tmp_path / "odd.parquet"
+    pl.DataFrame({"customer_id": ["C1"], "gender": [b"\x01"]}).write_parquet(path)  # binary column
+    with pytest.raises(InvalidInput, match=r"odd\.parquet: column 'gender' has type Binary"):
+        ingest(dep, "profiles", path)
+    assert_nothing_stored(dep)
