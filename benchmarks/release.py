@@ -44,7 +44,7 @@ def _prepare(customers: int) -> tuple[Any, list[str]]:
         json.dump(docs, fh)
     defs.apply(dep.store.conn, dep.keyset, [Path(fh.name)], schema=dep.schema, categories=dep.categories)
     snap = engine.latest(dep.store.conn)
-    if engine.staleness(dep.store, snap):
+    if engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash):
         engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
     return dep, [d["id"] for d in docs]
 

@@ -33,6 +33,11 @@ class Principal:
     role: Role
     principal: str  # the marketer id (recipient) or partner id the key acts as
 
+    @property
+    def actor(self) -> str:
+        """Who this is in ownership and audit records: ``marketer:<principal>``, ``admin:<name>``."""
+        return f"{self.role}:{self.principal if self.role in ('marketer', 'partner') else self.name}"
+
 
 def _hash(keyset: Keyset, token: str) -> str:
     return hmac.new(keyset.derived_key("api-key"), token.encode(), hashlib.sha256).hexdigest()

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privseg.errors import PolicyError, describe_validation_error
+from privseg.schema import Schema
 
 
 class _Strict(BaseModel):
@@ -49,6 +50,27 @@ class Recipients(_Strict):
     partners: tuple[str, ...] = Field((), description="Ad-partner ids who may receive partner audiences.")
 
 
+class SensitiveData(_Strict):
+    """What this category's data is. A segment or release that reads any of it is released under this
+    category (its consent, threshold, budget and recipients), whatever its author declared."""
+
+    attributes: tuple[str, ...] = Field(
+        (), description="Profile attributes that are this category's data whatever their value."
+    )
+    attribute_values: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Profile attribute -> values of its public domain that are this category's data.",
+    )
+    event_types: tuple[str, ...] = Field((), description="Event types that are this category's data.")
+    event_values: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Event field -> values (of any event type) that are this category's data.",
+    )
+
+    def is_empty(self) -> bool:
+        return not (self.attributes or self.attribute_values or self.event_types or self.event_values)
+
+
 class CategoryPolicy(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="Must match the file name.")
     stigmatized: bool = Field(description="Stigmatized categories must be at least as strict as general.")
@@ -68,6 +90,11 @@ class CategoryPolicy(_Strict):
     partner_audiences: bool = Field(description="Whether partner audiences may be released at all.")
     value_clip: float = Field(
         500.0, gt=0, description="Per-person spend is clipped to [0, value_clip] before summing (currency)."
+    )
+    sensitive_data: SensitiveData = Field(
+        default_factory=SensitiveData,
+        description="The attributes, attribute values, event types and event-field values that are this "
+        "category's data: reading any of them puts a segment in this category.",
     )
 
     @model_validator(mode="after")
@@ -92,6 +119,10 @@ class CategorySet:
     categories: dict[str, CategoryPolicy]
     content_hash: str
 
+    def effective(self, names: tuple[str, ...] | list[str]) -> CategoryPolicy:
+        """The strictest policy of the named categories on every axis (see :func:`strictest`)."""
+        return strictest([self.get(n) for n in names])
+
     def get(self, name: str) -> CategoryPolicy:
         try:
             return self.categories[name]
@@ -99,6 +130,45 @@ class CategorySet:
             raise PolicyError(
                 f"unknown category {name!r}; known categories: {sorted(self.categories)}"
             ) from None
+
+
+def strictest(policies: list[CategoryPolicy]) -> CategoryPolicy:
+    """One policy holding the strictest rule of ``policies`` on every axis (a release over data of
+    several categories). Its name joins theirs with '+'; each category's budget is still charged on
+    its own (the ledger charges every member, see release.py)."""
+    if len(policies) == 1:
+        return policies[0]
+    ps = sorted(policies, key=lambda p: p.name)
+    dims = [d for d in ps[0].allowed_dimensions() if all(d in p.allowed_dimensions() for p in ps)]
+    return CategoryPolicy.model_construct(
+        name="+".join(p.name for p in ps),
+        stigmatized=any(p.stigmatized for p in ps),
+        consent_attribute="+".join(sorted({p.consent_attribute for p in ps})),
+        epsilon_per_release=min(p.epsilon_per_release for p in ps),
+        delta=min(p.delta for p in ps),
+        budget=Budget(
+            period_days=max(p.budget.period_days for p in ps),
+            per_recipient=min(p.budget.per_recipient for p in ps),
+            category_cap=min(p.budget.category_cap for p in ps),
+        ),
+        min_cohort_size=max(p.min_cohort_size for p in ps),
+        breakdowns=Breakdowns(
+            allowed=tuple(dims),
+            forbidden=tuple(sorted({d for p in ps for d in p.breakdowns.forbidden})),
+            max_dimensions=min(p.breakdowns.max_dimensions for p in ps),
+        ),
+        recipients=Recipients(
+            marketers=tuple(
+                m for m in ps[0].recipients.marketers if all(m in p.recipients.marketers for p in ps)
+            ),
+            partners=tuple(
+                m for m in ps[0].recipients.partners if all(m in p.recipients.partners for p in ps)
+            ),
+        ),
+        partner_audiences=all(p.partner_audiences for p in ps),
+        value_clip=min(p.value_clip for p in ps),
+        sensitive_data=SensitiveData(),
+    )
 
 
 def _hash(docs: dict[str, Any]) -> str:
@@ -129,16 +199,53 @@ def read_categories(policy_dir: Path) -> CategorySet:
     return CategorySet(out, _hash(docs))
 
 
-def findings(cats: CategorySet, profile_dimensions: dict[str, bool] | None = None) -> list[str]:
-    """Every way a stigmatized category is looser than general (and dimensions that cannot be keys).
+def _tag_findings(name: str, tags: SensitiveData, schema: Schema) -> list[str]:
+    """Sensitivity tags that name nothing the ingest schema has (a typo would silently tag nothing)."""
+    out: list[str] = []
+    for attr in tags.attributes:
+        if attr not in schema.profile:
+            out.append(f"{name}: sensitive_data.attributes names {attr!r}, which is not a profile attribute")
+    for where, fields, known in (
+        ("attribute_values", tags.attribute_values, schema.profile),
+        ("event_values", tags.event_values, schema.event_fields),
+    ):
+        for field, values in sorted(fields.items()):
+            ft = known.get(field)
+            if ft is None or ft.values is None:
+                out.append(
+                    f"{name}: sensitive_data.{where} names {field!r}, which is not a field with a public "
+                    "domain (a category or list field)"
+                )
+                continue
+            unknown = sorted(set(values) - set(ft.values))
+            if unknown:
+                out.append(
+                    f"{name}: sensitive_data.{where}.{field} lists {unknown}, not in the field's domain"
+                )
+    for etype in tags.event_types:
+        if etype not in schema.event_types:
+            out.append(f"{name}: sensitive_data.event_types names {etype!r}, which is not an event type")
+    return out
 
-    ``profile_dimensions`` maps profile attributes to whether they have a public, single-valued
-    domain; a breakdown over anything else could not use public keys, so it is refused here.
+
+def findings(cats: CategorySet, schema: Schema | None = None) -> list[str]:
+    """Every way a stigmatized category is looser than general, dimensions that cannot be keys, and
+    sensitivity tags that are misplaced or name nothing in the ingest ``schema``.
+
+    A breakdown over a dimension without a public, single-valued domain could not use public keys,
+    so it is refused here.
     """
     g = cats.get("general")
     out: list[str] = []
     for name, c in sorted(cats.categories.items()):
-        if profile_dimensions is not None:
+        if not c.stigmatized and not c.sensitive_data.is_empty():
+            out.append(
+                f"{name}: tags sensitive data but is not stigmatized; only a stigmatized category may "
+                "(its rules must be stricter than general's)"
+            )
+        if schema is not None:
+            out += _tag_findings(name, c.sensitive_data, schema)
+            profile_dimensions = schema.breakdown_dimensions()
             for dim in c.breakdowns.allowed:
                 if dim not in profile_dimensions:
                     out.append(f"{name}: breakdown {dim!r} is not a profile attribute")
@@ -205,10 +312,10 @@ def findings(cats: CategorySet, profile_dimensions: dict[str, bool] | None = Non
     return out
 
 
-def load_categories(policy_dir: Path, profile_dimensions: dict[str, bool] | None = None) -> CategorySet:
+def load_categories(policy_dir: Path, schema: Schema | None = None) -> CategorySet:
     """Load the category set, refusing it if :func:`findings` reports anything."""
     cats = read_categories(policy_dir)
-    problems = findings(cats, profile_dimensions)
+    problems = findings(cats, schema)
     if problems:
         raise PolicyError(
             f"{policy_dir / 'categories'}: the policy set is refused:\n  " + "\n  ".join(problems)
@@ -232,6 +339,19 @@ def _get(policy: CategoryPolicy, dotted: str) -> Any:
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
+
+
+def _tag_items(a: SensitiveData, b: SensitiveData) -> list[tuple[str, set[str], set[str]]]:
+    """(tag path, old values, new values) for every tag list of either side."""
+    out = [
+        ("attributes", set(a.attributes), set(b.attributes)),
+        ("event_types", set(a.event_types), set(b.event_types)),
+    ]
+    for where in ("attribute_values", "event_values"):
+        x: dict[str, tuple[str, ...]] = getattr(a, where)
+        y: dict[str, tuple[str, ...]] = getattr(b, where)
+        out += [(f"{where}.{f}", set(x.get(f, ())), set(y.get(f, ()))) for f in sorted(set(x) | set(y))]
+    return out
 
 
 def diff(old: CategorySet, new: CategorySet) -> list[str]:
@@ -263,6 +383,11 @@ def diff(old: CategorySet, new: CategorySet) -> list[str]:
                 out.append(
                     f"{name}: {f} drops {sorted(x - y)} ({'stricter' if more_is_looser else 'LOOSER'})"
                 )
+        for tag, x, y in _tag_items(a.sensitive_data, b.sensitive_data):
+            if y - x:
+                out.append(f"{name}: sensitive_data.{tag} adds {sorted(y - x)} (stricter)")
+            if x - y:
+                out.append(f"{name}: sensitive_data.{tag} drops {sorted(x - y)} (LOOSER)")
         for f in ("partner_audiences", "stigmatized", "consent_attribute"):
             x, y = _get(a, f), _get(b, f)
             if x != y:

@@ -13,7 +13,7 @@ import typer
 
 from privseg import audit, demo, maintenance
 from privseg.deployment import Deployment, configure_logging
-from privseg.errors import NotFound, PrivsegError
+from privseg.errors import InvalidInput, NotFound, PrivsegError
 from privseg.ingest import ingest_files
 from privseg.keyset import create_keyset
 from privseg.segments import definitions, engine
@@ -234,13 +234,13 @@ def policy_check(
     """Validate the whole policy set and explain every finding. Exit 1 if the set would be refused."""
     from privseg.category_policy import findings, read_categories
     from privseg.ingest_policy import load_ingest_policy
-    from privseg.segments.language import Schema
+    from privseg.schema import Schema
 
     policy_dir = directory or Settings().policy_dir
     schema = Schema.from_ingest_policy(load_ingest_policy(policy_dir / "ingest.yaml"))
     typer.echo(f"{policy_dir / 'ingest.yaml'}: OK")
     cats = read_categories(policy_dir)
-    problems = findings(cats, schema.breakdown_dimensions())
+    problems = findings(cats, schema)
     if problems:
         typer.echo(f"{policy_dir / 'categories'}: {len(problems)} finding(s); this policy set is refused:")
         for p in problems:
@@ -268,10 +268,35 @@ def segments_apply(
     """Validate and store definitions; each change becomes a new version. Nothing is applied on error."""
     dep = _deployment()
     results = definitions.apply(
-        dep.store.conn, dep.keyset, files, schema=dep.schema, categories=dep.categories
+        dep.store.conn,
+        dep.keyset,
+        files,
+        schema=dep.schema,
+        categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
     )
     text = "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
     _emit([asdict(r) for r in results], as_json, text)
+
+
+@segments_app.command("retire")
+def segments_retire(
+    def_id: Annotated[str, typer.Argument(help="The segment (or, with --trait, trait) to retire.")],
+    trait: Annotated[bool, typer.Option("--trait", help="Retire a trait rather than a segment.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retire a definition (a new, retired version; its history is kept). Refused while in use."""
+    dep = _deployment()
+    r = definitions.retire(
+        dep.store.conn,
+        dep.keyset,
+        "trait" if trait else "segment",
+        def_id,
+        schema=dep.schema,
+        categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
+    )
+    _emit(asdict(r), as_json, f"{r.kind} {r.id}: {r.status} (v{r.version})")
 
 
 @segments_app.command("examples")
@@ -285,8 +310,19 @@ def segments_list(as_json: JsonOpt = False) -> None:
     """Active segments and traits with their versions."""
     dep = _deployment()
     rows = list(definitions.active(dep.store.conn).values())
-    text = "\n".join(f"{s.kind:<8} {s.id:<32} v{s.version:<3} {s.body.get('category', '')}" for s in rows)
-    _emit([asdict(s) for s in rows], as_json, text or "(no definitions)")
+    compiler = dep.compiler()
+    cats = {
+        (s.kind, s.id): "+".join(compiler.effective(s.id).categories) if s.kind == "segment" else ""
+        for s in rows
+    }
+    text = "\n".join(
+        f"{s.kind:<8} {s.id:<32} v{s.version:<3} {cats[(s.kind, s.id)]:<24} owner {s.owner}" for s in rows
+    )
+    _emit(
+        [asdict(s) | {"category": cats[(s.kind, s.id)] or None} for s in rows],
+        as_json,
+        text or "(no definitions)",
+    )
 
 
 @segments_app.command("show")
@@ -342,7 +378,7 @@ def segments_status(as_json: JsonOpt = False) -> None:
     """The latest snapshot and whether it is stale."""
     dep = _deployment()
     snap = engine.latest(dep.store.conn)
-    reasons = engine.staleness(dep.store, snap)
+    reasons = engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
     info = {"snapshot": None if snap is None else asdict(snap), "stale": bool(reasons), "reasons": reasons}
     text = (
         "no snapshot yet"
@@ -361,18 +397,35 @@ def report(
     spend: Annotated[
         bool, typer.Option("--spend", help="Also release total and mean clipped spend.")
     ] = False,
+    spend_event: Annotated[str, typer.Option(help="Event type whose value counts as spend.")] = "purchase",
+    spend_where: Annotated[
+        str | None,
+        typer.Option(
+            help="JSON event-field conditions on spend events, e.g. "
+            '\'{"product_category": {"not_in_or_unknown": ["cannabis"]}}\' (unfiltered spend reads '
+            "every stigmatized category's purchases)."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """A differentially private cohort report: segment sizes (and breakdowns) with 95% intervals."""
     from privseg import release
 
+    try:
+        where = json.loads(spend_where) if spend_where else {}
+    except json.JSONDecodeError:
+        raise InvalidInput("--spend-where is not valid JSON") from None
+    if not isinstance(where, dict):
+        raise InvalidInput("--spend-where must be a JSON object: event field -> condition")
     dep = _deployment()
     req = release.CohortReportRequest(
         segments=segment,
         breakdown=by or [],
         recipient=recipient,
         measures=["count", "spend"] if spend else ["count"],
+        spend_event=spend_event,
+        spend_where=where,
         dry_run=dry_run,
     )
     result = release.cohort_report(dep, req)

@@ -111,6 +111,17 @@ _MIGRATIONS: tuple[str, ...] = (
         revoked_at TEXT
     );
     """,
+    """
+    -- Who owns a definition (only they or an admin may change or retire it) and who wrote each version;
+    -- a retired definition keeps its history but is no longer active.
+    ALTER TABLE definitions ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin:cli';
+    ALTER TABLE definitions ADD COLUMN editor TEXT NOT NULL DEFAULT 'admin:cli';
+    ALTER TABLE definitions ADD COLUMN retired INTEGER NOT NULL DEFAULT 0;
+    -- The policy set a snapshot was computed under (its consent filters depend on it) and the
+    -- effective categories of its segments under that set.
+    ALTER TABLE snapshots ADD COLUMN policy_hash TEXT;
+    ALTER TABLE snapshots ADD COLUMN categories TEXT;
+    """,
 )
 
 

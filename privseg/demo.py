@@ -69,11 +69,12 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
         [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
         schema=dep.schema,
         categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
     )
     changed = sum(r.status != "unchanged" for r in results)
     yield f"segments: {len(results)} example definitions ({changed} new or changed)"
     latest = engine.latest(dep.store.conn)
-    if engine.staleness(dep.store, latest):
+    if engine.staleness(dep.store, latest, policy_hash=dep.categories.content_hash):
         snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
         seconds = sum(v for k, v in timings.items() if k != "features_count")
         yield (

@@ -15,9 +15,10 @@ from privseg.category_policy import CategorySet, load_categories
 from privseg.db import connect, get_meta, set_meta, transaction
 from privseg.ingest_policy import IngestPolicy, load_ingest_policy
 from privseg.keyset import Keyset, load_keyset
+from privseg.schema import Schema
 from privseg.segments.compiler import Compiler
 from privseg.segments.definitions import active, build_compiler
-from privseg.segments.language import Schema
+from privseg.segments.sensitivity import SensitivityIndex
 from privseg.settings import Settings
 from privseg.store import Store
 
@@ -38,7 +39,7 @@ class Deployment:
     def categories(self) -> CategorySet:
         """The category policies, refused (PolicyError) if any finding stands against them. A policy
         set not seen before is recorded in the audit log with its hash."""
-        cats = load_categories(self.settings.policy_dir, self.schema.breakdown_dimensions())
+        cats = load_categories(self.settings.policy_dir, self.schema)
         conn = self.store.conn
         with transaction(conn):
             if get_meta(conn, "policy_hash") != cats.content_hash:
@@ -55,6 +56,11 @@ class Deployment:
     def schema(self) -> Schema:
         return Schema.from_ingest_policy(self.ingest_policy)
 
+    @cached_property
+    def sensitivity(self) -> SensitivityIndex:
+        """The category policies' sensitivity tags, indexed."""
+        return SensitivityIndex(self.categories, self.schema)
+
     def compiler(self) -> Compiler:
         """A compiler over the currently active definitions (they change as segments are applied)."""
         return build_compiler(active(self.store.conn), schema=self.schema, categories=self.categories)
@@ -67,7 +73,7 @@ class Deployment:
         """A deployment sharing what is already loaded (keyset, policies) but with its own database
         connection: SQLite connections must not be shared by concurrent requests."""
         fork = Deployment(self.settings)
-        for name in ("keyset", "ingest_policy", "schema", "categories"):
+        for name in ("keyset", "ingest_policy", "schema", "categories", "sensitivity"):
             if name in self.__dict__:
                 fork.__dict__[name] = self.__dict__[name]
         return fork

@@ -81,7 +81,8 @@ def _cache_key(plan: ReleasePlan) -> str:
         "snapshot": plan.snapshot.id,
         "policy": plan.policy_hash,
         "from_snapshot": plan.from_snapshot.id if plan.from_snapshot else None,
-        "spend": plan.spend,
+        # Step and Cond are frozen dataclasses of plain values: their repr is deterministic.
+        "spend": None if plan.spend is None else [repr(plan.spend[0]), plan.spend[1]],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -222,16 +223,19 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
             ),
         )
         release_id = int(cur.lastrowid or 0)
-        ledger.charge(
-            conn,
-            policy=plan.policy,
-            recipient=plan.recipient,
-            epsilon_micro=eps_micro,
-            delta=plan.policy.delta,
-            release_id=release_id,
-            policy_hash=plan.policy_hash,
-            now=now,
-        )
+        # A release over data of several categories is charged to each of them (all in this one
+        # transaction: if any budget refuses, none is charged).
+        for member in plan.charged:
+            ledger.charge(
+                conn,
+                policy=member,
+                recipient=plan.recipient,
+                epsilon_micro=eps_micro,
+                delta=plan.policy.delta,
+                release_id=release_id,
+                policy_hash=plan.policy_hash,
+                now=now,
+            )
         audit.append(
             conn,
             dep.keyset,
@@ -265,13 +269,13 @@ def dry_run(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
     cached = dep.store.conn.execute(
         "SELECT 1 FROM releases WHERE cache_key = ? AND status = 'done'", (_cache_key(plan),)
     ).fetchone()
-    left = ledger.remaining(dep.store.conn, plan.policy, plan.recipient, now)
+    left = min(ledger.remaining(dep.store.conn, member, plan.recipient, now).micro for member in plan.charged)
     return {
         **plan.describe(),
         "dry_run": True,
         "would_charge_epsilon": 0.0 if cached else plan.epsilon,
         "cached": cached is not None,
-        "remaining_epsilon": ledger.from_micro(max(left.micro, 0)),
+        "remaining_epsilon": ledger.from_micro(max(left, 0)),
     }
 
 

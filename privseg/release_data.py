@@ -14,7 +14,7 @@ import polars as pl
 
 from privseg.deployment import Deployment
 from privseg.release_plan import NONE_STATE, UNKNOWN, ReleasePlan
-from privseg.segments import engine
+from privseg.segments import engine, operators
 
 
 def states(dep: Deployment, snap: engine.Snapshot, segments: list[str], name: str) -> pl.LazyFrame:
@@ -90,7 +90,7 @@ def dimensions(dep: Deployment, snap: engine.Snapshot) -> pl.DataFrame:
 def person_spend(dep: Deployment, plan: ReleasePlan) -> pl.Series:
     """Each person's spend in cents, clipped to [0, value_clip], in the snapshot's row order."""
     assert plan.spend is not None
-    event, days = plan.spend
+    step, days = plan.spend
     as_of = datetime.fromisoformat(plan.snapshot.as_of)
     pids = pl.scan_parquet(engine.snapshot_path(dep.store, plan.snapshot)).select("pid")
     events = dep.store.scan_events()
@@ -98,7 +98,13 @@ def person_spend(dep: Deployment, plan: ReleasePlan) -> pl.Series:
         return pl.zeros(pids.select(pl.len()).collect().item(), dtype=pl.Int64, eager=True)
     window = (pl.col("ts") <= as_of) & (pl.col("ts") >= as_of - timedelta(days=days))
     totals = (
-        events.filter((pl.col("event_type") == event) & window)
+        events.filter(
+            (pl.col("event_type") == step.type)
+            & window
+            & pl.all_horizontal(
+                True, *(operators.build(c.op, pl.col(c.field), c.value) for c in step.filters)
+            )
+        )
         .group_by("pid")
         .agg(pl.col("value").fill_null(0).clip(lower_bound=0).sum().alias("spend"))
     )

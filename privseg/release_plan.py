@@ -7,6 +7,7 @@ and the epsilon; it builds the OpenDP measurements. See release.py for the sensi
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,10 +18,12 @@ from opendp.metrics import l1_distance
 from opendp.mod import enable_features
 from pydantic import BaseModel, ConfigDict, Field
 
-from privseg.category_policy import CategoryPolicy
+from privseg.category_policy import CategoryPolicy, strictest
 from privseg.deployment import Deployment
-from privseg.errors import InvalidInput, NotFound, NotPermitted, PolicyViolation
-from privseg.segments import definitions, engine
+from privseg.errors import Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
+from privseg.segments import engine
+from privseg.segments.language import Parser, Step
+from privseg.segments.operators import OPERATORS
 
 # Specific modules, not opendp.prelude: the prelude imports scikit-learn (0.75 s on every CLI call).
 enable_features("contrib")
@@ -41,6 +44,12 @@ class CohortReportRequest(BaseModel):
         description="count: people per cell; spend: total and mean clipped spend per cell (needs count).",
     )
     spend_event: str = Field("purchase", description="Event type whose value counts as spend.")
+    spend_where: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Event-field conditions (the segment language's `where`) on the spend events, e.g. "
+        "{'product_category': {'not_in_or_unknown': ['cannabis']}}. Spend of every product category "
+        "reads every stigmatized category's purchases, so the release falls under their rules.",
+    )
     spend_window_days: int = Field(365, ge=1, le=3650, description="Spend is summed over this many days.")
     dry_run: bool = Field(False, description="Plan and price the release without spending anything.")
 
@@ -92,7 +101,12 @@ class ReleasePlan:
     snapshot: engine.Snapshot
     policy_hash: str
     from_snapshot: engine.Snapshot | None = None  # segment movement only
-    spend: tuple[str, int] | None = None  # cohort report with spend: (event type, window days)
+    spend: tuple[Step, int] | None = None  # cohort report with spend: (spend events, window days)
+    charged: tuple[CategoryPolicy, ...] = ()  # every category whose budget the release is charged to
+
+    def __post_init__(self) -> None:
+        if not self.charged:
+            raise ValueError("a release plan must name the categories it charges")
 
     @property
     def count_epsilon(self) -> float:
@@ -147,6 +161,7 @@ class ReleasePlan:
                 "kind": self.kind,
                 "recipient": self.recipient,
                 "category": self.policy.name,
+                "charged_categories": [p.name for p in self.charged],
                 "segments": self.segments,
                 "breakdown": self.breakdown,
                 "cells_per_segment": len(self.keys),
@@ -169,7 +184,8 @@ class ReleasePlan:
             | (
                 {
                     "measures": ["count", "spend"],
-                    "spend_event": self.spend[0],
+                    "spend_event": self.spend[0].type,
+                    "spend_where": [OPERATORS[c.op].words(c.field, c.value) for c in self.spend[0].filters],
                     "spend_window_days": self.spend[1],
                     "value_clip": self.policy.value_clip,
                     "spend_interval_95_half_width": self.spend_half_width,
@@ -180,18 +196,46 @@ class ReleasePlan:
         )
 
 
-def _segment_categories(dep: Deployment, snap: engine.Snapshot, segments: list[str]) -> str:
-    cats = set()
-    for sid in segments:
-        if sid not in snap.segments:
-            raise NotFound(
-                f"segment {sid!r} is not in snapshot {snap.id}; apply it and run `privseg segments compute`"
+def _categories(
+    dep: Deployment,
+    snaps: list[engine.Snapshot],
+    segments: list[str],
+    *,
+    breakdown: Sequence[str] = (),
+    spend: Step | None = None,
+) -> tuple[CategoryPolicy, tuple[CategoryPolicy, ...]]:
+    """The policy a release is made under, and the categories it charges: every effective category
+    of its segments (recorded with the snapshot, under the policy set in force) plus whatever its
+    breakdown and measures read; general drops out once a stigmatized category is in."""
+    names: set[str] = {"general"}
+    for snap in snaps:
+        if snap.policy_hash != dep.categories.content_hash or snap.categories is None:
+            raise Conflict(
+                f"snapshot {snap.id} was computed under another policy set (its consent filters and "
+                "categories may differ): run `privseg segments compute`"
             )
-        versions = {s.version: s for s in definitions.history(dep.store.conn, "segment", sid)}
-        cats.add(str(versions[snap.segments[sid]].body["category"]))
-    if len(cats) != 1:
-        raise PolicyViolation(f"a release covers one category; these segments span {sorted(cats)}")
-    return cats.pop()
+        for sid in segments:
+            if sid not in snap.segments:
+                raise NotFound(
+                    f"segment {sid!r} is not in snapshot {snap.id}; apply it and run "
+                    "`privseg segments compute`"
+                )
+            names.update(snap.categories[sid])
+    index = dep.sensitivity
+    taints = [t for dim in breakdown for t in index.dimension_reads(dim, f"breakdown {dim}")]
+    if spend is not None:
+        taints += index.step_reads(spend, "spend")
+    names.update(t.category for t in taints)
+    members = [dep.categories.get(n) for n in sorted(names)]
+    if any(p.stigmatized for p in members):
+        members = [p for p in members if p.name != "general"]
+    return strictest(members), tuple(members)
+
+
+def _dimensions_exist(dep: Deployment, breakdown: list[str]) -> None:
+    unknown = [d for d in breakdown if d not in dep.schema.profile]
+    if unknown:
+        raise InvalidInput(f"unknown breakdown dimension(s) {unknown}; known: {sorted(dep.schema.profile)}")
 
 
 def _keys(dep: Deployment, policy: CategoryPolicy, breakdown: list[str]) -> list[tuple[str, ...]]:
@@ -222,18 +266,21 @@ def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan
     snap = _snapshot(dep)
     if len(set(req.segments)) != len(req.segments):
         raise InvalidInput("a segment is named twice")
-    policy = dep.categories.get(_segment_categories(dep, snap, req.segments))
-    _marketer(policy, req.recipient)
-    keys = _keys(dep, policy, req.breakdown)
     spend = None
     if "spend" in req.measures:
         if "count" not in req.measures:
             raise InvalidInput(
                 "spend is released with its counts (the mean needs them): add the count measure"
             )
-        if req.spend_event not in dep.schema.event_types:
-            raise InvalidInput(f"unknown spend event type {req.spend_event!r}")
-        spend = (req.spend_event, req.spend_window_days)
+        parser = Parser(dep.schema, set(dep.categories.categories))
+        step = parser.step({"type": req.spend_event, "where": req.spend_where}, "spend")
+        spend = (step, req.spend_window_days)
+    _dimensions_exist(dep, req.breakdown)
+    policy, charged = _categories(
+        dep, [snap], req.segments, breakdown=req.breakdown, spend=spend[0] if spend else None
+    )
+    _marketer(policy, req.recipient)
+    keys = _keys(dep, policy, req.breakdown)
     return ReleasePlan(
         "cohort_report",
         req.recipient,
@@ -246,12 +293,14 @@ def plan_cohort_report(dep: Deployment, req: CohortReportRequest) -> ReleasePlan
         snap,
         dep.categories.content_hash,
         spend=spend,
+        charged=charged,
     )
 
 
 def plan_partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> ReleasePlan:
     snap = _snapshot(dep)
-    policy = dep.categories.get(_segment_categories(dep, snap, [req.segment]))
+    _dimensions_exist(dep, req.breakdown)
+    policy, charged = _categories(dep, [snap], [req.segment], breakdown=req.breakdown)
     if not policy.partner_audiences:
         raise NotPermitted(f"category {policy.name!r} does not allow partner audiences")
     if req.partner not in policy.recipients.partners:
@@ -268,6 +317,7 @@ def plan_partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> Relea
         policy.epsilon_per_release,
         snap,
         dep.categories.content_hash,
+        charged=charged,
     )
 
 
@@ -300,10 +350,7 @@ def plan_movement(dep: Deployment, req: MovementRequest) -> ReleasePlan:
         raise InvalidInput("from_snapshot must be earlier than to_snapshot")
     if len(set(req.segments)) != len(req.segments):
         raise InvalidInput("a segment is named twice")
-    category = _segment_categories(dep, later, req.segments)
-    if _segment_categories(dep, earlier, req.segments) != category:
-        raise PolicyViolation("the segments changed category between the two snapshots")
-    policy = dep.categories.get(category)
+    policy, charged = _categories(dep, [earlier, later], req.segments)
     _marketer(policy, req.recipient)
     states = [*req.segments, NONE_STATE]
     keys: list[tuple[str, ...]] = [(a, b) for a in states for b in states]
@@ -319,6 +366,7 @@ def plan_movement(dep: Deployment, req: MovementRequest) -> ReleasePlan:
         later,
         dep.categories.content_hash,
         from_snapshot=earlier,
+        charged=charged,
     )
 
 
@@ -329,7 +377,7 @@ def plan_lift(dep: Deployment, req: LiftRequest) -> ReleasePlan:
     if len(set(names)) != 3:
         raise InvalidInput("treatment, control and conversion must be three different segments")
     snap = _snapshot(dep)
-    policy = dep.categories.get(_segment_categories(dep, snap, names))
+    policy, charged = _categories(dep, [snap], names)
     _marketer(policy, req.recipient)
     keys: list[tuple[str, ...]] = [
         ("treatment", "size"),
@@ -348,4 +396,5 @@ def plan_lift(dep: Deployment, req: LiftRequest) -> ReleasePlan:
         policy.epsilon_per_release,
         snap,
         dep.categories.content_hash,
+        charged=charged,
     )

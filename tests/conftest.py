@@ -153,6 +153,7 @@ def prepare(dep: Deployment, customers: Path, events: Path) -> None:
         [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
         schema=dep.schema,
         categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
     )
     engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
 

@@ -7,16 +7,23 @@ from typing import Any
 
 import polars as pl
 
-from privseg.category_policy import load_categories
+from privseg.category_policy import CategorySet, SensitiveData, load_categories
 from privseg.ingest_policy import load_ingest_policy
+from privseg.schema import Schema
 from privseg.segments.compiler import Compiler
 from privseg.segments.engine import evaluate
-from privseg.segments.language import Parser, Schema
+from privseg.segments.language import Parser
 from tests.conftest import POLICIES
 
 AS_OF = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 SCHEMA = Schema.from_ingest_policy(load_ingest_policy(POLICIES / "ingest.yaml"))
-CATEGORIES = load_categories(POLICIES)
+CATEGORIES = load_categories(POLICIES, SCHEMA)
+# The shipped policies without their sensitivity tags: operator and engine tests check evaluation
+# semantics under a declared category alone (the derived categories have their own tests).
+UNTAGGED = CategorySet(
+    {n: p.model_copy(update={"sensitive_data": SensitiveData()}) for n, p in CATEGORIES.categories.items()},
+    "untagged",
+)
 PROFILE_SCHEMA = {
     "pid": pl.String,
     "age_band": pl.String,
@@ -61,11 +68,15 @@ def segment(where: Any, sid: str = "s", category: str = "general") -> dict[str, 
     return {"id": sid, "category": category, "objective": "performance", "where": where}
 
 
-def compiler(segments: list[dict[str, Any]], traits: list[dict[str, Any]] = ()) -> Compiler:  # type: ignore[assignment]
-    parser = Parser(SCHEMA, set(CATEGORIES.categories))
+def compiler(
+    segments: list[dict[str, Any]],
+    traits: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    categories: CategorySet = UNTAGGED,
+) -> Compiler:
+    parser = Parser(SCHEMA, set(categories.categories))
     segs = {d["id"]: parser.segment(d, f"test {d['id']}") for d in segments}
     trs = {d["name"]: parser.trait(d, f"test {d['name']}") for d in traits}
-    return Compiler(schema=SCHEMA, categories=CATEGORIES, segments=segs, traits=trs)
+    return Compiler(schema=SCHEMA, categories=categories, segments=segs, traits=trs)
 
 
 def members(

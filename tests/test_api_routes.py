@@ -41,17 +41,18 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
     "/v1/segments": ("GET", {"marketer"}, {}),
     "/v1/segments#post": (
         "POST",
-        {"marketer"},
+        {"admin", "marketer"},
         {
             "path": "/v1/segments",
             "json": {
                 "id": "x_new",
                 "category": "general",
                 "objective": "brand",
-                "where": {"event": {"type": "purchase"}},
+                "where": {"event": {"type": "purchase", "where": {"product_category": {"eq": "home"}}}},
             },
         },
     ),
+    "/v1/segments/{segment_id}": ("DELETE", {"admin", "marketer"}, {"path": "/v1/segments/no_such_segment"}),
     "/v1/segments/{segment_id}/explain": (
         "GET",
         {"marketer"},

@@ -94,11 +94,20 @@ def test_segments_commands(settings: Settings, tmp_path) -> None:  # type: ignor
     shown = json.loads(run_cli(settings, "segments", "show", "cannabis_curious").stdout)
     assert shown["version"] == 1 and shown["category"] == "cannabis"
     explained = run_cli(settings, "segments", "explain", "cart_abandoners_7d").stdout
-    assert "add_to_cart events in the last 7 days" in explained
+    assert "add_to_cart events where product_category is none of hearing_aids, cannabis" in explained
     assert "current" in run_cli(settings, "segments", "status").stdout
     edit = tmp_path / "edit.yaml"
+    # Coupon redemptions of any product category include stigmatized ones: not "general".
     edit.write_text(
         "id: coupon_responders\ncategory: general\nobjective: brand\nwhere: {event: {type: coupon_redeem}}\n"
+    )
+    refused = run_cli(settings, "segments", "apply", str(edit), check=False)
+    assert refused.returncode == 2  # every PrivsegError exits 2
+    assert "where.event (no filter on product_category) reads cannabis data" in refused.stderr
+    assert "current" in run_cli(settings, "segments", "status").stdout  # nothing applied
+    edit.write_text(
+        "id: coupon_responders\ncategory: general\nobjective: brand\n"
+        "where: {event: {type: coupon_redeem, where: {product_category: {eq: home}}}}\n"
     )
     assert "updated (v2)" in run_cli(settings, "segments", "apply", str(edit)).stdout
     status = json.loads(run_cli(settings, "segments", "status", "--json").stdout)

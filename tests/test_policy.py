@@ -77,7 +77,7 @@ def test_partner_audiences_and_breakdowns_must_not_exceed_general(tmp_path: Path
 def test_breakdowns_need_a_public_single_valued_domain(dep: Deployment, tmp_path: Path) -> None:
     folder = _copy(tmp_path)
     _edit(folder, "general", "breakdowns.allowed", ["age_band", "interests", "shoe_size"])
-    found = findings(read_categories(folder), dep.schema.breakdown_dimensions())
+    found = findings(read_categories(folder), dep.schema)
     assert (
         "general: breakdown 'interests' has no public single-valued domain "
         "(lists and free text cannot be keys)" in found

@@ -181,7 +181,12 @@ def test_a_kill_during_a_release_leaves_the_charge_recorded(ready: Deployment) -
             NotPermitted,
             "'stranger' may not receive",
         ),
-        (lambda d: report(d, ["cart_abandoners_7d", "cannabis_curious"]), PolicyViolation, "one category"),
+        (
+            # A release over general and cannabis segments is made under cannabis's stricter rules.
+            lambda d: report(d, ["cart_abandoners_7d", "cannabis_curious"], ["age_band"]),
+            PolicyViolation,
+            "category 'cannabis' does not allow breaking down by 'age_band'",
+        ),
         (
             lambda d: release.partner_audience(
                 d, release.PartnerAudienceRequest(segment="cannabis_curious", partner="adnet_alpha")
@@ -344,14 +349,15 @@ def test_ab_lift_report(ready_20k: Deployment) -> None:
     assert out["lift"] == pytest.approx(t["rate"] / c["rate"] - 1)
     assert 0 < lo <= out["lift"] <= hi  # clearly positive, and the interval brackets the estimate
     assert release.lift(ready, req)["cached"]
-    with pytest.raises(PolicyViolation, match="one category"):
+    # Counting cannabis conversions makes the whole release cannabis's: crm_team is no recipient of it.
+    with pytest.raises(NotPermitted, match="'crm_team' may not receive releases for category 'cannabis'"):
         release.lift(
             ready,
             release.LiftRequest(
                 treatment="spring_test_treatment",
                 control="control_group_10pct",
                 conversion="cannabis_curious",
-                recipient="growth_team",
+                recipient="crm_team",
             ),
         )
     with pytest.raises(InvalidInput, match="three different"):
@@ -395,13 +401,19 @@ def test_spend_measure_is_clipped_noisy_and_close_to_the_truth(ready_20k: Deploy
     import polars as pl
 
     ready = ready_20k
-    req = release.CohortReportRequest(
-        segments=["frequent_buyers"],
-        recipient="growth_team",
-        measures=["count", "spend"],
-        spend_window_days=365,
+    stigmatized = ["hearing_aids", "cannabis", "sexual_health"]
+    unfiltered = release.CohortReportRequest(
+        segments=["frequent_buyers"], recipient="growth_team", measures=["count", "spend"]
+    )
+    # Spend over every purchase reads every stigmatized category's purchases: their rules, each charged.
+    mixed = release.plan_cohort_report(ready, unfiltered)
+    assert sorted(p.name for p in mixed.charged) == sorted(stigmatized)
+    assert mixed.policy.min_cohort_size == 100 and mixed.epsilon == 0.25
+    req = unfiltered.model_copy(
+        update={"spend_where": {"product_category": {"not_in_or_unknown": stigmatized}}}
     )
     plan = release.plan_cohort_report(ready, req)
+    assert [p.name for p in plan.charged] == ["general"]
     assert (
         plan.count_epsilon == 0.25 and plan.spend_sensitivity == 500 * 100
     )  # one segment x clip 500 in cents
@@ -417,6 +429,7 @@ def test_spend_measure_is_clipped_noisy_and_close_to_the_truth(ready_20k: Deploy
     per_person = (
         events.filter(
             (pl.col("event_type") == "purchase")
+            & ~pl.col("product_category").is_in(stigmatized).fill_null(False)
             & (pl.col("ts") <= as_of)
             & (pl.col("ts") >= as_of - timedelta(days=365))
         )

@@ -305,7 +305,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "privseg" / "segments" / "ex
 
 def test_apply_versions_and_is_all_or_nothing(dep: Deployment, tmp_path: Path) -> None:
     conn, ks = dep.store.conn, dep.keyset
-    kw = {"schema": dep.schema, "categories": dep.categories}
+    kw = {"schema": dep.schema, "categories": dep.categories, "actor": definitions.ADMIN_CLI}
     first = definitions.apply(conn, ks, [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"], **kw)  # type: ignore[arg-type]
     assert {r.status for r in first} == {"created"} and len(first) == 18
     again = definitions.apply(conn, ks, [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"], **kw)  # type: ignore[arg-type]
@@ -313,7 +313,7 @@ def test_apply_versions_and_is_all_or_nothing(dep: Deployment, tmp_path: Path) -
     edited = tmp_path / "edit.yaml"
     edited.write_text(
         "id: coupon_responders\ncategory: general\nobjective: performance\n"
-        "where: {event: {type: coupon_redeem, last: 30d}}\n"
+        "where: {event: {type: coupon_redeem, last: 30d, where: {product_category: {is_null: true}}}}\n"
     )
     (r,) = definitions.apply(conn, ks, [edited], **kw)  # type: ignore[arg-type]
     assert (r.status, r.version) == ("updated", 2)
@@ -347,12 +347,15 @@ def test_snapshot_records_inputs_goes_stale_and_prunes(dep: Deployment, demo_fil
         [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml"],
         schema=dep.schema,
         categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
     )
-    assert engine.staleness(dep.store, engine.latest(dep.store.conn)) == ["no snapshot has been computed"]
+    assert engine.staleness(
+        dep.store, engine.latest(dep.store.conn), policy_hash=dep.categories.content_hash
+    ) == ["no snapshot has been computed"]
     snap, _ = engine.compute_snapshot(
         store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF
     )
-    assert engine.staleness(dep.store, snap) == []
+    assert engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash) == []
     assert snap.people == 2000 and len(snap.segments) == 15 and snap.as_of == AS_OF.isoformat()
     members = pl.read_parquet(engine.snapshot_path(dep.store, snap))
     assert members.columns[0] == "pid" and members.height == 2000
@@ -366,7 +369,9 @@ def test_snapshot_records_inputs_goes_stale_and_prunes(dep: Deployment, demo_fil
     ingest_files(
         store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind="events", paths=[extra], now=AS_OF
     )
-    assert engine.staleness(dep.store, snap) == ["data batches changed since it was computed"]
+    assert engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash) == [
+        "data batches changed since it was computed"
+    ]
     for i in range(engine.KEEP_SNAPSHOTS + 1):
         engine.compute_snapshot(
             store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF + timedelta(hours=i)

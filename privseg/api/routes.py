@@ -46,9 +46,10 @@ def _recompute(dep: Deployment) -> None:
     """Recompute a stale snapshot after ingestion, after the response has gone out."""
     fresh = dep.for_request()
     try:
-        if engine.staleness(fresh.store, engine.latest(fresh.store.conn)) and definitions.active(
-            fresh.store.conn
-        ):
+        stale = engine.staleness(
+            fresh.store, engine.latest(fresh.store.conn), policy_hash=fresh.categories.content_hash
+        )
+        if stale and definitions.active(fresh.store.conn):
             engine.compute_snapshot(store=fresh.store, compiler=fresh.compiler(), keyset=fresh.keyset)
     finally:
         fresh.close()
@@ -120,18 +121,19 @@ def key_status(dep: DepDep, _who: Admin) -> dict[str, Any]:
 @router.get("/snapshots", tags=["admin", "marketer"])
 def snapshot_status(dep: DepDep, who: AdminOrMarketer) -> dict[str, Any]:
     snap = engine.latest(dep.store.conn)
-    reasons = engine.staleness(dep.store, snap)
-    info = None if snap is None else dict(snap.__dict__)
-    if info is not None and who.role != "admin":
-        # An exact head count is a non-DP aggregate: two snapshots apart, it shows someone joined or left.
-        info.pop("people")
+    reasons = engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
+    info = None if snap is None else snap.public()
+    if info is not None and snap is not None and who.role == "admin":
+        # Admins see the exact head count (store-level, an operator's figure); marketers do not: two
+        # snapshots apart, it shows someone joined or left.
+        info["people"] = snap.people
     return {"snapshot": info, "stale": bool(reasons), "reasons": reasons}
 
 
 @router.post("/snapshots", tags=["admin"])
 def recompute(dep: DepDep, _who: Admin) -> dict[str, Any]:
     snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
-    return {"snapshot": snap.__dict__, "timings": timings}
+    return {"snapshot": snap.public() | {"people": snap.people}, "timings": timings}
 
 
 class ApiKeyBody(_Body):
@@ -161,12 +163,21 @@ def revoke_key(key_id: IdParam, dep: DepDep, _who: Admin) -> None:
 # -- marketer ------------------------------------------------------------------------------------------
 @router.get("/segments", tags=["marketer"])
 def list_segments(dep: DepDep, _who: Marketer) -> list[dict[str, Any]]:
-    return [s.__dict__ for s in definitions.active(dep.store.conn).values()]
+    """Active definitions; a segment's ``category`` is its effective one (derived from what it reads)."""
+    compiler = dep.compiler()
+    out = []
+    for s in definitions.active(dep.store.conn).values():
+        row = dict(s.__dict__)
+        if s.kind == "segment":
+            row["category"] = list(compiler.effective(s.id).categories)
+        out.append(row)
+    return out
 
 
-@router.post("/segments", tags=["marketer"])
-async def apply_segments(request: Request, dep: DepDep, _who: Marketer) -> list[dict[str, Any]]:
-    """Apply segment and trait definitions (a segment, a list, or {segments, traits}), all or none."""
+@router.post("/segments", tags=["marketer", "admin"])
+async def apply_segments(request: Request, dep: DepDep, who: AdminOrMarketer) -> list[dict[str, Any]]:
+    """Apply segment and trait definitions (a segment, a list, or {segments, traits}), all or none.
+    The caller owns new definitions; only the owner or an admin may change existing ones."""
     try:
         doc = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -179,8 +190,24 @@ async def apply_segments(request: Request, dep: DepDep, _who: Marketer) -> list[
         docs,
         schema=dep.schema,
         categories=dep.categories,
+        actor=who.actor,
     )
     return [r.__dict__ for r in results]
+
+
+@router.delete("/segments/{segment_id}", tags=["marketer", "admin"])
+def retire_segment(segment_id: str, dep: DepDep, who: AdminOrMarketer) -> dict[str, Any]:
+    """Retire a segment (its owner or an admin); its history is kept. Refused while referenced."""
+    r = definitions.retire(
+        dep.store.conn,
+        dep.keyset,
+        "segment",
+        segment_id,
+        schema=dep.schema,
+        categories=dep.categories,
+        actor=who.actor,
+    )
+    return dict(r.__dict__)
 
 
 @router.get("/segments/{segment_id}/explain", tags=["marketer"])
@@ -195,6 +222,8 @@ class CohortBody(_Body):
     segments: list[str] = Field(min_length=1, max_length=20)
     breakdown: list[str] = Field(default_factory=list, max_length=4)
     measures: list[Measure] = Field(default_factory=lambda: list[Measure](["count"]), min_length=1)
+    spend_event: str = "purchase"
+    spend_where: dict[str, Any] = Field(default_factory=dict)
     spend_window_days: int = Field(365, ge=1, le=3650)
     dry_run: bool = False
 
@@ -280,7 +309,7 @@ def validate_policies(body: PolicyCandidate, dep: DepDep, _who: Compliance) -> d
         problems.append("the 'general' category is required")
     if not problems:
         try:
-            problems = findings(CategorySet(parsed, "candidate"), dep.schema.breakdown_dimensions())
+            problems = findings(CategorySet(parsed, "candidate"), dep.schema)
         except PolicyError as exc:
             problems = [exc.message]
     return {"valid": not problems, "findings": problems}
@@ -339,11 +368,10 @@ def release_metadata(release_id: IdParam, dep: DepDep, _who: Compliance) -> dict
 def grants(dep: DepDep, who: Partner) -> list[dict[str, Any]]:
     """The segments this partner may receive audiences for (its own grants only)."""
     out = []
-    for (kind, sid), stored in sorted(definitions.active(dep.store.conn).items()):
-        if kind != "segment":
-            continue
-        policy = dep.categories.categories.get(str(stored.body.get("category")))
-        if policy and policy.partner_audiences and who.principal in policy.recipients.partners:
+    compiler = dep.compiler()
+    for sid in sorted(compiler.defs):
+        policy = dep.categories.effective(compiler.effective(sid).categories)
+        if policy.partner_audiences and who.principal in policy.recipients.partners:
             out.append({"segment": sid, "category": policy.name, "dimensions": policy.allowed_dimensions()})
     return out
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import assert_never
 
 import polars as pl
 
 from privseg.category_policy import CategorySet
+from privseg.schema import Schema
 from privseg.segments import operators
 from privseg.segments.language import (
     BUCKETS,
@@ -28,7 +30,6 @@ from privseg.segments.language import (
     Not,
     PropertyLeaf,
     RecencyLeaf,
-    Schema,
     SegmentDef,
     SegmentRef,
     SequenceLeaf,
@@ -37,6 +38,7 @@ from privseg.segments.language import (
     TraitLeaf,
     Window,
 )
+from privseg.segments.sensitivity import SensitivityIndex, Taint
 
 
 # -- features --------------------------------------------------------------------------------------
@@ -131,6 +133,15 @@ class Plan:
         return sorted(names)
 
 
+@dataclass(frozen=True)
+class Effective:
+    """The categories a segment is released under (the strictest rule of all of them applies, and
+    each is charged) and every read of stigmatized data that put it there."""
+
+    categories: tuple[str, ...]
+    taints: tuple[Taint, ...]
+
+
 class Compiler:
     def __init__(
         self,
@@ -144,10 +155,99 @@ class Compiler:
         self.categories = categories
         self.defs = segments
         self.traits = traits
+        self.index = SensitivityIndex(categories, schema)
+        self._effective: dict[str, Effective] = {}
 
-    def check(self) -> None:
-        """Validate references, traits, consent attributes and cycles without building anything."""
+    def check(self, only: set[str] | None = None) -> None:
+        """Validate references, traits, consent attributes, cycles and declared categories (of the
+        segments in ``only``, default all) without building anything."""
         self.compile(datetime.now(UTC))
+        for sid in sorted(self.defs if only is None else only):
+            seg, eff = self.defs[sid], self.effective(sid)
+            if not seg.declared:
+                continue
+            for taint in eff.taints:
+                if taint.category not in seg.declared:
+                    raise DefinitionError(
+                        f"{taint.describe()}, but the segment is declared {'+'.join(seg.declared)}: "
+                        f"declare category {taint.category} (a declared category may be stricter than "
+                        "what a segment reads, never looser)"
+                    )
+
+    def dependents(self, ids: set[str]) -> set[str]:
+        """``ids`` and every segment that references one of them, directly or transitively (their
+        effective categories follow the referenced ones)."""
+        refs = {sid: _references(seg.root) for sid, seg in self.defs.items()}
+        out = set(ids)
+        while True:
+            more = {sid for sid, r in refs.items() if r & out} - out
+            if not more:
+                return out
+            out |= more
+
+    # -- effective categories ------------------------------------------------------------------
+    def effective(self, sid: str, stack: tuple[str, ...] = ()) -> Effective:
+        """General is the floor; declared categories and every category whose data the definition
+        reads (transitively through references) are added; general is dropped once a stigmatized
+        category is present (policy check guarantees those are stricter on every axis)."""
+        if sid in stack:
+            cycle = " -> ".join([*stack[stack.index(sid) :], sid])
+            raise DefinitionError(f"segment {stack[-1]!r}: reference cycle {cycle}")
+        if sid not in self._effective:
+            seg = self.defs[sid]
+            taints = self._reads(seg.root, f"segment {sid!r}: where", (*stack, sid))
+            names = {"general", *seg.declared, *(t.category for t in taints)}
+            if any(self.categories.get(c).stigmatized for c in names):
+                names.discard("general")
+            stigmatized = tuple(t for t in taints if self.categories.get(t.category).stigmatized)
+            self._effective[sid] = Effective(tuple(sorted(names)), stigmatized)
+        return self._effective[sid]
+
+    def _reads(self, node: Node, path: str, stack: tuple[str, ...]) -> list[Taint]:
+        idx = self.index
+        match node:
+            case All() | AnyOf():
+                key = "all" if isinstance(node, All) else "any"
+                return [
+                    t
+                    for i, c in enumerate(node.children)
+                    for t in self._reads(c, f"{path}.{key}[{i}]", stack)
+                ]
+            case Not():
+                return self._reads(node.child, f"{path}.not", stack)
+            case PropertyLeaf():
+                return idx.property_reads(node.cond, f"{path}.property.{node.cond.field}")
+            case EventLeaf():
+                return idx.step_reads(node.step, f"{path}.event")
+            case RecencyLeaf():
+                return idx.step_reads(node.step, f"{path}.recency")
+            case SequenceLeaf():
+                return idx.step_reads(node.first, f"{path}.sequence.steps[0]") + idx.step_reads(
+                    node.then, f"{path}.sequence.steps[1]"
+                )
+            case TraitLeaf():
+                trait = self.traits.get(node.name)
+                if trait is None:
+                    raise DefinitionError(
+                        f"{path}.trait: unknown trait {node.name!r}; known: {sorted(self.traits)}"
+                    )
+                return idx.step_reads(trait.source.step, f"{path}.trait.{node.name} (source)")
+            case SegmentRef():
+                if node.id not in self.defs:
+                    raise DefinitionError(f"{path}.segment: unknown segment {node.id!r}")
+                ref = self.effective(node.id, stack)
+                return [
+                    Taint(c, f"{path}.segment", f"references segment {node.id!r}, which is {c}")
+                    for c in ref.categories
+                    if c != "general"
+                ]
+            case BucketLeaf():
+                return []
+        assert_never(node)
+
+    def consent_attributes(self, sid: str) -> list[str]:
+        """Every consent a member needs: one per effective category."""
+        return sorted({self.categories.get(c).consent_attribute for c in self.effective(sid).categories})
 
     def compile(self, as_of: datetime, only: set[str] | None = None) -> Plan:
         plan = Plan(as_of)
@@ -162,16 +262,19 @@ class Compiler:
             raise DefinitionError(f"segment {stack[-1]!r}: reference cycle {cycle}")
         if sid not in memo:
             seg = self.defs[sid]
-            consent = self.categories.get(seg.category).consent_attribute
-            ft = self.schema.profile.get(consent)
-            if ft is None or ft.type != "bool":
-                raise DefinitionError(
-                    f"segment {sid!r}: category {seg.category!r} requires consent attribute {consent!r}, "
-                    "which is not a boolean profile attribute in the ingest policy"
-                )
             body = self._node(seg.root, plan, memo, (*stack, sid), f"segment {sid!r}: where")
-            # People without the category's consent are never counted, whatever the definition says.
-            memo[sid] = body & pl.col(consent).fill_null(False)
+            consents = self.consent_attributes(sid)
+            for consent in consents:
+                ft = self.schema.profile.get(consent)
+                if ft is None or ft.type != "bool":
+                    raise DefinitionError(
+                        f"segment {sid!r}: its categories {list(self.effective(sid).categories)} require "
+                        f"consent attribute {consent!r}, which is not a boolean profile attribute in the "
+                        "ingest policy"
+                    )
+            # People without the consent of every category the segment reads are never counted,
+            # whatever the definition says.
+            memo[sid] = pl.all_horizontal([body, *(pl.col(c).fill_null(False) for c in consents)])
         return memo[sid]
 
     def _node(
@@ -228,15 +331,28 @@ class Compiler:
 
     # -- words ---------------------------------------------------------------------------------
     def explain(self, sid: str) -> str:
-        seg = self.defs[sid]
-        policy = self.categories.get(seg.category)
+        seg, eff = self.defs[sid], self.effective(sid)
         lines = [f"{sid}: {seg.description}" if seg.description else sid]
-        stigma = " (stigmatized)" if policy.stigmatized else ""
-        lines.append(f"category {seg.category}{stigma}, objective {seg.objective}")
+        names = [c + (" (stigmatized)" if self.categories.get(c).stigmatized else "") for c in eff.categories]
+        declared = f"; declared {'+'.join(seg.declared)}" if seg.declared else ""
+        lines.append(f"category {' + '.join(names)}{declared}, objective {seg.objective}")
+        lines += [f"  because {t.describe()}" for t in eff.taints]
         lines.append("A person is in this segment when")
         lines += _words(seg.root, self.traits, 1)
-        lines.append(f"  and has consented: {policy.consent_attribute} is true.")
+        consents = " and ".join(f"{c} is true" for c in self.consent_attributes(sid))
+        lines.append(f"  and has consented: {consents}.")
         return "\n".join(lines)
+
+
+def _references(node: Node) -> set[str]:
+    match node:
+        case All() | AnyOf():
+            return set().union(*(_references(c) for c in node.children))
+        case Not():
+            return _references(node.child)
+        case SegmentRef():
+            return {node.id}
+    return set()
 
 
 def _duration(d: timedelta) -> str:

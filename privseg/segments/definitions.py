@@ -19,11 +19,19 @@ import yaml
 from privseg import audit
 from privseg.category_policy import CategorySet
 from privseg.db import transaction
+from privseg.errors import Conflict, NotFound, NotPermitted
 from privseg.keyset import Keyset
+from privseg.schema import Schema
 from privseg.segments.compiler import Compiler
-from privseg.segments.language import DefinitionError, Parser, Schema, SegmentDef, TraitDef
+from privseg.segments.language import DefinitionError, Parser, SegmentDef, TraitDef
 
 DefKind = Literal["segment", "trait"]
+ADMIN_CLI = "admin:cli"  # the actor of definitions applied from the command line
+
+
+def may_edit(actor: str, owner: str) -> bool:
+    """Only the owner of a definition, or an admin, may change or retire it."""
+    return actor.startswith("admin:") or actor == owner
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class Stored:
     version: int
     body: dict[str, Any]
     created_at: str
+    owner: str = ADMIN_CLI  # "marketer:<principal>" or "admin:<name>"
+    editor: str = ADMIN_CLI  # who wrote this version
+    retired: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ class Applied:
     kind: DefKind
     id: str
     version: int
-    status: Literal["created", "updated", "unchanged"]
+    status: Literal["created", "updated", "unchanged", "retired"]
 
 
 def canonical(doc: dict[str, Any]) -> str:
@@ -91,22 +102,34 @@ def read_documents(paths: list[Path]) -> list[Document]:
     return out
 
 
-def active(conn: sqlite3.Connection) -> dict[tuple[DefKind, str], Stored]:
+_COLUMNS = "kind, id, version, body, created_at, owner, editor, retired"
+
+
+def _stored(row: tuple[Any, ...]) -> Stored:
+    k, i, v, b, c, o, e, r = row
+    return Stored(k, i, int(v), json.loads(b), c, o, e, bool(r))
+
+
+def latest(conn: sqlite3.Connection) -> dict[tuple[DefKind, str], Stored]:
+    """The newest version of every definition, retired ones included."""
     rows = conn.execute(
-        "SELECT d.kind, d.id, d.version, d.body, d.created_at FROM definitions d "
+        f"SELECT {', '.join('d.' + c for c in _COLUMNS.split(', '))} FROM definitions d "
         "JOIN (SELECT kind, id, MAX(version) AS v FROM definitions GROUP BY kind, id) m "
         "ON d.kind = m.kind AND d.id = m.id AND d.version = m.v ORDER BY d.kind, d.id"
     ).fetchall()
-    return {(k, i): Stored(k, i, int(v), json.loads(b), c) for k, i, v, b, c in rows}
+    return {(r[0], r[1]): _stored(r) for r in rows}
+
+
+def active(conn: sqlite3.Connection) -> dict[tuple[DefKind, str], Stored]:
+    """The newest version of every definition that is not retired."""
+    return {k: s for k, s in latest(conn).items() if not s.retired}
 
 
 def history(conn: sqlite3.Connection, kind: DefKind, def_id: str) -> list[Stored]:
     rows = conn.execute(
-        "SELECT kind, id, version, body, created_at FROM definitions "
-        "WHERE kind = ? AND id = ? ORDER BY version",
-        (kind, def_id),
+        f"SELECT {_COLUMNS} FROM definitions WHERE kind = ? AND id = ? ORDER BY version", (kind, def_id)
     ).fetchall()
-    return [Stored(k, i, int(v), json.loads(b), c) for k, i, v, b, c in rows]
+    return [_stored(r) for r in rows]
 
 
 def build_compiler(
@@ -131,9 +154,12 @@ def apply(
     *,
     schema: Schema,
     categories: CategorySet,
+    actor: str,
 ) -> list[Applied]:
     """Apply the definitions in files (see :func:`apply_documents`)."""
-    return apply_documents(conn, keyset, read_documents(paths), schema=schema, categories=categories)
+    return apply_documents(
+        conn, keyset, read_documents(paths), schema=schema, categories=categories, actor=actor
+    )
 
 
 def apply_documents(
@@ -143,7 +169,14 @@ def apply_documents(
     *,
     schema: Schema,
     categories: CategorySet,
+    actor: str,
 ) -> list[Applied]:
+    """Validate the documents together with every active definition, then write a new version of
+    each changed one, all in one transaction with its audit entry, or nothing.
+
+    ``actor`` (``marketer:<principal>`` or ``admin:<name>``) becomes the owner of new definitions;
+    changing an existing one is refused unless the actor owns it or is an admin. A declared category
+    looser than what a segment reads is refused, naming the leaf that reads the stricter data."""
     parser = Parser(schema, set(categories.categories))
     incoming: dict[tuple[DefKind, str], tuple[dict[str, Any], str]] = {}
     for kind, doc, where in docs:
@@ -154,27 +187,93 @@ def apply_documents(
         incoming[key] = (doc, where)
 
     with transaction(conn):
-        current = active(conn)
-        merged = dict(current)
+        newest = latest(conn)
+        merged = active(conn)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         for key, (doc, _where) in incoming.items():
-            prev = current.get(key)
-            version = 1 if prev is None else prev.version + (canonical(prev.body) != canonical(doc))
-            merged[key] = Stored(key[0], key[1], version, doc, now)
-        # References, traits, consent attributes and cycles are checked over the whole new set.
-        build_compiler(merged, schema=schema, categories=categories).check()
+            prev = newest.get(key)
+            if prev is None:
+                version, owner = 1, actor
+            elif prev.retired:
+                version, owner = prev.version + 1, actor
+            else:
+                version, owner = prev.version + (canonical(prev.body) != canonical(doc)), prev.owner
+            merged[key] = Stored(key[0], key[1], version, doc, now, owner, actor)
+        changed = [k for k in incoming if newest.get(k) is None or newest[k].version != merged[k].version]
+        for key in changed:
+            prev = newest.get(key)
+            if prev is not None and not prev.retired and not may_edit(actor, prev.owner):
+                raise NotPermitted(
+                    f"{key[0]} {key[1]!r} belongs to {prev.owner}; only its owner or an admin may change it"
+                )
+        # References, traits, consent attributes, cycles and declared categories are checked over
+        # the whole new set.
+        compiler = build_compiler(merged, schema=schema, categories=categories)
+        compiler.check(compiler.dependents({i for k, i in changed if k == "segment"}))
         results: list[Applied] = []
         for key in incoming:
-            prev, new = current.get(key), merged[key]
-            if prev is not None and prev.version == new.version:
+            prev, new = newest.get(key), merged[key]
+            if key not in changed:
                 results.append(Applied(key[0], key[1], new.version, "unchanged"))
                 continue
-            conn.execute(
-                "INSERT INTO definitions (kind, id, version, body, created_at) VALUES (?, ?, ?, ?, ?)",
-                (key[0], key[1], new.version, canonical(new.body), now),
-            )
-            results.append(Applied(key[0], key[1], new.version, "created" if prev is None else "updated"))
-        changed = [f"{r.kind}:{r.id}@v{r.version}" for r in results if r.status != "unchanged"]
+            _insert(conn, new)
+            status: Literal["created", "updated"] = "created" if prev is None or prev.retired else "updated"
+            results.append(Applied(key[0], key[1], new.version, status))
         if changed:
-            audit.append(conn, keyset, "definitions_applied", {"changed": changed})
+            audit.append(
+                conn,
+                keyset,
+                "definitions_applied",
+                {
+                    "editor": actor,
+                    "changed": [f"{k}:{i}@v{merged[(k, i)].version}" for k, i in changed],
+                    "owners": sorted({merged[k].owner for k in changed}),
+                },
+            )
     return results
+
+
+def _insert(conn: sqlite3.Connection, s: Stored) -> None:
+    conn.execute(
+        "INSERT INTO definitions (kind, id, version, body, created_at, owner, editor, retired) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (s.kind, s.id, s.version, canonical(s.body), s.created_at, s.owner, s.editor, int(s.retired)),
+    )
+
+
+def retire(
+    conn: sqlite3.Connection,
+    keyset: Keyset,
+    kind: DefKind,
+    def_id: str,
+    *,
+    schema: Schema,
+    categories: CategorySet,
+    actor: str,
+) -> Applied:
+    """Retire a definition (its owner or an admin): a new, retired version; history is kept. Refused
+    while an active definition still references it."""
+    with transaction(conn):
+        current = active(conn)
+        prev = current.get((kind, def_id))
+        if prev is None:
+            raise NotFound(f"no active {kind} {def_id!r}")
+        if not may_edit(actor, prev.owner):
+            raise NotPermitted(
+                f"{kind} {def_id!r} belongs to {prev.owner}; only its owner or an admin may retire it"
+            )
+        rest = {k: v for k, v in current.items() if k != (kind, def_id)}
+        try:
+            build_compiler(rest, schema=schema, categories=categories).check()
+        except DefinitionError as exc:
+            raise Conflict(f"{kind} {def_id!r} is still used: {exc.message}") from None
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        new = Stored(kind, def_id, prev.version + 1, prev.body, now, prev.owner, actor, retired=True)
+        _insert(conn, new)
+        audit.append(
+            conn,
+            keyset,
+            "definition_retired",
+            {"editor": actor, "definition": f"{kind}:{def_id}@v{new.version}"},
+        )
+    return Applied(kind, def_id, new.version, "retired")

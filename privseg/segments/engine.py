@@ -44,6 +44,22 @@ class Snapshot:
     segments: dict[str, int]
     traits: dict[str, int]
     batches: list[int]
+    policy_hash: str | None = None  # the policy set it was computed under (None: before categories)
+    categories: dict[str, list[str]] | None = None  # each segment's effective categories under it
+
+    def public(self) -> dict[str, Any]:
+        """What callers may see. Not the file name (a new one is written when an erasure removes
+        somebody) and not the exact head count (a non-DP aggregate)."""
+        return {
+            "id": self.id,
+            "as_of": self.as_of,
+            "computed_at": self.computed_at,
+            "pruned": self.file is None,
+            "segments": self.segments,
+            "traits": self.traits,
+            "batches": self.batches,
+            "policy_hash": self.policy_hash,
+        }
 
 
 def membership(compiler: Compiler, store: Store, as_of: datetime) -> tuple[pl.DataFrame, dict[str, float]]:
@@ -116,6 +132,8 @@ def compute_snapshot(
     folder.mkdir(parents=True, exist_ok=True)
     seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
     trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
+    categories = {sid: list(compiler.effective(sid).categories) for sid in seg_versions}
+    policy_hash = compiler.categories.content_hash
     computed_at = datetime.now(UTC).isoformat(timespec="seconds")
     t = time.perf_counter()
     # Under the store's writer lock, so that clearing files left by a snapshot writer that crashed
@@ -124,7 +142,17 @@ def compute_snapshot(
         _remove_unrecorded(conn, folder)
         final = _write_file(folder, as_of, members)
         snap_id = _record(
-            conn, keyset, final, members.height, as_of, computed_at, seg_versions, trait_versions, batches
+            conn,
+            keyset,
+            final,
+            members.height,
+            as_of,
+            computed_at,
+            seg_versions,
+            trait_versions,
+            batches,
+            policy_hash,
+            categories,
         )
         _remove_unrecorded(conn, folder)  # the ones just pruned
     timings["write"] = time.perf_counter() - t
@@ -137,6 +165,8 @@ def compute_snapshot(
         seg_versions,
         trait_versions,
         batches,
+        policy_hash,
+        categories,
     )
     log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
     return snap, timings
@@ -152,14 +182,16 @@ def _record(
     seg_versions: dict[str, int],
     trait_versions: dict[str, int],
     batches: list[int],
+    policy_hash: str,
+    categories: dict[str, list[str]],
 ) -> int:
     """Insert the snapshot row and its audit entry, and prune old snapshots, in one transaction."""
     name = final.name
     try:
         with transaction(conn):
             cur = conn.execute(
-                "INSERT INTO snapshots (as_of, computed_at, file, people, segments, traits, batches) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots (as_of, computed_at, file, people, segments, traits, batches, "
+                "policy_hash, categories) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     as_of.isoformat(),
                     computed_at,
@@ -168,6 +200,8 @@ def _record(
                     json.dumps(seg_versions),
                     json.dumps(trait_versions),
                     json.dumps(batches),
+                    policy_hash,
+                    json.dumps(categories),
                 ),
             )
             snap_id = int(cur.lastrowid or 0)
@@ -180,6 +214,7 @@ def _record(
                     "as_of": as_of.isoformat(),
                     "segments": len(seg_versions),
                     "batches": len(batches),
+                    "policy_hash": policy_hash,
                 },
             )
             conn.execute(
@@ -212,13 +247,23 @@ def _remove_unrecorded(conn: sqlite3.Connection, folder: Path) -> None:
 
 def _row(r: tuple[Any, ...]) -> Snapshot:
     return Snapshot(
-        int(r[0]), r[1], r[2], r[3], int(r[4]), json.loads(r[5]), json.loads(r[6]), json.loads(r[7])
+        int(r[0]),
+        r[1],
+        r[2],
+        r[3],
+        int(r[4]),
+        json.loads(r[5]),
+        json.loads(r[6]),
+        json.loads(r[7]),
+        r[8],
+        None if r[9] is None else json.loads(r[9]),
     )
 
 
 def snapshots(conn: sqlite3.Connection) -> list[Snapshot]:
     rows = conn.execute(
-        "SELECT id, as_of, computed_at, file, people, segments, traits, batches FROM snapshots ORDER BY id"
+        "SELECT id, as_of, computed_at, file, people, segments, traits, batches, policy_hash, categories "
+        "FROM snapshots ORDER BY id"
     ).fetchall()
     return [_row(r) for r in rows]
 
@@ -228,11 +273,13 @@ def latest(conn: sqlite3.Connection) -> Snapshot | None:
     return all_[-1] if all_ else None
 
 
-def staleness(store: Store, snap: Snapshot | None) -> list[str]:
-    """Why the snapshot no longer reflects the store and definitions (empty: it is current)."""
+def staleness(store: Store, snap: Snapshot | None, *, policy_hash: str) -> list[str]:
+    """Why the snapshot no longer reflects the store, definitions and policy set (empty: current)."""
     if snap is None:
         return ["no snapshot has been computed"]
     reasons = []
+    if snap.policy_hash != policy_hash:
+        reasons.append("the category policies changed since it was computed (consent and categories)")
     if sorted(snap.batches) != sorted(b.id for b in store.batches()):
         reasons.append("data batches changed since it was computed")
     defs: dict[tuple[str, str], Stored] = dict(active(store.conn))  # type: ignore[arg-type]

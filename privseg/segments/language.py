@@ -4,7 +4,7 @@ A definition::
 
     id: cart_abandoners_7d
     description: Added to cart in the last 7 days and did not buy
-    category: general            # a file in policies/categories/
+    category: general            # optional: a file in policies/categories/ (or a list of them)
     objective: performance       # or brand
     where:
       all:
@@ -39,17 +39,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from privseg.errors import InvalidInput
-from privseg.ingest_policy import (
-    AgeBandRule,
-    BoolAttr,
-    CategoryAttr,
-    DateAttr,
-    FloatAttr,
-    IngestPolicy,
-    IntAttr,
-    ListAttr,
-    StringAttr,
-)
+from privseg.schema import FieldType, Schema
 from privseg.segments.operators import OPERATORS
 
 ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -161,7 +151,7 @@ Node = (
 class SegmentDef:
     id: str
     description: str
-    category: str
+    declared: tuple[str, ...]  # the author's categories (may be empty); the effective ones are derived
     objective: Literal["performance", "brand"]
     root: Node
 
@@ -186,57 +176,6 @@ class TraitDef:
     edges: tuple[float, ...]
     scores: tuple[int, ...]
     missing: int
-
-
-# -- the schema definitions are checked against -------------------------------------------------
-@dataclass(frozen=True)
-class FieldType:
-    type: str  # category | list | bool | date | float | int | string
-    values: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Schema:
-    profile: dict[str, FieldType]
-    event_types: tuple[str, ...]
-    event_fields: dict[str, FieldType]
-
-    def breakdown_dimensions(self) -> dict[str, bool]:
-        """Profile attributes, and whether each has a public single-valued domain (can be a key)."""
-        return {name: ft.type in ("category", "bool") for name, ft in self.profile.items()}
-
-    @classmethod
-    def from_ingest_policy(cls, policy: IngestPolicy) -> Schema:
-        profile: dict[str, FieldType] = {}
-        for rule in policy.profiles.generalize.values():
-            if isinstance(rule, AgeBandRule):
-                profile[rule.to] = FieldType("category", rule.bands())
-            else:
-                profile[rule.to] = FieldType("category", tuple(sorted(set(rule.regions.values()))))
-        for name, attr in policy.profiles.attributes.items():
-            profile[name] = _field_type(attr)
-        fields = {n: _field_type(a) for n, a in policy.events.attributes.items() if n != "event_type"}
-        et = policy.events.attributes.get("event_type")
-        if not isinstance(et, CategoryAttr):
-            raise InvalidInput("the ingest policy must declare event_type as a category attribute")
-        return cls(profile, et.values, fields)
-
-
-def _field_type(attr: object) -> FieldType:
-    if isinstance(attr, CategoryAttr):
-        return FieldType("category", attr.values)
-    if isinstance(attr, ListAttr):
-        return FieldType("list", attr.values)
-    if isinstance(attr, BoolAttr):
-        return FieldType("bool")
-    if isinstance(attr, DateAttr):
-        return FieldType("date")
-    if isinstance(attr, FloatAttr):
-        return FieldType("float")
-    if isinstance(attr, IntAttr):
-        return FieldType("int")
-    assert isinstance(attr, StringAttr)
-    return FieldType("string")
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -496,7 +435,7 @@ class Parser:
             doc,
             path,
             {"id", "description", "category", "objective", "where"},
-            {"id", "category", "objective", "where"},
+            {"id", "objective", "where"},
         )
         sid = spec["id"]
         if not isinstance(sid, str) or not ID_RE.match(sid):
@@ -504,16 +443,21 @@ class Parser:
                 f"{path}.id", "expected lower-case letters, digits and _ (starting with a letter, at most 64)"
             )
         path = f"{path} (segment {sid!r})"
-        if spec["category"] not in self.categories:
-            raise _fail(
-                f"{path}.category", f"unknown category {spec['category']!r}; known: {sorted(self.categories)}"
-            )
+        declared = spec.get("category")
+        names = [declared] if isinstance(declared, str) else declared if declared is not None else []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _fail(f"{path}.category", "expected a category name or a list of them")
+        for name in names:
+            if name not in self.categories:
+                raise _fail(
+                    f"{path}.category", f"unknown category {name!r}; known: {sorted(self.categories)}"
+                )
         if spec["objective"] not in ("performance", "brand"):
             raise _fail(f"{path}.objective", "expected performance or brand")
         return SegmentDef(
             sid,
             str(spec.get("description", "")),
-            spec["category"],
+            tuple(sorted(set(names))),
             spec["objective"],
             self.node(spec["where"], f"{path}.where"),
         )

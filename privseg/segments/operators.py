@@ -49,6 +49,15 @@ OPERATORS: dict[str, Operator] = {
             lambda c, v: ~c.is_in(list(v)),
             lambda f, v: f"{f} is none of {_fmt(v)}",
         ),
+        Operator(
+            "not_in_or_unknown",
+            "list",
+            SCALAR - {"bool"},
+            # Unknown passes: e.g. events with no product category are not any stigmatized category's
+            # data, so a general segment can keep them while excluding every tagged value.
+            lambda c, v: (~c.is_in(list(v))).fill_null(True),
+            lambda f, v: f"{f} is none of {_fmt(v)} (or unknown)",
+        ),
         Operator("gt", "scalar", ORDERED, lambda c, v: c > v, lambda f, v: f"{f} is more than {_fmt(v)}"),
         Operator("gte", "scalar", ORDERED, lambda c, v: c >= v, lambda f, v: f"{f} is at least {_fmt(v)}"),
         Operator("lt", "scalar", ORDERED, lambda c, v: c < v, lambda f, v: f"{f} is less than {_fmt(v)}"),

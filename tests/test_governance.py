@@ -1,0 +1,404 @@
+"""Governance the data decides: a segment's category comes from what it reads, not from its author.
+
+Each test is written as the attack a hostile marketer or partner would try, and asserts it fails
+safely (refused, or released under the stricter category's rules).
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from privseg import apikeys, audit, ledger, release
+from privseg.api.app import create_app
+from privseg.category_policy import diff, findings, read_categories
+from privseg.db import transaction
+from privseg.deployment import Deployment
+from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
+from privseg.schema import FieldType
+from privseg.segments import definitions, engine
+from privseg.segments.language import Cond, DefinitionError
+from privseg.segments.sensitivity import admitted
+from tests.conftest import AS_OF, POLICIES, prepare
+from tests.segment_helpers import CATEGORIES, SCHEMA, compiler, events, members, profiles, segment
+
+CANNABIS_VIEWS = {"event": {"type": "product_view", "where": {"product_category": {"eq": "cannabis"}}}}
+
+
+@pytest.fixture
+def ready(dep: Deployment, demo_files) -> Deployment:  # type: ignore[no-untyped-def]
+    prepare(dep, demo_files.customers, demo_files.events)
+    return dep
+
+
+@pytest.fixture
+def api(ready: Deployment) -> tuple[TestClient, dict[str, dict[str, str]], Deployment]:
+    tokens: dict[str, dict[str, str]] = {}
+    for name in ("crm_team", "brand_team", "growth_team"):
+        token = apikeys.create(ready.store.conn, ready.keyset, role="marketer", name=name)[1]
+        tokens[name] = {"Authorization": f"Bearer {token}"}
+    token = apikeys.create(ready.store.conn, ready.keyset, role="admin", name="ops")[1]
+    tokens["admin"] = {"Authorization": f"Bearer {token}"}
+    for partner in ("adnet_alpha", "adnet_beta"):
+        token = apikeys.create(ready.store.conn, ready.keyset, role="partner", name=partner, partner=partner)[
+            1
+        ]
+        tokens[partner] = {"Authorization": f"Bearer {token}"}
+    return TestClient(create_app(ready), raise_server_exceptions=False), tokens, ready
+
+
+def _seg(sid: str, where: dict[str, Any], category: str | None = "general") -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": sid, "objective": "brand", "where": where}
+    if category is not None:
+        doc["category"] = category
+    return doc
+
+
+def _recompute(dep: Deployment) -> engine.Snapshot:
+    return engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)[
+        0
+    ]
+
+
+# -- 1. the reproductions from the review ---------------------------------------------------------
+def test_a_marketer_cannot_launder_cannabis_views_as_general(api) -> None:  # type: ignore[no-untyped-def]
+    client, h, dep = api
+    before = definitions.active(dep.store.conn)
+    r = client.post("/v1/segments", json=[_seg("x_cannabis", CANNABIS_VIEWS)], headers=h["crm_team"])
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "where.event.where.product_category reads cannabis data" in detail
+    assert "declare category cannabis" in detail
+    ref = _seg("x_ref_hearing", {"segment": "hearing_aid_interest_55plus"})
+    r = client.post("/v1/segments", json=[ref], headers=h["crm_team"])
+    assert r.status_code == 422 and "references segment 'hearing_aid_interest_55plus'" in r.json()["detail"]
+    assert definitions.active(dep.store.conn) == before  # nothing stored
+
+
+def test_an_undeclared_cannabis_segment_is_released_only_under_cannabis_rules(api) -> None:  # type: ignore[no-untyped-def]
+    client, h, dep = api
+    r = client.post("/v1/segments", json=[_seg("x_cannabis", CANNABIS_VIEWS, None)], headers=h["crm_team"])
+    assert r.status_code == 200, r.text
+    _recompute(dep)
+    listed = {s["id"]: s for s in client.get("/v1/segments", headers=h["crm_team"]).json()}
+    assert (
+        listed["x_cannabis"]["category"] == ["cannabis"]
+        and listed["x_cannabis"]["owner"] == "marketer:crm_team"
+    )
+    # The review's report: general's threshold and breakdowns for someone who is no cannabis recipient.
+    body = {"segments": ["x_cannabis"], "breakdown": ["gender", "income_band"]}
+    r = client.post("/v1/reports/cohort", json=body, headers=h["crm_team"])
+    assert r.status_code == 403 and "'cannabis'" in r.json()["detail"]
+    r = client.post("/v1/reports/cohort", json=body, headers=h["growth_team"])
+    assert r.status_code == 422 and "at most 1 breakdown" in r.json()["detail"]
+    r = client.post(
+        "/v1/reports/cohort",
+        json={"segments": ["x_cannabis"], "breakdown": ["gender"]},
+        headers=h["growth_team"],
+    )
+    assert r.status_code == 422 and "forbids breaking down by 'gender'" in r.json()["detail"]
+    assert ledger.spent_micro(dep.store.conn, category="general", since=AS_OF.replace(year=2000)) == 0
+    ok = client.post(
+        "/v1/reports/cohort",
+        json={"segments": ["x_cannabis"], "breakdown": ["region"]},
+        headers=h["growth_team"],
+    ).json()
+    assert ok["category"] == "cannabis" and ok["min_cohort_size"] == 100 and ok["epsilon"] == 0.25
+    rows = dep.store.conn.execute("SELECT category, epsilon_micro FROM ledger").fetchall()
+    assert rows == [("cannabis", ledger.to_micro(0.25))]
+
+
+def test_members_of_a_derived_cannabis_segment_all_have_sensitive_consent(ready: Deployment) -> None:
+    definitions.apply_documents(
+        ready.store.conn,
+        ready.keyset,
+        [("segment", _seg("x_cannabis", CANNABIS_VIEWS, None), "test")],
+        schema=ready.schema,
+        categories=ready.categories,
+        actor="marketer:crm_team",
+    )
+    snap = _recompute(ready)
+    members_ = pl.read_parquet(engine.snapshot_path(ready.store, snap)).filter(pl.col("x_cannabis"))
+    prof = ready.store.scan_profiles()
+    assert prof is not None
+    joined = members_.join(prof.collect(), on="pid", how="left")
+    assert joined.height > 0
+    assert joined.get_column("consent_sensitive").to_list() == [True] * joined.height
+
+
+def test_a_partner_cannot_reach_a_hearing_aids_audience_through_a_reference(api) -> None:  # type: ignore[no-untyped-def]
+    client, h, dep = api
+    ref = _seg("x_ref_hearing", {"segment": "hearing_aid_interest_55plus"}, None)
+    assert client.post("/v1/segments", json=[ref], headers=h["crm_team"]).status_code == 200
+    _recompute(dep)
+    grants = {g["segment"] for g in client.get("/v1/audiences", headers=h["adnet_beta"]).json()}
+    assert "x_ref_hearing" not in grants and "hearing_aid_interest_55plus" not in grants
+    assert "x_ref_hearing" in {
+        g["segment"] for g in client.get("/v1/audiences", headers=h["adnet_alpha"]).json()
+    }
+    r = client.post(
+        "/v1/audiences", json={"segment": "x_ref_hearing", "breakdown": ["age_band"]}, headers=h["adnet_beta"]
+    )
+    assert r.status_code == 403 and "'adnet_beta' is not granted" in r.json()["detail"]
+    assert dep.store.conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == 0
+
+
+def test_a_filter_that_does_not_pin_the_value_reads_every_category() -> None:
+    for where in (
+        {"event": {"type": "purchase"}},  # absent
+        {"event": {"type": "purchase", "where": {"product_category": {"neq": "home"}}}},
+        {"event": {"type": "purchase", "where": {"product_category": {"not_in": ["home", "beauty"]}}}},
+        {"event": {"type": "purchase", "where": {"product_category": {"is_set": True}}}},
+        {"trait": {"spend_score": {"gte": 2}}},
+    ):
+        comp = compiler(
+            [segment(where, category=None)],  # type: ignore[arg-type]
+            [
+                {
+                    "name": "spend_score",
+                    "source": {"sum": {"type": "purchase"}},
+                    "edges": [10],
+                    "scores": [1, 2],
+                }
+            ],
+            categories=CATEGORIES,
+        )
+        assert comp.effective("s").categories == ("cannabis", "hearing_aids", "sexual_health"), where
+    pinned = {"event": {"type": "purchase", "where": {"product_category": {"in": ["home", "beauty"]}}}}
+    assert compiler([segment(pinned, category=None)], categories=CATEGORIES).effective("s").categories == (
+        "general",
+    )  # type: ignore[arg-type]
+
+
+def test_list_attributes_read_only_the_values_that_can_flip_the_condition() -> None:
+    interests = SCHEMA.profile["interests"]
+    assert admitted(Cond("interests", "contains", "fitness"), interests) == {"fitness"}
+    assert admitted(Cond("interests", "is_set", True), interests) == set()
+    gender = FieldType("category", ("female", "male", "non_binary"))
+    assert admitted(Cond("gender", "neq", "female"), gender) == {"male", "non_binary"}
+    assert admitted(Cond("gender", "is_null", True), gender) == set()
+    for where, expected in (
+        ({"property": {"interests": {"contains": "fitness"}}}, ("general",)),
+        ({"not": {"property": {"interests": {"contains": "cannabis"}}}}, ("cannabis",)),
+    ):
+        comp = compiler([segment(where, category=None)], categories=CATEGORIES)  # type: ignore[arg-type]
+        assert comp.effective("s").categories == expected
+
+
+def test_consent_of_every_category_read_is_required() -> None:
+    prof = profiles(
+        {
+            "marketing_only": {"consent_sensitive": False, "interests": ["cannabis"]},
+            "both": {"consent_sensitive": True, "interests": ["cannabis"]},
+        }
+    )
+    where = {"property": {"interests": {"contains": "cannabis"}}}
+    # Declared general would be refused at apply; evaluated directly, the derived category still rules.
+    comp = compiler([segment(where, category=None)], categories=CATEGORIES)  # type: ignore[arg-type]
+    assert comp.consent_attributes("s") == ["consent_sensitive"]
+    assert members(where, prof) == {"marketing_only", "both"}  # untagged: only general's consent
+    result, _ = engine.evaluate(comp.compile(AS_OF), profiles=prof, events=events([]))
+    assert set(result.filter(pl.col("s")).get_column("pid")) == {"both"}
+
+
+def test_a_declared_category_may_be_stricter_and_a_segment_with_several_gets_them_all() -> None:
+    stricter = segment({"property": {"gender": {"eq": "female"}}}, category="cannabis")
+    assert compiler([stricter], categories=CATEGORIES).effective("s").categories == ("cannabis",)
+    both = {
+        "any": [
+            CANNABIS_VIEWS,
+            {"property": {"interests": {"contains": "hearing_aids"}}},
+        ]
+    }
+    comp = compiler([segment(both, category="cannabis")], categories=CATEGORIES)
+    with pytest.raises(DefinitionError, match="reads hearing_aids data"):
+        comp.check()
+    ok = compiler([segment(both, category=["cannabis", "hearing_aids"])], categories=CATEGORIES)  # type: ignore[arg-type]
+    ok.check()
+    assert ok.effective("s").categories == ("cannabis", "hearing_aids")
+
+
+def test_a_release_over_several_categories_takes_the_strictest_rule_and_charges_each(
+    ready: Deployment,
+) -> None:
+    segs = ["hearing_aid_interest_55plus", "cannabis_curious"]
+    with pytest.raises(
+        PolicyViolation, match="'cannabis\\+hearing_aids' does not allow breaking down by 'age_band'"
+    ):
+        release.cohort_report(
+            ready, release.CohortReportRequest(segments=segs, breakdown=["age_band"], recipient="growth_team")
+        )
+    dry = release.cohort_report(
+        ready,
+        release.CohortReportRequest(
+            segments=segs, breakdown=["region"], recipient="growth_team", dry_run=True
+        ),
+    )
+    assert dry["charged_categories"] == ["cannabis", "hearing_aids"] and dry["remaining_epsilon"] == 2.0
+    out = release.cohort_report(
+        ready, release.CohortReportRequest(segments=segs, breakdown=["region"], recipient="growth_team")
+    )
+    assert out["category"] == "cannabis+hearing_aids" and out["min_cohort_size"] == 100
+    rows = ready.store.conn.execute("SELECT category, epsilon_micro FROM ledger ORDER BY category").fetchall()
+    assert rows == [("cannabis", 250_000), ("hearing_aids", 250_000)]
+    # Once cannabis's budget is spent, the mixed release is refused too (every member's budget is
+    # checked) and hearing_aids is not charged alone.
+    cannabis = ready.categories.get("cannabis")
+    with transaction(ready.store.conn):
+        ledger.charge(
+            ready.store.conn,
+            policy=cannabis,
+            recipient="growth_team",
+            epsilon_micro=ledger.to_micro(1.75),
+            delta=0.0,
+            release_id=0,
+            policy_hash="test",
+            now=datetime.now(UTC),
+        )
+    with pytest.raises(BudgetExhausted, match="'cannabis' has 0 left"):
+        release.cohort_report(
+            ready, release.CohortReportRequest(segments=segs, breakdown=[], recipient="growth_team")
+        )
+    hearing = ready.store.conn.execute(
+        "SELECT SUM(epsilon_micro) FROM ledger WHERE category = 'hearing_aids'"
+    )
+    assert hearing.fetchone()[0] == 250_000
+
+
+def test_a_breakdown_by_a_tagged_attribute_is_released_under_its_category(
+    dep: Deployment, demo_files, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    hearing = policies / "categories" / "hearing_aids.yaml"
+    doc = yaml.safe_load(hearing.read_text())
+    doc["sensitive_data"]["attributes"] = ["income_band"]
+    hearing.write_text(yaml.safe_dump(doc))
+    d = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+    prepare(d, demo_files.customers, demo_files.events)
+    with pytest.raises(PolicyViolation, match="'hearing_aids' forbids breaking down by 'income_band'"):
+        release.cohort_report(
+            d,
+            release.CohortReportRequest(
+                segments=["frequent_buyers"], breakdown=["income_band"], recipient="growth_team"
+            ),
+        )
+    d.close()
+
+
+# -- owners ----------------------------------------------------------------------------------------
+def test_only_the_owner_or_an_admin_changes_or_retires_a_segment(api) -> None:  # type: ignore[no-untyped-def]
+    client, h, dep = api
+    mine = _seg(
+        "crm_winback", {"event": {"type": "email_open", "where": {"product_category": {"is_null": True}}}}
+    )
+    assert client.post("/v1/segments", json=[mine], headers=h["crm_team"]).json()[0]["status"] == "created"
+    edited = {**mine, "description": "hijacked"}
+    r = client.post("/v1/segments", json=[edited], headers=h["brand_team"])
+    assert r.status_code == 403 and "belongs to marketer:crm_team" in r.json()["detail"]
+    assert client.delete("/v1/segments/crm_winback", headers=h["brand_team"]).status_code == 403
+    # Others may reference it (and inherit its category).
+    ref = _seg("brand_ref", {"segment": "crm_winback"})
+    assert client.post("/v1/segments", json=[ref], headers=h["brand_team"]).status_code == 200
+    r = client.delete("/v1/segments/crm_winback", headers=h["crm_team"])
+    assert r.status_code == 409 and "still used" in r.json()["detail"]
+    assert client.post("/v1/segments", json=[edited], headers=h["admin"]).json()[0]["status"] == "updated"
+    assert client.delete("/v1/segments/brand_ref", headers=h["brand_team"]).json()["status"] == "retired"
+    assert client.delete("/v1/segments/crm_winback", headers=h["crm_team"]).json()["status"] == "retired"
+    assert ("segment", "crm_winback") not in definitions.active(dep.store.conn)
+    history = definitions.history(dep.store.conn, "segment", "crm_winback")
+    assert [(s.owner, s.editor, s.retired) for s in history] == [
+        ("marketer:crm_team", "marketer:crm_team", False),
+        ("marketer:crm_team", "admin:ops", False),
+        ("marketer:crm_team", "marketer:crm_team", True),
+    ]
+    events = [e for e in audit.entries(dep.store.conn, limit=1000) if e.event.startswith("definition")]
+    assert events[-1].details == {"editor": "marketer:crm_team", "definition": "segment:crm_winback@v3"}
+    assert {
+        "editor": "admin:ops",
+        "changed": ["segment:crm_winback@v2"],
+        "owners": ["marketer:crm_team"],
+    } in [e.details for e in events]
+
+
+def test_changing_a_referenced_segment_cannot_taint_a_general_segment_silently(ready: Deployment) -> None:
+    kw: dict[str, Any] = {
+        "schema": ready.schema,
+        "categories": ready.categories,
+        "actor": "marketer:crm_team",
+    }
+    base = _seg("base", {"event": {"type": "email_open", "where": {"product_category": {"is_null": True}}}})
+    top = _seg("top", {"segment": "base"})
+    definitions.apply_documents(
+        ready.store.conn, ready.keyset, [("segment", base, "t"), ("segment", top, "t")], **kw
+    )
+    tainted = _seg("base", CANNABIS_VIEWS, "cannabis")
+    with pytest.raises(DefinitionError, match=r"segment 'top': where.segment reads cannabis data"):
+        definitions.apply_documents(ready.store.conn, ready.keyset, [("segment", tainted, "t")], **kw)
+
+
+# -- the policies say what is sensitive -------------------------------------------------------------
+def test_policy_check_validates_the_tags_against_the_ingest_schema(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    cannabis = policies / "categories" / "cannabis.yaml"
+    doc = yaml.safe_load(cannabis.read_text())
+    doc["sensitive_data"] = {
+        "attributes": ["no_such_attribute"],
+        "attribute_values": {"interests": ["canabis"]},
+        "event_types": ["dispensary_visit"],
+        "event_values": {"campaign": ["x"]},
+    }
+    cannabis.write_text(yaml.safe_dump(doc))
+    general = policies / "categories" / "general.yaml"
+    gdoc = yaml.safe_load(general.read_text())
+    gdoc["sensitive_data"] = {"event_values": {"product_category": ["home"]}}
+    general.write_text(yaml.safe_dump(gdoc))
+    found = "\n".join(findings(read_categories(policies), SCHEMA))
+    assert "cannabis: sensitive_data.attributes names 'no_such_attribute'" in found
+    assert "sensitive_data.attribute_values.interests lists ['canabis'], not in the field's domain" in found
+    assert "names 'dispensary_visit', which is not an event type" in found
+    assert "names 'campaign', which is not a field with a public domain" in found
+    assert "general: tags sensitive data but is not stigmatized" in found
+    changes = diff(read_categories(POLICIES), read_categories(policies))
+    assert "cannabis: sensitive_data.event_values.product_category drops ['cannabis'] (LOOSER)" in changes
+
+
+def test_a_snapshot_from_another_policy_set_is_not_released(
+    dep: Deployment, demo_files, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    prepare(dep, demo_files.customers, demo_files.events)
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    general = policies / "categories" / "general.yaml"
+    general.write_text(general.read_text().replace("min_cohort_size: 50", "min_cohort_size: 60"))
+    d = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+    assert (
+        "the category policies changed"
+        in engine.staleness(d.store, engine.latest(d.store.conn), policy_hash=d.categories.content_hash)[0]
+    )
+    with pytest.raises(Conflict, match="computed under another policy set"):
+        release.cohort_report(
+            d, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+        )
+    d.close()
+
+
+def test_retiring_needs_the_owner(ready: Deployment) -> None:
+    with pytest.raises(NotPermitted, match="belongs to admin:cli"):
+        definitions.retire(
+            ready.store.conn,
+            ready.keyset,
+            "segment",
+            "frequent_buyers",
+            schema=ready.schema,
+            categories=ready.categories,
+            actor="marketer:crm_team",
+        )
