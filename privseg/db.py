@@ -121,6 +121,8 @@ _MIGRATIONS: tuple[str, ...] = (
     -- effective categories of its segments under that set.
     ALTER TABLE snapshots ADD COLUMN policy_hash TEXT;
     ALTER TABLE snapshots ADD COLUMN categories TEXT;
+    -- The pseudonym key version of a snapshot's pids (a rotation re-keys kept snapshots with the store).
+    ALTER TABLE snapshots ADD COLUMN key_version INTEGER;
     """,
 )
 

@@ -29,7 +29,10 @@ class Deployment:
 
     @cached_property
     def keyset(self) -> Keyset:
-        return load_keyset(self.settings.keyset)
+        """The keyset, refused if its keys are not the ones the store was written with."""
+        keyset = load_keyset(self.settings.keyset)
+        self.store.check_keyset(keyset)
+        return keyset
 
     @cached_property
     def ingest_policy(self) -> IngestPolicy:

@@ -90,6 +90,13 @@ class Keyset:
         """A purpose-bound subkey of the audit key (e.g. for keyed content hashes)."""
         return hmac.new(self.audit_key.reveal(), f"privseg/{purpose}".encode(), hashlib.sha256).digest()
 
+    def fingerprint(self, version: int | None = None) -> str:
+        """A MAC of a fixed label under pseudonym key ``version`` (None: the audit key): it tells two
+        keys apart and reveals nothing of them. The store records these to refuse a swapped keyset."""
+        key = self.audit_key if version is None else self.pseudonym_key(version)
+        label = b"privseg/key-fingerprint/" + (b"audit" if version is None else str(version).encode())
+        return hmac.new(key.reveal(), label, hashlib.sha256).hexdigest()[:32]
+
     def describe(self) -> dict[str, object]:
         """Everything about the keyset except key bytes: safe to print."""
         return {

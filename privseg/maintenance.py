@@ -42,6 +42,7 @@ def rotate_keys(*, store: Store, keyset_path: Path, policy: IngestPolicy) -> Rot
     """
     with store.writer_lock():
         keyset = load_keyset(keyset_path)
+        store.check_keyset(keyset)
         current = store.key_version()
         resumed = current is not None and current < keyset.primary
         if not resumed:
@@ -60,19 +61,34 @@ def rotate_keys(*, store: Store, keyset_path: Path, policy: IngestPolicy) -> Rot
             plain = old.decrypt_series(df.get_column("pid"))
             changes.append(Rewrite(batch, df.with_columns(new.encrypt_series(plain).alias("pid"))))
 
-        def unchanged() -> None:
+        # Kept snapshots move with the store: a movement release across the rotation would
+        # otherwise put each person in two cells (old and new pseudonym), and erasure would miss them.
+        rekeyed = engine.rekey_files(store, lambda pids: new.encrypt_series(old.decrypt_series(pids)))
+
+        def unchanged_then_snapshots() -> None:
             if store.key_version() != current:
                 raise Conflict("another rotation finished first")
+            engine.record_rekeyed(store.conn, rekeyed, target)
 
-        store.rewrite(
-            changes,
-            keyset=keyset,
-            event="key_rotation",
-            details={"from_version": current, "to_version": target, "batches": len(changes)},
-            meta={"key_version": str(target)},
-            key_version=target,
-            check=unchanged,
-        )
+        try:
+            store.rewrite(
+                changes,
+                keyset=keyset,
+                event="key_rotation",
+                details={
+                    "from_version": current,
+                    "to_version": target,
+                    "batches": len(changes),
+                    "snapshots": len(rekeyed),
+                },
+                meta={"key_version": str(target)},
+                key_version=target,
+                check=unchanged_then_snapshots,
+            )
+        except BaseException:
+            engine.discard_rekeyed(store, rekeyed)
+            raise
+        engine.discard_rekeyed(store, rekeyed, new=False)
         log.info("rotated pseudonyms from k%d to k%d over %d batches", current, target, len(changes))
         return RotationResult(current, target, len(changes), resumed)
 
@@ -102,6 +118,9 @@ def erase_subject(*, store: Store, keyset: Keyset, policy: IngestPolicy, raw_id:
         if version is None:
             return ErasureResult(0, 0, 0)
         pid = Pseudonymizer(keyset, policy.identity.type, version).encrypt(normalized)
+        every_pid = {
+            Pseudonymizer(keyset, policy.identity.type, v).encrypt(normalized) for v in keyset.pseudonym_keys
+        }
         changes: list[Rewrite] = []
         removed = {"profiles": 0, "events": 0}
         for batch in store.batches():
@@ -124,7 +143,7 @@ def erase_subject(*, store: Store, keyset: Keyset, policy: IngestPolicy, raw_id:
             )
         # Also out of every kept membership snapshot (checked even when the batches were already
         # clean, so that an erasure interrupted between the two steps is finished by running it again).
-        snapshots_changed = engine.remove_person(store, pid)
+        snapshots_changed = engine.remove_person(store, every_pid)
         if snapshots_changed and not changes:
             with transaction(store.conn):
                 audit.append(store.conn, keyset, "erasure", {"snapshots": snapshots_changed})

@@ -326,13 +326,23 @@ def _snapshot(dep: Deployment, snapshot_id: int | None = None) -> engine.Snapsho
         snap = engine.latest(dep.store.conn)
         if snap is None or snap.file is None:
             raise NotFound("no membership snapshot yet: run `privseg segments compute`")
-        return snap
+        return _same_key(dep, snap)
     found = [s for s in engine.snapshots(dep.store.conn) if s.id == snapshot_id]
     if not found:
         raise NotFound(f"no snapshot {snapshot_id}")
     if found[0].file is None:
         raise NotFound(f"snapshot {snapshot_id} was pruned (only the last {engine.KEEP_SNAPSHOTS} are kept)")
-    return found[0]
+    return _same_key(dep, found[0])
+
+
+def _same_key(dep: Deployment, snap: engine.Snapshot) -> engine.Snapshot:
+    # Pseudonyms under two key versions are two people to every join and every transition table.
+    if snap.key_version is None or snap.key_version != dep.store.key_version():
+        raise Conflict(
+            f"snapshot {snap.id} is keyed under another pseudonym key version than the store "
+            "(a rotation did not finish re-keying it): run `privseg segments compute`"
+        )
+    return snap
 
 
 def _marketer(policy: CategoryPolicy, recipient: str) -> None:

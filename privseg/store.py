@@ -13,11 +13,12 @@ transaction that swaps every manifest row at once, then the old files are delete
 from __future__ import annotations
 
 import fcntl
+import hmac
 import logging
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ import polars as pl
 
 from privseg import audit, fsutil
 from privseg.db import get_meta, set_meta, transaction
-from privseg.errors import Conflict, StoreError
+from privseg.errors import Conflict, KeysetError, StoreError
 from privseg.keyset import Keyset
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Store:
         half-way leaves the store on the old version, and ingestion keeps using it until
         ``privseg keys rotate`` finishes (see rekey.py).
         """
+        self.check_keyset(keyset)
         with transaction(self.conn):
             namespace = get_meta(self.conn, "namespace")
             if namespace is None:
@@ -104,6 +106,38 @@ class Store:
             version = int(get_meta(self.conn, "key_version") or keyset.primary)
             keyset.pseudonym_key(version)  # the keyset must still hold it
             return version
+
+    def check_keyset(self, keyset: Keyset) -> None:
+        """Refuse a keyset whose keys are not the ones this store was written with.
+
+        The store records a fingerprint (see :meth:`Keyset.fingerprint`) of the audit key and of every
+        pseudonym key version the first time it sees them; a keyset with the same namespace and
+        versions but other key bytes (another deployment's, or a lost one re-created) would otherwise
+        be accepted and quietly find nobody (erasure: "no data for that identifier")."""
+        wanted = {"key_fp.audit": keyset.fingerprint()}
+        wanted |= {f"key_fp.{v}": keyset.fingerprint(v) for v in keyset.pseudonym_keys}
+        recorded = dict(self.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'key_fp.%'").fetchall())
+        for name, fp in wanted.items():
+            if name in recorded and not hmac.compare_digest(recorded[name], fp):
+                what = "audit key" if name == "key_fp.audit" else f"pseudonym key version {name[7:]}"
+                raise KeysetError(
+                    f"the keyset does not match this store: its {what} differs from the one the store "
+                    "was written with (wrong PRIVSEG_KEYSET, or a keyset from another deployment); "
+                    "refusing to use it"
+                )
+        version = self.key_version()
+        if version is not None and f"key_fp.{version}" not in wanted:
+            raise KeysetError(
+                f"the store's pseudonyms use key version {version}, which the keyset does not hold"
+            )
+        if set(wanted) - set(recorded):
+            # Trust on first use of a version; may run inside a caller's transaction (the keyset is
+            # loaded lazily), in which case it commits with it.
+            with nullcontext() if self.conn.in_transaction else transaction(self.conn):
+                for name, fp in wanted.items():
+                    self.conn.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", (name, fp)
+                    )
 
     # -- reading -----------------------------------------------------------------------------
     def batches(self, kind: Kind | None = None) -> list[Batch]:

@@ -402,3 +402,84 @@ def test_retiring_needs_the_owner(ready: Deployment) -> None:
             categories=ready.categories,
             actor="marketer:crm_team",
         )
+
+
+# -- 2. keys and rotation ---------------------------------------------------------------------------
+def _rotate(dep: Deployment) -> Deployment:
+    from privseg import maintenance
+
+    maintenance.rotate_keys(store=dep.store, keyset_path=dep.settings.keyset, policy=dep.ingest_policy)
+    fresh = Deployment(dep.settings)  # the keyset on disk gained a version
+    dep.close()
+    return fresh
+
+
+def test_a_movement_across_a_rotation_keeps_each_person_in_one_cell(ready: Deployment) -> None:
+    from privseg.release_data import exact
+
+    first = engine.latest(ready.store.conn)
+    assert first is not None and first.key_version == 1
+    dep = _rotate(ready)
+    rekeyed = engine.snapshots(dep.store.conn)[0]
+    assert rekeyed.key_version == 2 and rekeyed.file != first.file
+    assert not (dep.store.data_dir / "snapshots" / first.file).exists()  # type: ignore[operator]
+    later = _recompute(dep)
+    req = release.MovementRequest(
+        segments=["engaged_not_ready", "cart_abandoners_7d"], from_snapshot=first.id, recipient="growth_team"
+    )
+    plan = release.plan_movement(dep, req)
+    assert plan.sensitivity == 1
+    before, after = (
+        set(pl.read_parquet(engine.snapshot_path(dep.store, s), columns=["pid"]).get_column("pid"))
+        for s in (rekeyed, later)
+    )
+    # The same data before and after: the same people, under the same (new) pseudonyms.
+    assert before == after and all(p.startswith("k2.") for p in after)
+    # Every person is in exactly one (from, to) cell: the L1 bound d_in = 1 holds after the rotation
+    # (with the old snapshot left under k1, everybody would be counted twice).
+    assert sum(exact(dep, plan)) == len(after)
+    dep.close()
+
+
+def test_a_snapshot_under_another_key_version_is_not_released(ready: Deployment) -> None:
+    with transaction(ready.store.conn):
+        ready.store.conn.execute("UPDATE snapshots SET key_version = NULL")
+    with pytest.raises(Conflict, match="another pseudonym key version"):
+        release.cohort_report(
+            ready, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+        )
+
+
+def test_erasure_after_a_rotation_removes_the_person_from_every_kept_snapshot(ready: Deployment) -> None:
+    from privseg.maintenance import erase_subject
+    from privseg.pseudonym import Pseudonymizer
+
+    dep = _rotate(ready)
+    _recompute(dep)
+    id_type = dep.ingest_policy.identity.type
+    pids = {Pseudonymizer(dep.keyset, id_type, v).encrypt("C000000001") for v in (1, 2)}
+    result = erase_subject(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, raw_id="C000000001")
+    assert result.found and result.snapshots_rewritten == 2
+    for snap in engine.snapshots(dep.store.conn):
+        kept = pl.read_parquet(engine.snapshot_path(dep.store, snap), columns=["pid"]).get_column("pid")
+        assert not set(kept) & pids
+    dep.close()
+
+
+def test_a_swapped_keyset_with_the_same_namespace_and_versions_is_refused(
+    ready: Deployment, tmp_path: Path
+) -> None:
+    from privseg.errors import KeysetError
+    from privseg.keyset import create_keyset
+    from tests.conftest import run_cli
+
+    impostor = tmp_path / "other" / "keyset.json"
+    create_keyset(impostor, ready.keyset.namespace)
+    settings = ready.settings.model_copy(update={"keyset": impostor})
+    other = Deployment(settings)
+    with pytest.raises(KeysetError, match="does not match this store: its audit key differs"):
+        _ = other.keyset
+    other.close()
+    refused = run_cli(settings, "erase", "--id", "-", stdin="C000000001\n", check=False)
+    assert refused.returncode == 2 and "does not match this store" in refused.stderr
+    assert "C000000001" not in refused.stderr + refused.stdout

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ import polars as pl
 
 from privseg import audit, fsutil
 from privseg.db import transaction
-from privseg.errors import NotFound
+from privseg.errors import Conflict, NotFound
 from privseg.keyset import Keyset
 from privseg.segments import features as feature_engine
 from privseg.segments.compiler import Compiler, Plan
@@ -46,6 +47,7 @@ class Snapshot:
     batches: list[int]
     policy_hash: str | None = None  # the policy set it was computed under (None: before categories)
     categories: dict[str, list[str]] | None = None  # each segment's effective categories under it
+    key_version: int | None = None  # the pseudonym key version of its pids
 
     def public(self) -> dict[str, Any]:
         """What callers may see. Not the file name (a new one is written when an erasure removes
@@ -59,6 +61,7 @@ class Snapshot:
             "traits": self.traits,
             "batches": self.batches,
             "policy_hash": self.policy_hash,
+            "key_version": self.key_version,
         }
 
 
@@ -134,6 +137,7 @@ def compute_snapshot(
     trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
     categories = {sid: list(compiler.effective(sid).categories) for sid in seg_versions}
     policy_hash = compiler.categories.content_hash
+    key_version = store.key_version()
     computed_at = datetime.now(UTC).isoformat(timespec="seconds")
     t = time.perf_counter()
     # Under the store's writer lock, so that clearing files left by a snapshot writer that crashed
@@ -153,6 +157,7 @@ def compute_snapshot(
             batches,
             policy_hash,
             categories,
+            key_version,
         )
         _remove_unrecorded(conn, folder)  # the ones just pruned
     timings["write"] = time.perf_counter() - t
@@ -167,6 +172,7 @@ def compute_snapshot(
         batches,
         policy_hash,
         categories,
+        key_version,
     )
     log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
     return snap, timings
@@ -184,6 +190,7 @@ def _record(
     batches: list[int],
     policy_hash: str,
     categories: dict[str, list[str]],
+    key_version: int | None,
 ) -> int:
     """Insert the snapshot row and its audit entry, and prune old snapshots, in one transaction."""
     name = final.name
@@ -191,7 +198,7 @@ def _record(
         with transaction(conn):
             cur = conn.execute(
                 "INSERT INTO snapshots (as_of, computed_at, file, people, segments, traits, batches, "
-                "policy_hash, categories) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "policy_hash, categories, key_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     as_of.isoformat(),
                     computed_at,
@@ -202,6 +209,7 @@ def _record(
                     json.dumps(batches),
                     policy_hash,
                     json.dumps(categories),
+                    key_version,
                 ),
             )
             snap_id = int(cur.lastrowid or 0)
@@ -257,13 +265,14 @@ def _row(r: tuple[Any, ...]) -> Snapshot:
         json.loads(r[7]),
         r[8],
         None if r[9] is None else json.loads(r[9]),
+        None if r[10] is None else int(r[10]),
     )
 
 
 def snapshots(conn: sqlite3.Connection) -> list[Snapshot]:
     rows = conn.execute(
-        "SELECT id, as_of, computed_at, file, people, segments, traits, batches, policy_hash, categories "
-        "FROM snapshots ORDER BY id"
+        "SELECT id, as_of, computed_at, file, people, segments, traits, batches, policy_hash, categories, "
+        "key_version FROM snapshots ORDER BY id"
     ).fetchall()
     return [_row(r) for r in rows]
 
@@ -296,8 +305,57 @@ def snapshot_path(store: Store, snap: Snapshot) -> Path:
     return store.data_dir / "snapshots" / snap.file
 
 
-def remove_person(store: Store, pid: str) -> int:
-    """Rewrite every kept snapshot without ``pid`` (erasure); returns how many held them.
+@dataclass(frozen=True)
+class Rekeyed:
+    """A kept snapshot rewritten under a new key version, not yet recorded."""
+
+    snapshot_id: int
+    old_file: str
+    new_file: str
+
+
+def rekey_files(store: Store, rekey: Callable[[pl.Series], pl.Series]) -> list[Rekeyed]:
+    """Write every kept snapshot again with ``rekey`` applied to its pids (key rotation), under new
+    names. Nothing is recorded: :func:`record_rekeyed` does that inside the rotation's transaction,
+    so the store and its snapshots move to the new key together. Caller holds the writer lock."""
+    folder = store.data_dir / "snapshots"
+    out: list[Rekeyed] = []
+    try:
+        for snap in snapshots(store.conn):
+            if snap.file is None:
+                continue
+            members = pl.read_parquet(folder / snap.file)
+            rekeyed = members.with_columns(rekey(members.get_column("pid")).alias("pid"))
+            new = _write_file(folder, datetime.fromisoformat(snap.as_of), rekeyed)
+            out.append(Rekeyed(snap.id, snap.file, new.name))
+    except BaseException:
+        discard_rekeyed(store, out)
+        raise
+    return out
+
+
+def record_rekeyed(conn: sqlite3.Connection, rekeyed: list[Rekeyed], key_version: int) -> None:
+    """Point the snapshot rows at their re-keyed files. Call inside the rotation's transaction."""
+    for r in rekeyed:
+        moved = conn.execute(
+            "UPDATE snapshots SET file = ?, key_version = ? WHERE id = ? AND file = ?",
+            (r.new_file, key_version, r.snapshot_id, r.old_file),
+        ).rowcount
+        if moved != 1:
+            raise Conflict(f"snapshot {r.snapshot_id} changed while it was being re-keyed")
+
+
+def discard_rekeyed(store: Store, rekeyed: list[Rekeyed], *, new: bool = True) -> None:
+    """Delete the new files (rotation failed) or the old ones (it committed)."""
+    folder = store.data_dir / "snapshots"
+    for r in rekeyed:
+        (folder / (r.new_file if new else r.old_file)).unlink(missing_ok=True)
+
+
+def remove_person(store: Store, pids: set[str]) -> int:
+    """Rewrite every kept snapshot without ``pids`` (erasure: the person's pseudonym under every key
+    version still held, so a snapshot a crashed rotation left on an old key is cleaned too);
+    returns how many held them.
 
     Each rewritten snapshot gets a new file name, so anything cached per snapshot file (the release
     dimension cache is aligned to row order) can never be used with the new rows. Caller holds the
@@ -310,7 +368,7 @@ def remove_person(store: Store, pid: str) -> int:
             continue
         path = folder / snap.file
         members = pl.read_parquet(path)
-        kept = members.filter(pl.col("pid") != pid)
+        kept = members.filter(~pl.col("pid").is_in(list(pids)))
         if kept.height == members.height:
             continue
         name = _write_file(folder, datetime.fromisoformat(snap.as_of), kept).name
