@@ -197,11 +197,35 @@ def demo_cmd(
         typer.echo(line)
 
 
-@audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False) -> None:
-    """Check the audit log's HMAC chain; names the first bad entry. Exit code 1 if tampered."""
+@audit_app.command("anchor")
+def audit_anchor(
+    out: Annotated[
+        Path | None, typer.Option(help="Append the signed head to this file (0600) instead of printing it.")
+    ] = None,
+) -> None:
+    """A signed head of the audit log (entry count, last MAC, time). Keep it outside the server:
+    `audit verify --anchor FILE` then detects entries cut from the end of the log."""
     dep = _deployment()
-    result = audit.verify(dep.store.conn, dep.keyset)
+    head = audit.anchor(dep.store.conn, dep.keyset)
+    if out is None:
+        typer.echo(json.dumps(head, sort_keys=True))
+    else:
+        audit.append_anchor(out, head)
+        typer.echo(f"anchored {head['entries']} entries to {out}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    anchor: Annotated[
+        Path | None, typer.Option(help="Anchor file (from `audit anchor`): the log must still extend each.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the audit log's HMAC chain, the ledger against the audited charges, and the anchors;
+    names the first problem. Exit code 1 if anything was tampered with."""
+    dep = _deployment()
+    anchors = audit.read_anchors(anchor) if anchor is not None else []
+    result = audit.verify_all(dep.store.conn, dep.keyset, anchors)
     text = (
         f"audit log OK: {result.entries} entries verified"
         if result.ok

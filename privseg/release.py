@@ -248,6 +248,8 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
                 "segments": plan.segments,
                 "breakdown": plan.breakdown,
                 "epsilon": plan.epsilon,
+                # What the ledger was charged, per category: `audit verify` cross-checks the two.
+                "charges": {member.name: eps_micro for member in plan.charged},
                 "snapshot": plan.snapshot.id,
                 "policy_hash": plan.policy_hash,
             },

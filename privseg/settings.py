@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         description="Largest accepted upload; bodies are streamed to disk, never held in memory.",
     )
     log_level: str = Field("WARNING", description="Python logging level name (INFO shows each batch).")
+    audit_anchor_file: Path | None = Field(
+        None,
+        description="`privseg serve` appends a signed head of the audit log here at start, every "
+        "audit_anchor_interval_seconds and at shutdown. Put it where the server's database is not "
+        "(another volume, or a file shipped off the machine): it is what shows a cut log.",
+    )
+    audit_anchor_interval_seconds: float = Field(3600.0, gt=0, description="Seconds between anchors.")
 
     @property
     def db_path(self) -> Path:

@@ -92,6 +92,7 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
     "/v1/budget": ("GET", {"compliance"}, {}),
     "/v1/audit": ("GET", {"compliance"}, {}),
     "/v1/audit/verify": ("GET", {"compliance"}, {}),
+    "/v1/audit/anchor": ("GET", {"compliance"}, {}),
     "/v1/releases/{release_id}": ("GET", {"compliance"}, {"path": "/v1/releases/1"}),
     "/v1/audiences": ("GET", {"partner"}, {}),
     "/v1/audiences#post": (

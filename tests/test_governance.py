@@ -483,3 +483,71 @@ def test_a_swapped_keyset_with_the_same_namespace_and_versions_is_refused(
     refused = run_cli(settings, "erase", "--id", "-", stdin="C000000001\n", check=False)
     assert refused.returncode == 2 and "does not match this store" in refused.stderr
     assert "C000000001" not in refused.stderr + refused.stdout
+
+
+# -- 3. an audit log and ledger that cannot be quietly cut ---------------------------------------------
+def _cut(dep: Deployment, sql: str, trigger: str) -> None:
+    """What an attacker with write access to the database does: drop the guard, delete rows."""
+    conn = dep.store.conn
+    with transaction(conn):
+        conn.execute(f"DROP TRIGGER {trigger}")
+        conn.execute(sql)
+
+
+def test_cutting_the_newest_audit_entries_is_detected_against_an_anchor(
+    ready: Deployment, tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli
+
+    release.cohort_report(
+        ready, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+    )
+    anchors = tmp_path / "outside" / "anchors.jsonl"
+    assert "anchored" in run_cli(ready.settings, "audit", "anchor", "--out", str(anchors)).stdout
+    assert (anchors.stat().st_mode & 0o777) == 0o600
+    assert audit.verify_all(ready.store.conn, ready.keyset, audit.read_anchors(anchors)).ok
+    # The release and its ledger row go, and with them the audit entries after some point.
+    last = audit.entries(ready.store.conn, limit=10_000)[-1].seq
+    _cut(ready, f"DELETE FROM audit WHERE seq > {last - 2}", "audit_no_delete")
+    assert audit.verify(ready.store.conn, ready.keyset).ok  # the shorter chain is still a valid chain
+    result = audit.verify_all(ready.store.conn, ready.keyset, audit.read_anchors(anchors))
+    assert not result.ok and "entries were cut" in (result.problem or "")
+    out = run_cli(ready.settings, "audit", "verify", "--anchor", str(anchors), check=False)
+    assert out.returncode == 1 and "entries were cut" in out.stdout
+
+
+def test_a_deleted_ledger_charge_is_found(ready: Deployment) -> None:
+    release.cohort_report(
+        ready, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+    )
+    assert audit.verify_all(ready.store.conn, ready.keyset).ok
+    _cut(ready, "DELETE FROM ledger", "ledger_no_delete")
+    result = audit.verify_all(ready.store.conn, ready.keyset)
+    assert not result.ok and "audited but missing from the ledger" in (result.problem or "")
+
+
+def test_a_forged_or_foreign_anchor_is_refused(ready: Deployment) -> None:
+    head = audit.anchor(ready.store.conn, ready.keyset)
+    forged = {**head, "entries": head["entries"] - 1}
+    assert "signature does not verify" in (audit.check_anchor(ready.store.conn, ready.keyset, forged) or "")
+    assert "not a privseg audit anchor" in (audit.check_anchor(ready.store.conn, ready.keyset, [1]) or "")
+    assert audit.check_anchor(ready.store.conn, ready.keyset, head) is None
+
+
+def test_the_server_writes_anchors_periodically_and_at_shutdown(ready: Deployment, tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "anchors.jsonl"
+    settings = ready.settings.model_copy(
+        update={"audit_anchor_file": path, "audit_anchor_interval_seconds": 0.2}
+    )
+    dep = Deployment(settings)
+    with TestClient(create_app(dep)):
+        deadline = time.monotonic() + 10
+        while (not path.exists() or len(path.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        during = len(path.read_text().splitlines())
+    heads = audit.read_anchors(path)
+    assert during >= 3 and len(heads) == during + 1  # plus the one written at shutdown
+    assert all(audit.check_anchor(dep.store.conn, dep.keyset, h) is None for h in heads)
+    dep.close()

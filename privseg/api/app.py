@@ -8,14 +8,16 @@ name the field and what is wrong with it, never what was sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privseg import __version__
+from privseg import __version__, audit
 from privseg.api.routes import router
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
@@ -36,7 +38,31 @@ def problem(status: int, code: str, title: str, detail: str) -> JSONResponse:
 
 def create_app(deployment: Deployment | None = None) -> FastAPI:
     dep = deployment or Deployment()
-    app = FastAPI(title="privseg", version=__version__, openapi_url="/openapi.json", docs_url="/docs")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        writer = None
+        if dep.settings.audit_anchor_file is not None:
+            writer = audit.AnchorWriter(
+                dep.settings.audit_anchor_file, dep.settings.audit_anchor_interval_seconds, _head
+            )
+            writer.start()
+        try:
+            yield
+        finally:
+            if writer is not None:
+                writer.stop()
+
+    def _head() -> dict[str, Any]:
+        fork = dep.for_request()
+        try:
+            return audit.anchor(fork.store.conn, fork.keyset)
+        finally:
+            fork.close()
+
+    app = FastAPI(
+        title="privseg", version=__version__, openapi_url="/openapi.json", docs_url="/docs", lifespan=lifespan
+    )
     app.state.deployment = dep
     app.include_router(router)
 

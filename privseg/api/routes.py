@@ -332,7 +332,15 @@ def audit_log(
 
 @router.get("/audit/verify", tags=["compliance"])
 def audit_verify(dep: DepDep, _who: Compliance) -> dict[str, Any]:
-    return audit.verify(dep.store.conn, dep.keyset).__dict__
+    """The HMAC chain, and the ledger against the audited charges."""
+    return audit.verify_all(dep.store.conn, dep.keyset).__dict__
+
+
+@router.get("/audit/anchor", tags=["compliance"])
+def audit_anchor(dep: DepDep, _who: Compliance) -> dict[str, Any]:
+    """A signed head of the audit log: keep it outside the server; `privseg audit verify --anchor`
+    then detects entries cut from the end."""
+    return audit.anchor(dep.store.conn, dep.keyset)
 
 
 @router.get("/releases/{release_id}", tags=["compliance"])
