@@ -91,7 +91,12 @@ def keys_status(as_json: JsonOpt = False) -> None:
 def _ingest(kind: Kind, files: list[Path], as_json: bool) -> None:
     dep = _deployment()
     results = ingest_files(
-        store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=files
+        store=dep.store,
+        keyset=dep.keyset,
+        policy=dep.ingest_policy,
+        kind=kind,
+        paths=files,
+        max_decompressed_bytes=dep.settings.max_decompressed_bytes,
     )
     _emit([asdict(r) for r in results], as_json, "\n".join(r.message for r in results))
 

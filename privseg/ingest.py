@@ -35,7 +35,7 @@ from privseg.ingest_policy import (
 )
 from privseg.keyset import Keyset
 from privseg.pseudonym import Pseudonymizer, normalize_expr
-from privseg.sources import read_source
+from privseg.sources import DEFAULT_MAX_DECOMPRESSED, column_label, read_source
 from privseg.store import Batch, Kind, Store
 
 log = logging.getLogger(__name__)
@@ -257,13 +257,22 @@ def transform(
     now: datetime,
 ) -> tuple[pl.DataFrame, IngestResult]:
     """Validate ``raw`` (text columns) and turn it into the canonical pseudonymized shape."""
-    unknown = [c for c in raw.columns if c not in policy.known_columns(kind)]
+    known = policy.known_columns(kind)
+    id_col = policy.identity.column
+    if id_col not in raw.columns and not set(raw.columns) & known:
+        # A header that names nothing we know is most likely a data row (a file without a header):
+        # its "names" are identifiers, so none of them is repeated back.
+        raise InvalidInput(
+            f"{source}: the first line names none of the policy's columns (not even the identity column "
+            f"{id_col!r}); is the header row missing? (its content is not shown: it may be data)"
+        )
+    unknown = [(i, c) for i, c in enumerate(raw.columns, start=1) if c not in known]
     if unknown:
         raise InvalidInput(
-            f"{source}: columns not named in the ingest policy ({kind}): {unknown}; "
+            f"{source}: columns not named in the ingest policy ({kind}): "
+            f"[{', '.join(column_label(i, c) for i, c in unknown)}]; "
             "add them to policies/ingest.yaml (as attributes, or under drop) or remove them"
         )
-    id_col = policy.identity.column
     if id_col not in raw.columns:
         raise InvalidInput(f"{source}: the identity column {id_col!r} is missing")
     section = policy.profiles if kind == "profiles" else policy.events
@@ -372,6 +381,7 @@ def ingest_files(
     kind: Kind,
     paths: Sequence[Path],
     now: datetime | None = None,
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
 ) -> list[IngestResult]:
     """Ingest files as batches of ``kind``: all of them, or (on any error) none of them."""
     if not paths:
@@ -395,7 +405,7 @@ def ingest_files(
                 batch_id = existing or 0
                 results.append(IngestResult(kind, path.name, False, batch_id, 0, 0))
                 continue
-            raw = read_source(path, list_columns=list_columns)
+            raw = read_source(path, list_columns=list_columns, max_decompressed_bytes=max_decompressed_bytes)
             df, result = transform(
                 raw, kind=kind, policy=policy, pseudonymizer=pseudonymizer, source=path.name, now=now
             )

@@ -6,6 +6,9 @@ runs on a fresh machine with nothing else set up.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 from pydantic import Field
@@ -43,6 +46,26 @@ class Settings(BaseSettings):
         "(another volume, or a file shipped off the machine): it is what shows a cut log.",
     )
     audit_anchor_interval_seconds: float = Field(3600.0, gt=0, description="Seconds between anchors.")
+
+    upload_dir: Path | None = Field(
+        None,
+        description="Where HTTP uploads (raw files) wait while ingested; default: a private folder "
+        "under the system temporary directory, outside the state directory that backups copy.",
+    )
+    max_decompressed_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="Largest decompressed size of a .gz source; a file past it is refused (gzip bombs).",
+    )
+
+    @property
+    def uploads_path(self) -> Path:
+        if self.upload_dir is not None:
+            return self.upload_dir
+        # One folder per deployment (keyed by its state directory), so servers of different
+        # deployments never clear each other's uploads.
+        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"privseg-uploads-{os.getuid()}-{tag}"
 
     @property
     def db_path(self) -> Path:

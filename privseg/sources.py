@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,17 @@ _SUFFIXES: dict[str, Format] = {
 }
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
+DEFAULT_MAX_DECOMPRESSED = 4 * 1024**3  # Settings.max_decompressed_bytes
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,63}$")
+
+
+def column_label(position: int, name: str) -> str:
+    """How an error names a column: by name when the name looks like a column name (letters, digits,
+    _ . - and spaces, no @, no long digit runs), else by position only, since a header that is really
+    a data row holds identifiers."""
+    if _PLAIN_NAME.match(name) and not re.search(r"\d{3,}", name):
+        return repr(name)
+    return f"#{position} (name not shown: it does not look like a column name)"
 
 
 def detect_format(path: Path) -> Format:
@@ -87,26 +99,32 @@ def _check_names(path: Path, names: Iterable[str]) -> None:
         if not name.strip():
             raise InvalidInput(f"{path.name}: column {i} of the header has no name")
         if name in seen:
-            raise InvalidInput(f"{path.name}: the header names column {name!r} twice")
+            raise InvalidInput(f"{path.name}: the header names column {column_label(i, name)} twice")
         seen.add(name)
 
 
-def _check_gzip_complete(path: Path) -> None:
-    """Polars decompresses a truncated gzip stream without complaint and returns what it got, so a
-    cut-off upload would silently lose rows. Read the stream through (constant memory) first."""
+def _check_gzip(path: Path, max_bytes: int) -> None:
+    """Read a gzip stream through (constant memory) before anything parses it: Polars decompresses a
+    truncated stream without complaint and returns what it got (a cut-off upload would silently lose
+    rows), and a small file can expand to far more than memory holds (a gzip bomb)."""
     with open(path, "rb") as fh:
         if fh.read(2) != GZIP_MAGIC:
             return
+    total = 0
     try:
         with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 20):
-                pass
+            while chunk := fh.read(1 << 20):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise InvalidInput(
+                        f"{path.name}: decompresses to more than {max_bytes} bytes "
+                        "(PRIVSEG_MAX_DECOMPRESSED_BYTES); refused"
+                    )
     except (OSError, EOFError, gzip.BadGzipFile):
         raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
 
 
 def _read_csv(path: Path) -> pl.DataFrame:
-    _check_gzip_complete(path)
     _check_names(path, _csv_header(path))
     try:
         return pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
@@ -184,16 +202,23 @@ def _as_text(df: pl.DataFrame, list_columns: frozenset[str], source: str) -> pl.
         ):
             exprs.append(col.cast(pl.String))
         else:
-            raise InvalidInput(f"{source}: column {name!r} has type {dtype}, which privseg cannot ingest")
+            label = column_label(len(exprs) + 1, name)
+            raise InvalidInput(f"{source}: column {label} has type {dtype}, which privseg cannot ingest")
         exprs[-1] = exprs[-1].alias(name)
     return df.select(exprs)
 
 
-def read_source(path: Path, *, list_columns: frozenset[str] = frozenset()) -> pl.DataFrame:
+def read_source(
+    path: Path,
+    *,
+    list_columns: frozenset[str] = frozenset(),
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
+) -> pl.DataFrame:
     """Read a source file into a frame of text columns (``list_columns`` may be lists of text)."""
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     fmt = detect_format(path)
+    _check_gzip(path, max_decompressed_bytes)
     if fmt == "csv":
         df = _read_csv(path)
     elif fmt == "ndjson":

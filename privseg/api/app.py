@@ -8,16 +8,18 @@ name the field and what is wrong with it, never what was sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privseg import __version__, audit
+from privseg import __version__, audit, uploads
+from privseg.api.deps import FailureRecorder
+from privseg.api.limits import BodyLimit
 from privseg.api.routes import router
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
@@ -41,6 +43,8 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Raw uploads a killed server left behind (identifiers included) go before anything else.
+        uploads.clear_stale(dep.settings.uploads_path)
         writer = None
         if dep.settings.audit_anchor_file is not None:
             writer = audit.AnchorWriter(
@@ -66,20 +70,8 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
     app.state.deployment = dep
     app.include_router(router)
 
-    @app.middleware("http")
-    async def _limit_json_bodies(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if not request.url.path.startswith("/v1/ingest/"):
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > JSON_BODY_LIMIT):
-                return problem(
-                    413,
-                    "body-too-large",
-                    "Body too large",
-                    f"request bodies are limited to {JSON_BODY_LIMIT} bytes",
-                )
-        return await call_next(request)
+    app.state.auth_failures = FailureRecorder()
+    app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
 
     @app.exception_handler(PrivsegError)
     async def _privseg_error(_request: Request, exc: PrivsegError) -> JSONResponse:

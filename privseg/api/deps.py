@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
@@ -25,24 +27,64 @@ def get_deployment(request: Request) -> Iterator[Deployment]:
 DepDep = Annotated[Deployment, Depends(get_deployment)]
 
 
-def _audit_failure(dep: Deployment, reason: str, path: str) -> None:
-    # The token itself is never recorded, only that a failure happened and where.
-    with transaction(dep.store.conn):
-        audit.append(dep.store.conn, dep.keyset, "auth_failed", {"reason": reason, "path": path})
+MAX_AUDITED_PATH = 128  # characters of a failed request's path kept in the audit entry
+
+
+class FailureRecorder:
+    """Failed authentications, recorded in the audit log without letting an outsider write to it at
+    will: at most ``per_window`` entries per window (each with a truncated path, never the token);
+    past that, one summary entry per window says how many more were seen."""
+
+    def __init__(self, per_window: int = 20, window_seconds: float = 60.0) -> None:
+        self.per_window, self.window_seconds = per_window, window_seconds
+        self._lock = threading.Lock()
+        self._window_start = time.monotonic()
+        self._recorded = 0
+        self._suppressed = 0
+
+    def record(self, dep: Deployment, reason: str, path: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            entries: list[tuple[str, dict[str, object]]] = []
+            if now - self._window_start >= self.window_seconds:
+                if self._suppressed:
+                    entries.append(
+                        (
+                            "auth_failed_suppressed",
+                            {"count": self._suppressed, "window_seconds": self.window_seconds},
+                        )
+                    )
+                self._window_start, self._recorded, self._suppressed = now, 0, 0
+            if self._recorded < self.per_window:
+                self._recorded += 1
+                entries.append(("auth_failed", {"reason": reason, "path": path[:MAX_AUDITED_PATH]}))
+            else:
+                self._suppressed += 1
+        if entries:
+            with transaction(dep.store.conn):
+                for event, details in entries:
+                    audit.append(dep.store.conn, dep.keyset, event, details)
+
+
+def bearer_token(header: str) -> str | None:
+    """The API key of an ``Authorization: Bearer psk_...`` header, or None if there is none."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token.startswith(apikeys.PREFIX) else None
 
 
 def require(*roles: Role) -> Callable[[Request, Deployment], Principal]:
     """A dependency admitting only API keys of the given roles."""
 
     def dependency(request: Request, dep: DepDep) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.startswith(apikeys.PREFIX):
-            _audit_failure(dep, "missing or malformed bearer token", request.url.path)
+        failures: FailureRecorder = request.app.state.auth_failures
+        token = bearer_token(request.headers.get("authorization", ""))
+        if token is None:
+            failures.record(dep, "missing or malformed bearer token", request.url.path)
             raise Unauthenticated("send an API key as 'Authorization: Bearer psk_...'")
-        who = apikeys.authenticate(dep.store.conn, dep.keyset, token.strip())
+        who = apikeys.authenticate(dep.store.conn, dep.keyset, token)
         if who is None:
-            _audit_failure(dep, "unknown or revoked key", request.url.path)
+            failures.record(dep, "unknown or revoked key", request.url.path)
             raise Unauthenticated("the API key is unknown or revoked")
         if who.role not in roles:
             raise NotPermitted(f"this route is for {', '.join(roles)} keys; this key is a {who.role} key")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +24,7 @@ from privseg.maintenance import erase_subject
 from privseg.release_plan import Measure
 from privseg.segments import definitions, engine
 from privseg.sources import detect_format
+from privseg.uploads import upload_folder, upload_name
 
 router = APIRouter(prefix="/v1")
 # SQLite integers are 64-bit signed: larger ids are refused as invalid instead of overflowing.
@@ -68,14 +68,12 @@ async def ingest(
 ) -> list[dict[str, Any]]:
     """Upload one batch as the raw request body. It is streamed to a private temporary file (never
     held in memory), validated and stored all-or-nothing; the snapshot is recomputed in the background."""
-    detect_format(Path(filename))  # refuse an unknown format before reading the body
+    name = upload_name(filename)
+    detect_format(Path(name))  # refuse an unknown format before reading the body
     limit = dep.settings.max_upload_bytes
-    uploads = dep.settings.home / "uploads"
-    uploads.mkdir(parents=True, exist_ok=True)
-    # A private directory per upload, so the file keeps its own name (errors name it) and nothing clashes.
-    folder = Path(tempfile.mkdtemp(dir=uploads))
-    tmp = folder / Path(filename).name
-    try:
+    # A private folder per upload, so the file keeps its own name (errors name it) and nothing clashes.
+    with upload_folder(dep.settings.uploads_path) as folder:
+        tmp = folder / name
         size = 0
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
             async for chunk in request.stream():
@@ -86,16 +84,19 @@ async def ingest(
                     )
                 fh.write(chunk)
         if size == 0:
-            raise InvalidInput(f"{Path(filename).name}: the upload is empty")
+            raise InvalidInput(f"{name}: the upload is empty")
         results = await run_in_threadpool(
-            ingest_files, store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[tmp]
+            ingest_files,
+            store=dep.store,
+            keyset=dep.keyset,
+            policy=dep.ingest_policy,
+            kind=kind,
+            paths=[tmp],
+            max_decompressed_bytes=dep.settings.max_decompressed_bytes,
         )
-    finally:
-        tmp.unlink(missing_ok=True)
-        folder.rmdir()
     if any(r.stored for r in results):
         background.add_task(_recompute, request.app.state.deployment)
-    return [{**r.__dict__, "source": Path(filename).name} for r in results]
+    return [{**r.__dict__, "source": name} for r in results]
 
 
 @router.get("/store", tags=["admin"])
