@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -78,6 +79,15 @@ def keys_rotate() -> None:
         f"{how}: pseudonyms now use key version {result.to_version} "
         f"({result.batches_rewritten} batches rewritten)"
     )
+
+
+@keys_app.command("retire")
+def keys_retire() -> None:
+    """Delete old pseudonym key versions that no batch or kept snapshot uses any more (after a
+    completed rotation). The audit key is not rotated: the log's chain is verified with it."""
+    dep = _deployment()
+    retired = maintenance.retire_keys(store=dep.store, keyset_path=dep.settings.keyset)
+    typer.echo(f"retired key versions {retired}" if retired else "no unused key versions to retire")
 
 
 @keys_app.command("status")
@@ -602,6 +612,8 @@ def serve(
 
 
 def main() -> None:
+    # Everything privseg writes (database, Parquet, logs, anchors) is its own: owner-only from creation.
+    os.umask(0o077)
     try:
         app()
     except PrivsegError as exc:

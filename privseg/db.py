@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from privseg.fsutil import private_dir, private_files
+
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -133,12 +135,13 @@ def connect(path: Path) -> sqlite3.Connection:
     Autocommit (isolation_level=None) so that every write goes through :func:`transaction`, which
     takes the write lock up front (BEGIN IMMEDIATE): no two writers interleave read-then-write.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a committed charge or batch survives power loss
     conn.execute("PRAGMA foreign_keys=ON")
     _migrate(conn)
+    private_files(path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
     return conn
 
 

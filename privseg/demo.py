@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,21 @@ from privseg.store import Kind
 EXAMPLES = Path(__file__).resolve().parent / "segments" / "examples"
 
 
+def _ingest_files(dep: Deployment, data_dir: Path) -> Iterator[str]:
+    customers_csv, events_csv = data_dir / "customers.csv", data_dir / "events.csv"
+    for f in (customers_csv, events_csv):
+        if not f.is_file():
+            raise InvalidInput(f"{f}: missing (the demo expects customers.csv and events.csv)")
+    sources: tuple[tuple[Kind, Path], ...] = (("profiles", customers_csv), ("events", events_csv))
+    for kind, path in sources:
+        for r in ingest_files(
+            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path]
+        ):
+            yield f"ingest: {r.message}"
+            if r.stored:
+                yield f"        dropped {list(r.dropped_columns)}; generalized {list(r.generalized_columns)}"
+
+
 def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) -> Iterator[str]:
     """Yield human-readable progress lines; raise PrivsegError on failure."""
     settings = dep.settings
@@ -27,29 +43,21 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
     else:
         yield f"keys: using {settings.keyset}"
 
-    if data_dir is None:
-        data_dir = settings.home / "demo-data"
-        if not (data_dir / "customers.csv").exists():
-            files = generate(data_dir, customers=customers, seed=seed)
+    if data_dir is not None:
+        yield from _ingest_files(dep, data_dir)
+    elif dep.store.batches():
+        yield "demo data: the store already holds data; nothing generated"
+    else:
+        # Generated outside the state directory and deleted once ingested: the files hold raw
+        # identifiers (synthetic, but a deployment must not get used to keeping such files around).
+        with tempfile.TemporaryDirectory(prefix="privseg-demo-") as tmp:
+            files = generate(Path(tmp), customers=customers, seed=seed)
             yield (
                 f"demo data: generated {files.customer_rows} customers and {files.event_rows} events "
-                f"in {data_dir} (synthetic, with raw identifiers)"
+                "(synthetic, with raw identifiers) in a temporary directory"
             )
-        else:
-            yield f"demo data: using {data_dir}"
-    customers_csv, events_csv = data_dir / "customers.csv", data_dir / "events.csv"
-    for f in (customers_csv, events_csv):
-        if not f.is_file():
-            raise InvalidInput(f"{f}: missing (the demo expects customers.csv and events.csv)")
-
-    sources: tuple[tuple[Kind, Path], ...] = (("profiles", customers_csv), ("events", events_csv))
-    for kind, path in sources:
-        for r in ingest_files(
-            store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind=kind, paths=[path]
-        ):
-            yield f"ingest: {r.message}"
-            if r.stored:
-                yield f"        dropped {list(r.dropped_columns)}; generalized {list(r.generalized_columns)}"
+            yield from _ingest_files(dep, Path(tmp))
+        yield "demo data: the raw files were deleted after ingestion (only pseudonymized data is kept)"
 
     status = dep.store.status()
     yield "store (pseudonymized; raw identifiers are not stored):"

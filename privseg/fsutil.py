@@ -30,8 +30,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700: state is nobody else's to read."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_files(*paths: Path) -> None:
+    """Make existing files 0600 (SQLite creates its files with the process umask)."""
+    for path in paths:
+        if path.exists():
+            os.chmod(path, 0o600)
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary file visible under its final name, durably."""
+    """Make a fully written temporary file visible under its final name (mode 0600), durably."""
+    os.chmod(tmp, 0o600)
     fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -43,7 +58,7 @@ def write_private_bytes(final: Path, data: bytes) -> None:
     The file is created 0600 (not chmod-ed after the write), so key material is never readable by
     anyone else, not even for an instant.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = tmp_path_for(final)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -235,3 +235,14 @@ def add_pseudonym_version(path: Path) -> Keyset:
     new = Keyset(ks.namespace, ks.created_at, version, keys, ks.audit_key)
     write_private_bytes(path, _serialize(new))
     return new
+
+
+def remove_pseudonym_versions(path: Path, versions: set[int]) -> Keyset:
+    """Delete pseudonym key versions from the keyset file (never the primary); atomic rewrite."""
+    ks = load_keyset(path)
+    if ks.primary in versions:
+        raise KeysetError(f"key version {ks.primary} is the primary version and cannot be retired")
+    keys = {v: k for v, k in ks.pseudonym_keys.items() if v not in versions}
+    new = Keyset(ks.namespace, ks.created_at, ks.primary, keys, ks.audit_key)
+    write_private_bytes(path, _serialize(new))
+    return new

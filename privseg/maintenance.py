@@ -18,7 +18,7 @@ from privseg import audit
 from privseg.db import get_meta, transaction
 from privseg.errors import Conflict, InvalidInput
 from privseg.ingest_policy import IngestPolicy
-from privseg.keyset import Keyset, add_pseudonym_version, load_keyset
+from privseg.keyset import Keyset, add_pseudonym_version, load_keyset, remove_pseudonym_versions
 from privseg.pseudonym import Pseudonymizer, normalize
 from privseg.segments import engine
 from privseg.store import Rewrite, Store
@@ -91,6 +91,32 @@ def rotate_keys(*, store: Store, keyset_path: Path, policy: IngestPolicy) -> Rot
         engine.discard_rekeyed(store, rekeyed, new=False)
         log.info("rotated pseudonyms from k%d to k%d over %d batches", current, target, len(changes))
         return RotationResult(current, target, len(changes), resumed)
+
+
+def retire_keys(*, store: Store, keyset_path: Path) -> list[int]:
+    """Delete pseudonym key versions nothing uses any more: not the store's, no batch's, no kept
+    snapshot's (a rotation that has completed leaves the old version unused). Returns what went.
+
+    With an old version gone, a pseudonym written under it can never be decrypted again; that is the
+    point (a leaked old key reveals nothing new), and why only unused versions are retired."""
+    with store.writer_lock():
+        keyset = load_keyset(keyset_path)
+        store.check_keyset(keyset)
+        kept = [s for s in engine.snapshots(store.conn) if s.file is not None]
+        if any(s.key_version is None for s in kept):
+            raise Conflict("a kept snapshot predates key tracking: run `privseg segments compute` first")
+        used = {b.key_version for b in store.batches()} | {keyset.primary}
+        used |= {s.key_version for s in kept if s.key_version is not None}
+        current = store.key_version()
+        if current is not None:
+            used.add(current)
+        unused = set(keyset.pseudonym_keys) - used
+        if unused:
+            remove_pseudonym_versions(keyset_path, unused)
+            with transaction(store.conn):
+                audit.append(store.conn, keyset, "keys_retired", {"versions": sorted(unused)})
+            log.info("retired pseudonym key versions %s", sorted(unused))
+        return sorted(unused)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hmac
 import logging
+import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -69,8 +70,9 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, data_dir: Path) -> None:
         self.conn = conn
         self.data_dir = data_dir
+        fsutil.private_dir(data_dir)  # (mkdir's mode applies to the leaf only, not to parents)
         for kind in KINDS:
-            (data_dir / kind).mkdir(parents=True, exist_ok=True)
+            fsutil.private_dir(data_dir / kind)
 
     # -- identity binding --------------------------------------------------------------------
     def key_version(self) -> int | None:
@@ -182,7 +184,7 @@ class Store:
     # -- writing -----------------------------------------------------------------------------
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        with open(self.data_dir / ".writer.lock", "a+b") as fh:
+        with open(os.open(self.data_dir / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+b") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from privseg.errors import InvalidInput
+from privseg.fsutil import private_dir
 
 log = logging.getLogger(__name__)
 _LOCK = ".in-use"
@@ -27,12 +28,6 @@ def upload_name(filename: str) -> str:
     if any(ord(c) < 32 or c in "/\\\x7f" for c in filename) or filename in (".", ".."):
         raise InvalidInput("filename: control characters, NUL and path separators are not allowed")
     return filename
-
-
-def private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
 
 
 @contextmanager

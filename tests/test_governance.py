@@ -551,3 +551,221 @@ def test_the_server_writes_anchors_periodically_and_at_shutdown(ready: Deploymen
     assert during >= 3 and len(heads) == during + 1  # plus the one written at shutdown
     assert all(audit.check_anchor(dep.store.conn, dep.keyset, h) is None for h in heads)
     dep.close()
+
+
+# -- 4. outsiders and hostile uploads -------------------------------------------------------------------
+def test_failed_authentications_cannot_flood_the_audit_log(ready: Deployment) -> None:
+    from privseg.api.deps import FailureRecorder
+
+    now = [0.0]
+    app = create_app(ready)
+    app.state.auth_failures = FailureRecorder(per_window=5, window_seconds=60, clock=lambda: now[0])
+    client = TestClient(app, raise_server_exceptions=False)
+    before = len(audit.entries(ready.store.conn, limit=100_000))
+    long_path = "/v1/segments/" + "x" * 8000 + "/explain"  # a real route: the role check runs
+    for _ in range(40):
+        assert client.get(long_path).status_code == 401
+        assert client.get("/v1/store", headers={"Authorization": "Bearer psk_" + "A" * 43}).status_code == 401
+    new = audit.entries(ready.store.conn, after=before, limit=100_000)
+    assert [e.event for e in new] == ["auth_failed"] * 5
+    assert all(len(e.details["path"]) <= 128 for e in new)
+    now[0] = 61.0  # the next minute
+    client.get("/v1/store")
+    later = audit.entries(ready.store.conn, after=new[-1].seq, limit=100)
+    assert [e.event for e in later] == ["auth_failed_suppressed", "auth_failed"]
+    assert later[0].details["count"] == 75
+    assert audit.verify(ready.store.conn, ready.keyset).ok
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _send_chunked(base: str, path: str, headers: dict[str, str], total: int) -> tuple[int, int]:
+    """POST ``total`` bytes as a chunked body over a raw socket; returns (status, bytes sent)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(base)
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\nTransfer-Encoding: chunked\r\n"
+    head += "Content-Type: application/json\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock.sendall(head.encode())
+    chunk = b"[" + b"1," * (1 << 19)  # ~1 MiB chunks of a never-ending JSON list
+    sent = 0
+    try:
+        while sent < total:
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            sent += len(chunk)
+        sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed: what we want
+    sock.settimeout(30)
+    reply = b""
+    try:
+        while b"\r\n" not in reply:
+            data = sock.recv(4096)
+            if not data:
+                break
+            reply += data
+    finally:
+        sock.close()
+    return int(reply.split(b" ")[1]), sent
+
+
+def test_an_unauthenticated_chunked_body_never_allocates_past_the_limit(ready: Deployment) -> None:
+    from tests.conftest import running_server
+
+    token = apikeys.create(ready.store.conn, ready.keyset, role="marketer", name="crm_team")[1]
+    ready.close()
+    with running_server(ready.settings) as (base, proc):
+        start = _peak_rss_kb(proc.pid)
+        status, _sent = _send_chunked(base, "/v1/segments", {}, 256 << 20)
+        assert status == 401
+        status, _sent = _send_chunked(base, "/v1/segments", {"Authorization": f"Bearer {token}"}, 64 << 20)
+        assert status == 413
+        growth_mb = (_peak_rss_kb(proc.pid) - start) / 1024
+        assert growth_mb < 40, growth_mb  # the review measured +800 MB for a 400 MB body
+
+
+def test_uploads_left_by_a_killed_server_are_cleared_at_start(ready: Deployment) -> None:
+    import fcntl
+    import os
+
+    from privseg.uploads import upload_folder
+
+    root = ready.settings.uploads_path
+    assert not root.resolve().is_relative_to(ready.settings.home.resolve())  # outside backed-up state
+    with upload_folder(root) as stale:
+        (stale / "customers.csv").write_text("customer_id,email\nC1,a@example.com\n")
+    stale.mkdir()  # as a kill -9 leaves it: a raw file, no live lock
+    (stale / "customers.csv").write_text("customer_id,email\nC1,a@example.com\n")
+    with upload_folder(root) as live:  # an upload in flight in another worker holds its lock
+        (live / "events.csv").write_text("x")
+        fd = os.open(live / ".in-use", os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+        with TestClient(create_app(ready)):
+            assert not stale.exists()
+            assert (live / "events.csv").exists()
+    assert (root.stat().st_mode & 0o777) == 0o700
+
+
+def test_bad_filenames_are_refused_and_leave_nothing(api) -> None:  # type: ignore[no-untyped-def]
+    client, h, dep = api
+    root = dep.settings.uploads_path
+    before = sorted(root.iterdir()) if root.exists() else []
+    for name in ("bad\x00name.csv", "../../etc/passwd.csv", "a/b.csv", "x" * 300 + ".csv", ""):
+        r = client.post(
+            "/v1/ingest/profiles", params={"filename": name}, content=b"customer_id\nC1\n", headers=h["admin"]
+        )
+        assert r.status_code == 422, (name, r.status_code)
+        assert "passwd" not in r.text and "x" * 50 not in r.text
+    assert (sorted(root.iterdir()) if root.exists() else []) == before
+
+
+def test_a_file_without_a_header_is_refused_without_quoting_its_first_row(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    from privseg.errors import InvalidInput
+    from privseg.ingest import ingest_files
+
+    rows = "C000000042,jane.doe@example.com,+1 555 123 4567,Jane,Doe,1961-04-02,02139,female\n" * 3
+    for name, content in (("p.csv", rows), ("q.csv", "customer_id,jane.doe@example.com\nC1,x\n")):
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(InvalidInput) as info:
+            ingest_files(
+                store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind="profiles", paths=[path]
+            )
+        message = str(info.value)
+        for secret in ("C000000042", "jane", "Jane", "555", "Doe", "1961", "02139", "example.com"):
+            assert secret not in message, (name, message)
+        assert "header" in message or "name not shown" in message
+    assert not dep.store.batches()
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".ndjson.gz"])
+def test_a_gzip_bomb_is_refused_before_it_is_decompressed_whole(
+    dep: Deployment, tmp_path: Path, suffix: str
+) -> None:
+    import gzip
+
+    from privseg.errors import InvalidInput
+    from privseg.ingest import ingest_files
+
+    path = tmp_path / f"bomb{suffix}"
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        if suffix == ".csv.gz":
+            fh.write(b"customer_id,gender\n")
+            line = b"C1,female\n"
+        else:
+            line = b'{"customer_id": "C1", "gender": "female"}\n'
+        fh.write(line * ((8 << 20) // len(line)))  # 8 MiB decompressed, a few KB on disk
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InvalidInput, match="decompresses to more than 1048576 bytes"):
+        ingest_files(
+            store=dep.store,
+            keyset=dep.keyset,
+            policy=dep.ingest_policy,
+            kind="profiles",
+            paths=[path],
+            max_decompressed_bytes=1 << 20,
+        )
+    assert not dep.store.batches()
+
+
+# -- 5. small leaks -----------------------------------------------------------------------------------
+def test_state_is_owner_only(ready: Deployment) -> None:
+    home = ready.settings.home
+    paths = [home, *home.rglob("*")]
+    assert len(paths) > 8
+    for p in paths:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+
+
+def test_the_demo_keeps_no_raw_input_files(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import tempfile
+
+    from tests.conftest import run_cli
+
+    before = set(Path(tempfile.gettempdir()).glob("privseg-demo-*"))
+    out = run_cli(settings, "demo", "--customers", "300").stdout
+    assert "raw files were deleted" in out
+    assert set(Path(tempfile.gettempdir()).glob("privseg-demo-*")) == before
+    for p in settings.home.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert b"C000000001" not in data and b"@inbox.example" not in data, p
+    assert "nothing generated" in run_cli(settings, "demo", "--customers", "300").stdout
+
+
+def test_snapshot_status_shows_nothing_that_depends_on_one_person(api) -> None:  # type: ignore[no-untyped-def]
+    client, h, _dep = api
+    before = client.get("/v1/snapshots", headers=h["crm_team"]).json()
+    assert "file" not in before["snapshot"] and "people" not in before["snapshot"]
+    r = client.post("/v1/erase", json={"id": "C000000001"}, headers=h["admin"])
+    assert r.status_code == 200 and r.json()["found"]
+    assert client.get("/v1/snapshots", headers=h["crm_team"]).json() == before
+
+
+def test_old_key_versions_are_retired_once_nothing_uses_them(ready: Deployment) -> None:
+    from privseg.keyset import load_keyset
+    from privseg.maintenance import retire_keys
+
+    dep = _rotate(ready)
+    assert sorted(dep.keyset.pseudonym_keys) == [1, 2]
+    assert retire_keys(store=dep.store, keyset_path=dep.settings.keyset) == [1]
+    assert sorted(load_keyset(dep.settings.keyset).pseudonym_keys) == [2]
+    assert retire_keys(store=dep.store, keyset_path=dep.settings.keyset) == []
+    again = Deployment(dep.settings)
+    assert again.keyset.primary == 2  # still matches the store
+    assert audit.entries(again.store.conn, limit=10_000)[-1].event == "keys_retired"
+    again.close()
+    dep.close()

@@ -35,16 +35,18 @@ class FailureRecorder:
     will: at most ``per_window`` entries per window (each with a truncated path, never the token);
     past that, one summary entry per window says how many more were seen."""
 
-    def __init__(self, per_window: int = 20, window_seconds: float = 60.0) -> None:
-        self.per_window, self.window_seconds = per_window, window_seconds
+    def __init__(
+        self, per_window: int = 20, window_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_window, self.window_seconds, self._clock = per_window, window_seconds, clock
         self._lock = threading.Lock()
-        self._window_start = time.monotonic()
+        self._window_start = clock()
         self._recorded = 0
         self._suppressed = 0
 
     def record(self, dep: Deployment, reason: str, path: str) -> None:
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             entries: list[tuple[str, dict[str, object]]] = []
             if now - self._window_start >= self.window_seconds:
                 if self._suppressed:

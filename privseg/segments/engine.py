@@ -131,8 +131,7 @@ def compute_snapshot(
     batches = [b.id for b in store.batches()]
     members, timings = membership(compiler, store, as_of)
 
-    folder = store.data_dir / "snapshots"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = fsutil.private_dir(store.data_dir / "snapshots")
     seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
     trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
     categories = {sid: list(compiler.effective(sid).categories) for sid in seg_versions}
