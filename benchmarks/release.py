@@ -39,10 +39,18 @@ def _prepare(customers: int) -> tuple[Any, list[str]]:
     from privseg.segments import engine
 
     dep = _deployment(customers)
-    docs = definitions(20, seed=99)
+    # General segments: the report is by age band and region for every marketer, which general allows.
+    docs = definitions(20, seed=99, general_only=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(docs, fh)
-    defs.apply(dep.store.conn, dep.keyset, [Path(fh.name)], schema=dep.schema, categories=dep.categories)
+    defs.apply(
+        dep.store.conn,
+        dep.keyset,
+        [Path(fh.name)],
+        schema=dep.schema,
+        categories=dep.categories,
+        actor=defs.ADMIN_CLI,
+    )
     snap = engine.latest(dep.store.conn)
     if engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash):
         engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)

@@ -86,11 +86,37 @@ def _node(rng: random.Random, depth: int) -> dict[str, Any]:
     return {op: [_node(rng, depth + 1) for _ in range(rng.randint(2, 3))]}
 
 
-def definitions(n: int, seed: int = 7) -> list[dict[str, Any]]:
+STIGMATIZED = ["hearing_aids", "cannabis", "sexual_health"]
+
+
+def _general_only(node: Any) -> Any:
+    """The same tree reading no stigmatized data: every step excludes the stigmatized product
+    categories (keeping events without one), stigmatized values become general ones."""
+    if isinstance(node, list):
+        return [_general_only(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _general_only(v) for k, v in node.items()}
+    if "type" in out and out.get("type") in TYPES:  # an event step
+        cat = out.get("where", {}).get("product_category", {}).get("eq")
+        if cat is None or cat in STIGMATIZED:
+            out["where"] = {"product_category": {"not_in_or_unknown": STIGMATIZED}}
+    if out.get("contains") in STIGMATIZED:
+        out["contains"] = "fitness"
+    return out
+
+
+def definitions(n: int, seed: int = 7, general_only: bool = False) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [
-        {"id": f"seg_{i:05d}", "category": "general", "objective": "performance", "where": _node(rng, 0)}
-        for i in range(n)
+        # No declared category: each gets the one derived from what it reads (most read stigmatized
+        # data, unless general_only pins every step to the general product categories).
+        {
+            "id": f"seg_{i:05d}",
+            "objective": "performance",
+            "where": _general_only(tree) if general_only else tree,
+        }
+        for i, tree in ((i, _node(rng, 0)) for i in range(n))
     ]
 
 
@@ -153,9 +179,14 @@ class SqlBuilder:
         alias = self.sequences.setdefault(sub, f"s{len(self.sequences)}")
         return f"(p.pid IN (SELECT pid FROM {alias}))"
 
-    def query(self, defs: list[dict[str, Any]]) -> str:
+    def query(self, defs: list[dict[str, Any]], consents: dict[str, list[str]]) -> str:
+        """``consents``: the consent attributes each segment's (derived) categories require: a policy
+        rule, which an analyst writing this SQL would have to apply too."""
         segs = [
-            f"({self.expr(d['where'])}) AND coalesce(p.consent_marketing, false) AS {d['id']}" for d in defs
+            f"({self.expr(d['where'])}) AND "
+            + " AND ".join(f"coalesce(p.{c}, false)" for c in consents[d["id"]])
+            + f" AS {d['id']}"
+            for d in defs
         ]
         feats = ",\n  ".join(f"{sql} AS {alias}" for sql, alias in self.features.items()) or "0 AS f_none"
         seqs = "".join(f",\n{alias} AS ({sql})" for sql, alias in self.sequences.items())
@@ -224,6 +255,16 @@ def phase_privseg(customers: int, size: int, as_of: str, out: Path) -> dict[str,
     return {"seconds": seconds, **{f"t_{k}": v for k, v in timings.items()}}
 
 
+def _consents(dep: Any, defs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    from privseg.segments.compiler import Compiler
+    from privseg.segments.language import Parser
+
+    parser = Parser(dep.schema, set(dep.categories.categories))
+    segs = {d["id"]: parser.segment(d, d["id"]) for d in defs}
+    compiler = Compiler(schema=dep.schema, categories=dep.categories, segments=segs, traits={})
+    return {sid: compiler.consent_attributes(sid) for sid in segs}
+
+
 def phase_duckdb(customers: int, size: int, as_of: str, out: Path) -> dict[str, Any]:
     import duckdb
 
@@ -233,7 +274,8 @@ def phase_duckdb(customers: int, size: int, as_of: str, out: Path) -> dict[str, 
     assert len(profile_files) == 1, "the baseline reads one profile batch (no upsert)"
     t = time.perf_counter()
     builder = SqlBuilder(datetime.fromisoformat(as_of))
-    sql = builder.query(definitions(size))
+    defs = definitions(size)
+    sql = builder.query(defs, _consents(dep, defs))
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute(

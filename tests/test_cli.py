@@ -84,7 +84,10 @@ def test_demo_runs_from_nothing_and_is_idempotent(settings: Settings) -> None:
     assert "keys: created" in first.stdout and "stored profiles batch 1 (500 rows" in first.stdout
     assert "chain verified" in first.stdout
     second = run_cli(settings, "demo", "--customers", "500")
-    assert "already ingested" in second.stdout and "keys: using" in second.stdout
+    assert (
+        "the store already holds data; nothing generated" in second.stdout and "keys: using" in second.stdout
+    )
+    assert "1 batch(es), 500 rows" in second.stdout  # nothing ingested twice
 
 
 def test_segments_commands(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
