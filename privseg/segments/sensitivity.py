@@ -19,8 +19,10 @@ expression over the field's public domain, so this can never drift from what the
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
@@ -44,6 +46,13 @@ class Taint:
 
 def admitted(cond: Cond, ft: FieldType) -> frozenset[str]:
     """The domain values whose presence can make ``cond`` true (or, for lists, flip it)."""
+    return _admitted(cond.op, cond.value, ft)
+
+
+@functools.lru_cache(maxsize=8192)
+def _admitted(op: str, value: Any, ft: FieldType) -> frozenset[str]:
+    # Cached: thousands of segments repeat a few hundred conditions, and each evaluation builds a frame.
+    cond = Cond("x", op, value)
     domain = list(ft.values or ())
     if not domain:
         return frozenset()
