@@ -769,3 +769,18 @@ def test_old_key_versions_are_retired_once_nothing_uses_them(ready: Deployment) 
     assert audit.entries(again.store.conn, limit=10_000)[-1].event == "keys_retired"
     again.close()
     dep.close()
+
+
+def test_changing_a_trait_cannot_taint_the_general_segments_that_use_it(ready: Deployment) -> None:
+    kw: dict[str, Any] = {"schema": ready.schema, "categories": ready.categories, "actor": "admin:cli"}
+    # rfm_frequency counts purchases outside the stigmatized categories; rfm_at_risk (general) uses it.
+    unpinned = {
+        "name": "rfm_frequency",
+        "source": {"count": {"type": "purchase", "last": "365d"}},
+        "edges": [1, 2, 4, 8],
+        "scores": [1, 2, 3, 4, 5],
+    }
+    with pytest.raises(
+        DefinitionError, match=r"segment 'rfm_at_risk': .*trait\.rfm_frequency .*reads cannabis data"
+    ):
+        definitions.apply_documents(ready.store.conn, ready.keyset, [("trait", unpinned, "t")], **kw)

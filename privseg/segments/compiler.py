@@ -174,11 +174,11 @@ class Compiler:
                         "what a segment reads, never looser)"
                     )
 
-    def dependents(self, ids: set[str]) -> set[str]:
-        """``ids`` and every segment that references one of them, directly or transitively (their
-        effective categories follow the referenced ones)."""
+    def dependents(self, ids: set[str], traits: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
+        """``ids``, every segment using one of ``traits``, and every segment that references any of
+        those, directly or transitively (their effective categories follow what they use)."""
         refs = {sid: _references(seg.root) for sid, seg in self.defs.items()}
-        out = set(ids)
+        out = set(ids) | {sid for sid, seg in self.defs.items() if _traits(seg.root) & traits}
         while True:
             more = {sid for sid, r in refs.items() if r & out} - out
             if not more:
@@ -352,6 +352,17 @@ def _references(node: Node) -> set[str]:
             return _references(node.child)
         case SegmentRef():
             return {node.id}
+    return set()
+
+
+def _traits(node: Node) -> set[str]:
+    match node:
+        case All() | AnyOf():
+            return set().union(*(_traits(c) for c in node.children))
+        case Not():
+            return _traits(node.child)
+        case TraitLeaf():
+            return {node.name}
     return set()
 
 

@@ -209,7 +209,11 @@ def apply_documents(
         # References, traits, consent attributes, cycles and declared categories are checked over
         # the whole new set.
         compiler = build_compiler(merged, schema=schema, categories=categories)
-        compiler.check(compiler.dependents({i for k, i in changed if k == "segment"}))
+        compiler.check(
+            compiler.dependents(
+                {i for k, i in changed if k == "segment"}, {i for k, i in changed if k == "trait"}
+            )
+        )
         results: list[Applied] = []
         for key in incoming:
             prev, new = newest.get(key), merged[key]
