@@ -15,7 +15,7 @@ import typer
 from privseg import audit, demo, maintenance
 from privseg.deployment import Deployment, configure_logging
 from privseg.errors import InvalidInput, NotFound, PrivsegError
-from privseg.ingest import ingest_files
+from privseg.ingest import Mode, ingest_files
 from privseg.keyset import create_keyset
 from privseg.segments import definitions, engine
 from privseg.settings import Settings
@@ -98,29 +98,58 @@ def keys_status(as_json: JsonOpt = False) -> None:
     _emit(info, as_json)
 
 
-def _ingest(kind: Kind, files: list[Path], as_json: bool) -> None:
+AsOfOpt = Annotated[
+    datetime | None,
+    typer.Option(
+        "--as-of",
+        help="Reference time for retention and ages (default now, UTC): load a historical export as of "
+        "its own time.",
+    ),
+]
+
+
+def _ingest(
+    kind: Kind, files: list[Path], as_json: bool, as_of: datetime | None, mode: Mode = "patch"
+) -> None:
     dep = _deployment()
+    if as_of is not None and as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
     results = ingest_files(
         store=dep.store,
         keyset=dep.keyset,
         policy=dep.ingest_policy,
         kind=kind,
         paths=files,
+        now=as_of,
         max_decompressed_bytes=dep.settings.max_decompressed_bytes,
+        mode=mode,
     )
     _emit([asdict(r) for r in results], as_json, "\n".join(r.message for r in results))
 
 
 @ingest_app.command("profiles")
-def ingest_profiles(files: Files, as_json: JsonOpt = False) -> None:
-    """Ingest customer profiles (upserted per person: the latest batch wins)."""
-    _ingest("profiles", files, as_json)
+def ingest_profiles(
+    files: Files,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="patch: update only the columns the file has, for the people it has (default); "
+            "replace: the file is these people's whole profile (columns it lacks become unknown).",
+        ),
+    ] = "patch",
+    as_of: AsOfOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest customer profiles: per person and per column, the latest batch wins."""
+    if mode not in ("patch", "replace"):
+        raise InvalidInput("--mode must be patch or replace")
+    _ingest("profiles", files, as_json, as_of, "replace" if mode == "replace" else "patch")
 
 
 @ingest_app.command("events")
-def ingest_events(files: Files, as_json: JsonOpt = False) -> None:
-    """Ingest behavioural events."""
-    _ingest("events", files, as_json)
+def ingest_events(files: Files, as_of: AsOfOpt = None, as_json: JsonOpt = False) -> None:
+    """Ingest behavioural events (events past retention, counted from --as-of, are dropped)."""
+    _ingest("events", files, as_json, as_of)
 
 
 @store_app.command("status")

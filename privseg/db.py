@@ -126,6 +126,12 @@ _MIGRATIONS: tuple[str, ...] = (
     -- The pseudonym key version of a snapshot's pids (a rotation re-keys kept snapshots with the store).
     ALTER TABLE snapshots ADD COLUMN key_version INTEGER;
     """,
+    """
+    -- Ingestion order, kept when a batch is rewritten (erasure, rotation) under a new id: profiles are
+    -- "latest wins" per column, so a rewritten old batch must not become the latest.
+    ALTER TABLE batches ADD COLUMN seq INTEGER;
+    UPDATE batches SET seq = id;
+    """,
 )
 
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
@@ -39,6 +40,7 @@ from privseg.sources import DEFAULT_MAX_DECOMPRESSED, column_label, read_source
 from privseg.store import Batch, Kind, Store
 
 log = logging.getLogger(__name__)
+Mode = Literal["patch", "replace"]
 
 ROW = "__row"
 MAX_REPORTED = 20
@@ -70,12 +72,14 @@ class IngestResult:
     dropped_columns: tuple[str, ...] = ()
     generalized_columns: tuple[str, ...] = ()
     expired_events: int = 0
+    mode: Mode | None = None  # profiles: patch (only the columns given) or replace
 
     @property
     def message(self) -> str:
         if not self.stored:
             return f"{self.source}: already ingested (batch {self.batch_id}); nothing stored"
         extra = f", {self.expired_events} events past retention dropped" if self.expired_events else ""
+        extra += f", {self.mode}" if self.mode else ""
         return (
             f"{self.source}: stored {self.kind} batch {self.batch_id} "
             f"({self.rows} rows, {self.people} people{extra})"
@@ -255,8 +259,13 @@ def transform(
     pseudonymizer: Pseudonymizer,
     source: str,
     now: datetime,
+    mode: Mode = "patch",
 ) -> tuple[pl.DataFrame, IngestResult]:
-    """Validate ``raw`` (text columns) and turn it into the canonical pseudonymized shape."""
+    """Validate ``raw`` (text columns) and turn it into the canonical pseudonymized shape.
+
+    Profiles in ``patch`` mode keep only the attributes the file carries (the store then updates
+    just those columns of just these people); in ``replace`` mode every attribute is written, those
+    the file lacks as unknown. ``now`` is the reference time for ages and retention."""
     known = policy.known_columns(kind)
     id_col = policy.identity.column
     if id_col not in raw.columns and not set(raw.columns) & known:
@@ -276,8 +285,9 @@ def transform(
     if id_col not in raw.columns:
         raise InvalidInput(f"{source}: the identity column {id_col!r} is missing")
     section = policy.profiles if kind == "profiles" else policy.events
+    patch = kind == "profiles" and mode == "patch"
     for name, spec in section.attributes.items():
-        if spec.required and name not in raw.columns:
+        if spec.required and name not in raw.columns and not patch:
             raise InvalidInput(f"{source}: the required column {name!r} is missing")
 
     # Encrypt the identifiers on a second thread while Polars parses and checks the other columns:
@@ -301,7 +311,8 @@ def transform(
     if kind == "profiles":
         for name, rule in policy.profiles.generalize.items():
             if name not in df.columns:
-                outputs.append(pl.lit(None, dtype=pl.String).alias(rule.to))
+                if not patch:
+                    outputs.append(pl.lit(None, dtype=pl.String).alias(rule.to))
                 continue
             generalized.append(name)
             if isinstance(rule, AgeBandRule):
@@ -322,8 +333,12 @@ def transform(
         if name in df.columns:
             parsed[name] = _parse_attribute(df.schema, name, spec, checks)
             outputs.append(pl.col(_typed(name)).alias(name))
-        else:
+        elif not patch:
             outputs.append(pl.lit(None, dtype=_dtype(spec)).alias(name))
+    if patch and len(outputs) == 0:
+        raise InvalidInput(
+            f"{source}: the file carries no profile attribute to update (only the identity column)"
+        )
 
     work = df.with_columns([expr.alias(_typed(name)) for name, expr in parsed.items()])
     checks.raise_if_any(work)
@@ -354,6 +369,7 @@ def transform(
         dropped_columns=tuple(c for c in raw.columns if c in section.drop),
         generalized_columns=tuple(generalized),
         expired_events=expired,
+        mode=mode if kind == "profiles" else None,
     )
     return typed, result
 
@@ -382,8 +398,14 @@ def ingest_files(
     paths: Sequence[Path],
     now: datetime | None = None,
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
+    mode: Mode = "patch",
 ) -> list[IngestResult]:
-    """Ingest files as batches of ``kind``: all of them, or (on any error) none of them."""
+    """Ingest files as batches of ``kind``: all of them, or (on any error) none of them.
+
+    ``now`` (default: the current time) is the reference time for retention and ages, so historical
+    exports can be loaded as of their own time. A file that would store nothing (every event past
+    retention) is an error, so that nothing is recorded and the same file can be loaded later with
+    another reference time or policy. ``mode`` applies to profiles (see :func:`transform`)."""
     if not paths:
         raise InvalidInput("no files given")
     now = now or datetime.now(UTC)
@@ -407,8 +429,20 @@ def ingest_files(
                 continue
             raw = read_source(path, list_columns=list_columns, max_decompressed_bytes=max_decompressed_bytes)
             df, result = transform(
-                raw, kind=kind, policy=policy, pseudonymizer=pseudonymizer, source=path.name, now=now
+                raw,
+                kind=kind,
+                policy=policy,
+                pseudonymizer=pseudonymizer,
+                source=path.name,
+                now=now,
+                mode=mode,
             )
+            if df.height == 0:
+                raise InvalidInput(
+                    f"{path.name}: nothing to store: all {result.expired_events} events are older than the "
+                    f"{policy.retention_days}-day retention before {now.date()}; nothing was recorded "
+                    "(load a historical export with --as-of, or change retention_days)"
+                )
             seen.add(cid)
             staged.append((len(results), df, cid))
             results.append(result)
@@ -436,6 +470,7 @@ def _with_batch(r: IngestResult, b: Batch) -> IngestResult:
         r.dropped_columns,
         r.generalized_columns,
         r.expired_events,
+        r.mode,
     )
 
 
@@ -448,4 +483,5 @@ def _audit_details(r: IngestResult) -> dict[str, object]:
         "dropped_columns": list(r.dropped_columns),
         "generalized_columns": list(r.generalized_columns),
         "expired_events": r.expired_events,
+        **({"mode": r.mode} if r.mode else {}),
     }

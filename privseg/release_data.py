@@ -76,9 +76,12 @@ def dimensions(dep: Deployment, snap: engine.Snapshot) -> pl.DataFrame:
     else:
         available = profiles.collect_schema().names()
         cols = [d for d in dims if d in available]
-        frame = pids.join(
-            profiles.select("pid", *cols), on="pid", how="left", maintain_order="left"
-        ).collect()
+        frame = (
+            pids.join(profiles.select("pid", *cols), on="pid", how="left", maintain_order="left")
+            # A dimension no batch has carried yet (patch batches carry only their columns): unknown.
+            .with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims if d not in available])
+            .collect()
+        )
     frame = frame.drop("pid")
     with _DIMS_LOCK:
         if len(_DIMS_CACHE) >= 4:  # a few snapshots at most: the latest, and those movement reads

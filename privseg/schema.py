@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import polars as pl
+
 from privseg.errors import InvalidInput
 from privseg.ingest_policy import (
     AgeBandRule,
@@ -27,6 +29,16 @@ from privseg.ingest_policy import (
 class FieldType:
     type: str  # category | list | bool | date | float | int | string
     values: tuple[str, ...] | None = None
+
+    def dtype(self) -> pl.DataType:
+        """How the store holds it."""
+        return {
+            "list": pl.List(pl.String),
+            "bool": pl.Boolean(),
+            "date": pl.Date(),
+            "float": pl.Float64(),
+            "int": pl.Int64(),
+        }.get(self.type, pl.String())
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class Batch:
     max_ts: str | None
     key_version: int
     written_at: str
+    seq: int  # ingestion order; a rewrite keeps it
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _batch_from_row(row: Sequence[Any]) -> Batch:
     return Batch(*row)
 
 
-_BATCH_COLUMNS = "id, kind, file, rows, people, min_ts, max_ts, key_version, written_at"
+_BATCH_COLUMNS = "id, kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq"
 
 
 class Store:
@@ -144,10 +145,10 @@ class Store:
     # -- reading -----------------------------------------------------------------------------
     def batches(self, kind: Kind | None = None) -> list[Batch]:
         if kind is None:
-            rows = self.conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY id").fetchall()
+            rows = self.conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY seq, id").fetchall()
         else:
             rows = self.conn.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE kind = ? ORDER BY id", (kind,)
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE kind = ? ORDER BY seq, id", (kind,)
             ).fetchall()
         return [_batch_from_row(r) for r in rows]
 
@@ -169,17 +170,27 @@ class Store:
         return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed")
 
     def scan_profiles(self) -> pl.LazyFrame | None:
-        """Current profiles: one row per pid, the latest batch winning (upsert semantics)."""
+        """Current profiles: one row per pid; for each column, the latest batch that carries that
+        column for that person wins (a patch batch carries only the columns its file had, so it
+        updates only those; an explicit unknown in a carried column does overwrite)."""
         batches = self.batches("profiles")
         if not batches:
             return None
-        if len(batches) == 1:
-            return pl.scan_parquet(self.path_of(batches[0]))
         frames = [pl.scan_parquet(self.path_of(b)) for b in batches]
-        # Batches are concatenated in ingestion order, so keep="last" is "latest batch wins".
-        return pl.concat(frames, how="diagonal_relaxed").unique(
-            subset="pid", keep="last", maintain_order=False
+        if len(frames) == 1:
+            return frames[0]
+        schemas = [f.collect_schema() for f in frames]
+        columns: dict[str, pl.DataType] = {}
+        for schema in schemas:
+            for name, dtype in schema.items():
+                columns.setdefault(name, dtype)
+        # update() only touches columns the left side has: start from every column any batch has.
+        merged = frames[0].with_columns(
+            pl.lit(None, dtype=dtype).alias(name) for name, dtype in columns.items() if name not in schemas[0]
         )
+        for frame in frames[1:]:
+            merged = merged.update(frame, on="pid", how="full", include_nulls=True)
+        return merged
 
     # -- writing -----------------------------------------------------------------------------
     @contextmanager
@@ -219,17 +230,27 @@ class Store:
         return df.height, people, min_ts, max_ts
 
     def _insert(
-        self, kind: Kind, name: str, df: pl.DataFrame, key_version: int, people: int | None = None
+        self,
+        kind: Kind,
+        name: str,
+        df: pl.DataFrame,
+        key_version: int,
+        people: int | None = None,
+        seq: int | None = None,
     ) -> Batch:
+        """Record a batch file; ``seq`` is the ingestion order of the batch it rewrites (None: new)."""
         rows, people, min_ts, max_ts = self._summary(kind, df, people)
         at = datetime.now(UTC).isoformat(timespec="seconds")
         cur = self.conn.execute(
-            "INSERT INTO batches (kind, file, rows, people, min_ts, max_ts, key_version, written_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (kind, name, rows, people, min_ts, max_ts, key_version, at),
+            "INSERT INTO batches (kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, name, rows, people, min_ts, max_ts, key_version, at, seq),
         )
         assert cur.lastrowid is not None
-        return Batch(cur.lastrowid, kind, name, rows, people, min_ts, max_ts, key_version, at)
+        if seq is None:
+            seq = int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM batches").fetchone()[0])
+            self.conn.execute("UPDATE batches SET seq = ? WHERE id = ?", (seq, cur.lastrowid))
+        return Batch(cur.lastrowid, kind, name, rows, people, min_ts, max_ts, key_version, at, seq)
 
     def add_batches(
         self,
@@ -300,7 +321,9 @@ class Store:
                 for change, name, _path in written:
                     assert change.new is not None
                     version = change.old.key_version if key_version is None else key_version
-                    new_batches.append(self._insert(change.old.kind, name, change.new, version))
+                    new_batches.append(
+                        self._insert(change.old.kind, name, change.new, version, seq=change.old.seq)
+                    )
                 for key, value in (meta or {}).items():
                     set_meta(self.conn, key, value)
                 audit.append(self.conn, keyset, event, details)

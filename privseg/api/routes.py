@@ -65,10 +65,24 @@ async def ingest(
     filename: str = Query(
         description="Source file name; its ending gives the format (.csv, .csv.gz, .parquet, .ndjson)."
     ),
+    mode: Annotated[
+        Literal["patch", "replace"],
+        Query(
+            description="Profiles: patch updates only the columns the file has; replace makes the file "
+            "these people's whole profile."
+        ),
+    ] = "patch",
+    as_of: Annotated[
+        datetime | None, Query(description="Reference time for retention and ages (default now).")
+    ] = None,
 ) -> list[dict[str, Any]]:
     """Upload one batch as the raw request body. It is streamed to a private temporary file (never
     held in memory), validated and stored all-or-nothing; the snapshot is recomputed in the background."""
     name = upload_name(filename)
+    if kind == "events" and mode != "patch":
+        raise InvalidInput("mode: replace applies to profiles only")
+    if as_of is not None and as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
     detect_format(Path(name))  # refuse an unknown format before reading the body
     limit = dep.settings.max_upload_bytes
     # A private folder per upload, so the file keeps its own name (errors name it) and nothing clashes.
@@ -92,7 +106,9 @@ async def ingest(
             policy=dep.ingest_policy,
             kind=kind,
             paths=[tmp],
+            now=as_of,
             max_decompressed_bytes=dep.settings.max_decompressed_bytes,
+            mode=mode,
         )
     if any(r.stored for r in results):
         background.add_task(_recompute, request.app.state.deployment)

@@ -70,11 +70,18 @@ def membership(compiler: Compiler, store: Store, as_of: datetime) -> tuple[pl.Da
     t0 = time.perf_counter()
     plan = compiler.compile(as_of)
     profiles_lf, events_lf = store.scan_profiles(), store.scan_events()
+    wanted = plan.profile_columns()
     if profiles_lf is not None:
         available = profiles_lf.collect_schema().names()
-        profiles = profiles_lf.select([c for c in plan.profile_columns() if c in available]).collect()
+        profiles = profiles_lf.select([c for c in wanted if c in available]).collect()
     else:
         profiles = pl.DataFrame(schema={"pid": pl.String})
+    # An attribute no batch has carried yet (patch batches carry only their columns) is unknown.
+    profiles = profiles.with_columns(
+        pl.lit(None, dtype=compiler.schema.profile[c].dtype()).alias(c)
+        for c in wanted
+        if c not in profiles.columns and c in compiler.schema.profile
+    )
     if events_lf is not None:
         events = events_lf.select(plan.event_columns()).filter(pl.col("ts") <= as_of).collect()
     else:

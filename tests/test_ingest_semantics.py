@@ -1,0 +1,189 @@
+"""What a batch means: profile patches update only their columns (latest wins per person and per
+column, through compaction, erasure and rotation), a batch that stores nothing is an error, and
+retention and ages count from a stated reference time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from privseg import maintenance
+from privseg.deployment import Deployment
+from privseg.errors import InvalidInput
+from privseg.ingest import ingest_files
+from privseg.pseudonym import Pseudonymizer
+from tests.conftest import AS_OF, EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, run_cli, write_csv
+
+
+def ingest(dep: Deployment, kind: str, path: Path, **kw: Any) -> Any:
+    return ingest_files(
+        store=dep.store,
+        keyset=dep.keyset,
+        policy=dep.ingest_policy,
+        kind=kind,  # type: ignore[arg-type]
+        paths=[path],
+        now=kw.pop("now", AS_OF),
+        **kw,
+    )
+
+
+def profiles_by_id(dep: Deployment) -> dict[str, dict[str, Any]]:
+    """Current profiles keyed by the raw id (decrypted here, in the test only)."""
+    lf = dep.store.scan_profiles()
+    assert lf is not None
+    p = Pseudonymizer(dep.keyset, dep.ingest_policy.identity.type, dep.store.key_version())
+    out = {}
+    for row in lf.collect().iter_rows(named=True):
+        out[p.decrypt(row.pop("pid"))] = row
+    return out
+
+
+@pytest.fixture
+def three(dep: Deployment, tmp_path: Path) -> Deployment:
+    rows = [profile_row("C1"), profile_row("C2", gender="male"), profile_row("C3", consent_marketing="false")]
+    ingest(dep, "profiles", write_csv(tmp_path / "full.csv", PROFILE_HEADER, rows))
+    return dep
+
+
+def test_a_partial_batch_updates_only_its_columns_of_its_people(three: Deployment, tmp_path: Path) -> None:
+    before = profiles_by_id(three)
+    # The review's reproduction: an update file with the id and one column.
+    update = write_csv(tmp_path / "update.csv", ["customer_id", "gender"], [["C1", "non_binary"], ["C2", ""]])
+    (r,) = ingest(three, "profiles", update)
+    assert r.stored and r.mode == "patch" and "patch" in r.message
+    after = profiles_by_id(three)
+    assert after["C1"] == {**before["C1"], "gender": "non_binary"}
+    assert after["C2"] == {**before["C2"], "gender": None}  # an explicit blank is an update too
+    assert after["C3"] == before["C3"]
+    assert [after[c]["consent_marketing"] for c in ("C1", "C2", "C3")] == [True, True, False]
+
+
+def test_a_replace_batch_is_the_whole_profile_of_its_people(three: Deployment, tmp_path: Path) -> None:
+    before = profiles_by_id(three)
+    update = write_csv(tmp_path / "replace.csv", ["customer_id", "gender"], [["C1", "non_binary"]])
+    (r,) = ingest(three, "profiles", update, mode="replace")
+    assert r.mode == "replace"
+    after = profiles_by_id(three)
+    assert after["C1"]["gender"] == "non_binary"
+    assert after["C1"]["consent_marketing"] is None and after["C1"]["age_band"] is None
+    # C2 and C3 are untouched; they only gain the columns the replace batch brought, as unknown.
+    for cid in ("C2", "C3"):
+        assert after[cid] == {**dict.fromkeys(after[cid]), **before[cid]}
+
+
+def test_a_patch_for_a_new_person_and_a_new_column(three: Deployment, tmp_path: Path) -> None:
+    update = write_csv(tmp_path / "u.csv", ["customer_id", "signup_date"], [["C3", "2024-02-29"], ["C9", ""]])
+    ingest(three, "profiles", update)
+    after = profiles_by_id(three)
+    assert str(after["C3"]["signup_date"]) == "2024-02-29" and after["C1"]["signup_date"] is None
+    assert after["C9"]["gender"] is None and after["C9"]["consent_marketing"] is None
+    with pytest.raises(InvalidInput, match="carries no profile attribute"):
+        ingest(three, "profiles", write_csv(tmp_path / "ids.csv", ["customer_id"], [["C1"]]))
+
+
+def _with_patch(dep: Deployment, tmp_path: Path) -> dict[str, dict[str, Any]]:
+    update = write_csv(tmp_path / "update.csv", ["customer_id", "gender"], [["C1", "non_binary"]])
+    ingest(dep, "profiles", update)
+    ingest(
+        dep, "profiles", write_csv(tmp_path / "c2.csv", ["customer_id", "consent_marketing"], [["C2", "no"]])
+    )
+    return profiles_by_id(dep)
+
+
+def test_column_level_latest_wins_survives_compaction(three: Deployment, tmp_path: Path) -> None:
+    expected = _with_patch(three, tmp_path)
+    maintenance.compact(store=three.store, keyset=three.keyset, policy=three.ingest_policy, now=AS_OF)
+    assert len(three.store.batches("profiles")) == 1
+    assert profiles_by_id(three) == expected
+
+
+def test_column_level_latest_wins_survives_erasure(three: Deployment, tmp_path: Path) -> None:
+    expected = _with_patch(three, tmp_path)
+    maintenance.erase_subject(store=three.store, keyset=three.keyset, policy=three.ingest_policy, raw_id="C3")
+    del expected["C3"]
+    assert profiles_by_id(three) == expected
+
+
+def test_column_level_latest_wins_survives_rotation(three: Deployment, tmp_path: Path) -> None:
+    expected = _with_patch(three, tmp_path)
+    maintenance.rotate_keys(store=three.store, keyset_path=three.settings.keyset, policy=three.ingest_policy)
+    dep = Deployment(three.settings)
+    assert dep.store.key_version() == 2
+    assert profiles_by_id(dep) == expected
+    dep.close()
+
+
+def test_segments_see_the_patched_profiles(three: Deployment, tmp_path: Path) -> None:
+    from privseg.segments import definitions, engine
+
+    definitions.apply_documents(
+        three.store.conn,
+        three.keyset,
+        [
+            (
+                "segment",
+                {
+                    "id": "everyone",
+                    "objective": "brand",
+                    "where": {"bucket": {"salt": "x", "range": [0, 9999]}},
+                },
+                "t",
+            )
+        ],
+        schema=three.schema,
+        categories=three.categories,
+        actor="admin:cli",
+    )
+    _with_patch(three, tmp_path)
+    snap, _ = engine.compute_snapshot(
+        store=three.store, compiler=three.compiler(), keyset=three.keyset, as_of=AS_OF
+    )
+    members = pl.read_parquet(engine.snapshot_path(three.store, snap)).get_column("everyone").sum()
+    assert members == 1  # C1 still consents (its patch left consent alone); C2 withdrew; C3 never did
+
+
+# -- nothing lost silently: retention and the reference time -----------------------------------------------
+def test_a_batch_that_would_store_nothing_is_an_error_and_records_nothing(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    old = write_csv(
+        tmp_path / "2014.csv",
+        EVENT_HEADER,
+        [event_row("C1", ts="2014-03-01T10:00:00Z"), event_row("C2", ts="2014-07-01T10:00:00Z")],
+    )
+    with pytest.raises(
+        InvalidInput, match="nothing to store: all 2 events are older than the 730-day retention"
+    ):
+        ingest(dep, "events", old)
+    assert dep.store.batches() == []
+    assert dep.store.conn.execute("SELECT COUNT(*) FROM contents").fetchone()[0] == 0
+    # The same file, as of its own time: stored (it was never recorded as ingested).
+    (r,) = ingest(dep, "events", old, now=datetime(2014, 12, 31, tzinfo=UTC))
+    assert r.stored and r.rows == 2 and r.expired_events == 0
+
+
+def test_ages_count_from_the_reference_time(dep: Deployment, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1", birth_date="1980-05-17")])
+    ingest(dep, "profiles", path, now=datetime(2000, 1, 1, tzinfo=UTC))
+    assert profiles_by_id(dep)["C1"]["age_band"] == "18-24"  # 19 in 2000, not 46
+
+
+def test_cli_mode_and_as_of(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from privseg.keyset import create_keyset
+
+    create_keyset(settings.keyset, "test")
+    events = write_csv(tmp_path / "e.csv", EVENT_HEADER, [event_row("C1", ts="2014-03-01T10:00:00Z")])
+    refused = run_cli(settings, "ingest", "events", str(events), check=False)
+    assert refused.returncode == 2 and "nothing to store" in refused.stderr
+    assert (
+        "stored events batch"
+        in run_cli(settings, "ingest", "events", str(events), "--as-of", "2014-06-01").stdout
+    )
+    profiles = write_csv(tmp_path / "p.csv", ["customer_id", "gender"], [["C1", "male"]])
+    assert "replace" in run_cli(settings, "ingest", "profiles", str(profiles), "--mode", "replace").stdout
+    bad = run_cli(settings, "ingest", "profiles", str(profiles), "--mode", "merge", check=False)
+    assert bad.returncode == 2 and "--mode must be patch or replace" in bad.stderr
