@@ -131,6 +131,10 @@ _MIGRATIONS: tuple[str, ...] = (
     -- "latest wins" per column, so a rewritten old batch must not become the latest.
     ALTER TABLE batches ADD COLUMN seq INTEGER;
     UPDATE batches SET seq = id;
+    -- The keyed hash of the source bytes a batch came from (kept through rewrites), and of each
+    -- recorded content: the same events file under a changed policy replaces what it stored before.
+    ALTER TABLE batches ADD COLUMN source TEXT;
+    ALTER TABLE contents ADD COLUMN source TEXT;
     """,
 )
 

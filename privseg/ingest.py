@@ -37,7 +37,7 @@ from privseg.ingest_policy import (
 from privseg.keyset import Keyset
 from privseg.pseudonym import Pseudonymizer, normalize_expr
 from privseg.sources import DEFAULT_MAX_DECOMPRESSED, column_label, read_source
-from privseg.store import Batch, Kind, Store
+from privseg.store import Batch, Kind, NewBatch, Store
 
 log = logging.getLogger(__name__)
 Mode = Literal["patch", "replace"]
@@ -73,6 +73,7 @@ class IngestResult:
     generalized_columns: tuple[str, ...] = ()
     expired_events: int = 0
     mode: Mode | None = None  # profiles: patch (only the columns given) or replace
+    replaced_batches: tuple[int, ...] = ()  # events stored from the same file under an earlier policy
 
     @property
     def message(self) -> str:
@@ -80,6 +81,9 @@ class IngestResult:
             return f"{self.source}: already ingested (batch {self.batch_id}); nothing stored"
         extra = f", {self.expired_events} events past retention dropped" if self.expired_events else ""
         extra += f", {self.mode}" if self.mode else ""
+        if self.replaced_batches:
+            replaced = list(self.replaced_batches)
+            extra += f"; replaces batch(es) {replaced}, the same file under an earlier policy"
         return (
             f"{self.source}: stored {self.kind} batch {self.batch_id} "
             f"({self.rows} rows, {self.people} people{extra})"
@@ -129,6 +133,13 @@ class _Checks:
                 f"{self.source}: {sum(counts)} invalid value(s); nothing was stored "
                 f"(rows count from 1, the first data row):\n  {body}"
             )
+
+
+def policy_content_id(keyset: Keyset, source: str, policy: IngestPolicy) -> str:
+    """Keyed hash of (source bytes, ingest policy): the same file under another policy is new content."""
+    return hmac.new(
+        keyset.derived_key("content-id"), f"{source}\npolicy {policy.content_hash()}".encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def content_id(keyset: Keyset, kind: Kind, path: Path) -> str:
@@ -417,16 +428,26 @@ def ingest_files(
         if isinstance(a, ListAttr)
     )
     results: list[IngestResult] = []
-    staged: list[tuple[int, pl.DataFrame, str]] = []  # (index into results, frame, content id)
+    staged: list[tuple[int, NewBatch]] = []  # (index into results, what to store)
     seen: set[str] = set()
     with store.writer_lock():
         for path in paths:
-            cid = content_id(keyset, kind, path) if path.is_file() else ""
+            source = content_id(keyset, kind, path) if path.is_file() else ""
+            # Events: what was kept of a file depends on the policy (retention), so the same bytes under
+            # a changed policy are ingested again, replacing what they stored before (no duplicates).
+            # Profiles: the bytes alone, so a replayed old export can never overwrite newer values.
+            cid = policy_content_id(keyset, source, policy) if source and kind == "events" else source
             existing = store.find_content(kind, cid) if cid else None
+            if existing is None and cid != source and source:
+                # Recorded by a privseg that keyed events on their bytes alone: still a no-op.
+                existing = store.find_content(kind, source)
             if existing is not None or cid in seen:
                 batch_id = existing or 0
                 results.append(IngestResult(kind, path.name, False, batch_id, 0, 0))
                 continue
+            replaces = tuple(store.lineage(kind, source)) if kind == "events" and source else ()
+            if replaces:
+                _refuse_replay_after_erasure(store, kind, source, path.name)
             raw = read_source(path, list_columns=list_columns, max_decompressed_bytes=max_decompressed_bytes)
             df, result = transform(
                 raw,
@@ -444,22 +465,20 @@ def ingest_files(
                     "(load a historical export with --as-of, or change retention_days)"
                 )
             seen.add(cid)
-            staged.append((len(results), df, cid))
+            item = NewBatch(df, cid, source, result.people, _audit_details(result), replaces)
+            staged.append((len(results), item))
             results.append(result)
         batches = store.add_batches(
-            kind=kind,
-            items=[(df, cid, results[i].people, _audit_details(results[i])) for i, df, cid in staged],
-            key_version=version,
-            keyset=keyset,
+            kind=kind, items=[item for _i, item in staged], key_version=version, keyset=keyset
         )
-    for (i, _df, _cid), batch in zip(staged, batches, strict=True):
-        results[i] = _with_batch(results[i], batch)
+    for (i, item), batch in zip(staged, batches, strict=True):
+        results[i] = _with_batch(results[i], batch, tuple(b.id for b in item.replaces))
     for r in results:
         log.info("ingest: %s", r.message)
     return results
 
 
-def _with_batch(r: IngestResult, b: Batch) -> IngestResult:
+def _with_batch(r: IngestResult, b: Batch, replaced: tuple[int, ...]) -> IngestResult:
     return IngestResult(
         r.kind,
         r.source,
@@ -471,7 +490,24 @@ def _with_batch(r: IngestResult, b: Batch) -> IngestResult:
         r.generalized_columns,
         r.expired_events,
         r.mode,
+        replaced,
     )
+
+
+def _refuse_replay_after_erasure(store: Store, kind: Kind, source: str, name: str) -> None:
+    """Re-ingesting a file stored before an erasure could bring the erased person back."""
+    row = store.conn.execute(
+        "SELECT MIN(ingested_at) FROM contents WHERE kind = ? AND source = ?", (kind, source)
+    ).fetchone()
+    first = row[0] if row and row[0] else "0000"
+    erased = store.conn.execute(
+        "SELECT COUNT(*) FROM audit WHERE event = 'erasure' AND at >= ?", (first,)
+    ).fetchone()[0]
+    if erased:
+        raise InvalidInput(
+            f"{name}: this file was ingested before an erasure; storing it again could bring an erased "
+            "person back. Ingest a fresh export instead"
+        )
 
 
 def _audit_details(r: IngestResult) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from pathlib import Path
 from typing import Annotated, Literal
@@ -148,6 +149,10 @@ class IngestPolicy(_Strict):
             if reserved:
                 raise ValueError(f"{kind}.attributes uses reserved names {reserved}")
         return self
+
+    def content_hash(self) -> str:
+        """A hash of the policy as loaded: what it does to a file (retention, domains, drops)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def known_columns(self, kind: str) -> frozenset[str]:
         if kind == "profiles":

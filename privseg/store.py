@@ -50,6 +50,21 @@ class Batch:
     key_version: int
     written_at: str
     seq: int  # ingestion order; a rewrite keeps it
+    source: str | None = None  # keyed hash of the source bytes; a rewrite keeps it
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """A batch to store: its frame, the keyed hashes of what was ingested (content_id: the bytes and,
+    for events, the policy applied; source: the bytes alone), its people count, its audit details,
+    and the batches of the same source it replaces."""
+
+    frame: pl.DataFrame
+    content_id: str
+    source: str
+    people: int
+    details: dict[str, Any]
+    replaces: tuple[Batch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ def _batch_from_row(row: Sequence[Any]) -> Batch:
     return Batch(*row)
 
 
-_BATCH_COLUMNS = "id, kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq"
+_BATCH_COLUMNS = "id, kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq, source"
 
 
 class Store:
@@ -237,53 +252,72 @@ class Store:
         key_version: int,
         people: int | None = None,
         seq: int | None = None,
+        source: str | None = None,
     ) -> Batch:
-        """Record a batch file; ``seq`` is the ingestion order of the batch it rewrites (None: new)."""
+        """Record a batch file; ``seq`` and ``source`` are those of the batch it rewrites (seq None: a
+        new batch, last in ingestion order)."""
         rows, people, min_ts, max_ts = self._summary(kind, df, people)
         at = datetime.now(UTC).isoformat(timespec="seconds")
         cur = self.conn.execute(
-            "INSERT INTO batches (kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (kind, name, rows, people, min_ts, max_ts, key_version, at, seq),
+            "INSERT INTO batches (kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq, "
+            "source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, name, rows, people, min_ts, max_ts, key_version, at, seq, source),
         )
         assert cur.lastrowid is not None
         if seq is None:
             seq = int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM batches").fetchone()[0])
             self.conn.execute("UPDATE batches SET seq = ? WHERE id = ?", (seq, cur.lastrowid))
-        return Batch(cur.lastrowid, kind, name, rows, people, min_ts, max_ts, key_version, at, seq)
+        return Batch(cur.lastrowid, kind, name, rows, people, min_ts, max_ts, key_version, at, seq, source)
+
+    def lineage(self, kind: Kind, source: str) -> list[Batch]:
+        """The stored batches that came from the source bytes with this keyed hash."""
+        return [b for b in self.batches(kind) if b.source == source]
 
     def add_batches(
         self,
         *,
         kind: Kind,
-        items: Sequence[tuple[pl.DataFrame, str, int, dict[str, Any]]],
+        items: Sequence[NewBatch],
         key_version: int,
         keyset: Keyset,
     ) -> list[Batch]:
-        """Store pseudonymized batches ``(frame, content_id, people, audit details)`` atomically: every file
-        is written and published first, then one transaction records them all with their audit
-        entries. Caller holds :meth:`writer_lock`."""
+        """Store pseudonymized batches atomically: every file is written and published first, then one
+        transaction records them all with their audit entries, and removes the batches each one
+        ``replaces`` (the same source stored under an earlier policy). Caller holds :meth:`writer_lock`."""
         written: list[tuple[str, Path]] = []
+        replaced: list[Batch] = []
         try:
-            for df, _cid, _people, _details in items:
-                written.append(self._write_file(kind, df))
+            for item in items:
+                written.append(self._write_file(kind, item.frame))
             batches: list[Batch] = []
             with transaction(self.conn):
-                for (df, cid, people, details), (name, _path) in zip(items, written, strict=True):
-                    if self.find_content(kind, cid) is not None:
+                for item, (name, _path) in zip(items, written, strict=True):
+                    if self.find_content(kind, item.content_id) is not None:
                         raise Conflict("this content was ingested concurrently by another writer")
-                    batch = self._insert(kind, name, df, key_version, people)
+                    for old in item.replaces:
+                        gone = self.conn.execute(
+                            "DELETE FROM batches WHERE id = ? AND file = ?", (old.id, old.file)
+                        ).rowcount
+                        if gone != 1:
+                            raise Conflict(f"batch {old.id} changed while it was being replaced")
+                        replaced.append(old)
+                    batch = self._insert(kind, name, item.frame, key_version, item.people, source=item.source)
                     self.conn.execute(
-                        "INSERT INTO contents (kind, content_id, first_batch, ingested_at) "
-                        "VALUES (?, ?, ?, ?)",
-                        (kind, cid, batch.id, batch.written_at),
+                        "INSERT INTO contents (kind, content_id, first_batch, ingested_at, source) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (kind, item.content_id, batch.id, batch.written_at, item.source),
                     )
-                    audit.append(self.conn, keyset, "ingest", {**details, "batch": batch.id})
+                    details = {**item.details, "batch": batch.id}
+                    if item.replaces:
+                        details["replaced_batches"] = [b.id for b in item.replaces]
+                    audit.append(self.conn, keyset, "ingest", details)
                     batches.append(batch)
         except BaseException:
             for _name, path in written:
                 path.unlink(missing_ok=True)
             raise
+        for old in replaced:
+            self.path_of(old).unlink(missing_ok=True)
         for b in batches:
             log.info("stored %s batch %d: %d rows, %d people", kind, b.id, b.rows, b.people)
         return batches
@@ -322,7 +356,14 @@ class Store:
                     assert change.new is not None
                     version = change.old.key_version if key_version is None else key_version
                     new_batches.append(
-                        self._insert(change.old.kind, name, change.new, version, seq=change.old.seq)
+                        self._insert(
+                            change.old.kind,
+                            name,
+                            change.new,
+                            version,
+                            seq=change.old.seq,
+                            source=change.old.source,
+                        )
                     )
                 for key, value in (meta or {}).items():
                     set_meta(self.conn, key, value)

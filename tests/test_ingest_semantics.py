@@ -187,3 +187,51 @@ def test_cli_mode_and_as_of(settings, tmp_path: Path) -> None:  # type: ignore[n
     assert "replace" in run_cli(settings, "ingest", "profiles", str(profiles), "--mode", "replace").stdout
     bad = run_cli(settings, "ingest", "profiles", str(profiles), "--mode", "merge", check=False)
     assert bad.returncode == 2 and "--mode must be patch or replace" in bad.stderr
+
+
+def test_the_same_events_under_a_changed_policy_are_stored_again_without_duplicates(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.conftest import POLICIES
+
+    rows = [event_row("C1", ts="2024-03-01T10:00:00Z"), event_row("C2", ts="2026-05-01T10:00:00Z")]
+    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, rows)
+    (first,) = ingest(dep, "events", path)
+    assert first.rows == 1 and first.expired_events == 1  # 2024-03 is past 730 days before 2026-06
+    (again,) = ingest(dep, "events", path)
+    assert not again.stored  # same bytes, same policy: a no-op
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    ingest_yaml = policies / "ingest.yaml"
+    ingest_yaml.write_text(ingest_yaml.read_text().replace("retention_days: 730", "retention_days: 1000"))
+    longer = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+    (second,) = ingest(longer, "events", path)
+    assert second.stored and second.rows == 2 and second.replaced_batches == (first.batch_id,)
+    events = longer.store.scan_events()
+    assert events is not None and events.collect().height == 2  # not 3: the first batch was replaced
+    assert [b.id for b in longer.store.batches("events")] == [second.batch_id]
+    longer.close()
+
+
+def test_a_file_stored_before_an_erasure_is_not_replayed_under_a_new_policy(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.conftest import POLICIES
+
+    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, [event_row("C1"), event_row("C2")])
+    ingest(dep, "events", path)
+    maintenance.erase_subject(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, raw_id="C1")
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    ingest_yaml = policies / "ingest.yaml"
+    ingest_yaml.write_text(ingest_yaml.read_text().replace("retention_days: 730", "retention_days: 1000"))
+    longer = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+    with pytest.raises(InvalidInput, match="could bring an erased person back"):
+        ingest(longer, "events", path)
+    events = longer.store.scan_events()
+    assert events is not None and events.collect().height == 1
+    longer.close()
