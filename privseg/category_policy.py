@@ -245,6 +245,12 @@ def findings(cats: CategorySet, schema: Schema | None = None) -> list[str]:
             )
         if schema is not None:
             out += _tag_findings(name, c.sensitive_data, schema)
+            consent = schema.profile.get(c.consent_attribute)
+            if consent is None or consent.type != "bool":
+                out.append(
+                    f"{name}: consent_attribute {c.consent_attribute!r} is not a boolean profile attribute "
+                    "of the ingest policy (nobody could ever be counted)"
+                )
             profile_dimensions = schema.breakdown_dimensions()
             for dim in c.breakdowns.allowed:
                 if dim not in profile_dimensions:

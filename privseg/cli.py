@@ -108,8 +108,23 @@ AsOfOpt = Annotated[
 ]
 
 
+SeparatorOpt = Annotated[
+    str | None,
+    typer.Option(help="CSV field separator (default: detected among comma, semicolon, tab and pipe)."),
+]
+EncodingOpt = Annotated[
+    str, typer.Option(help="CSV text encoding: utf-8 (a byte-order mark is fine) or e.g. latin-1.")
+]
+
+
 def _ingest(
-    kind: Kind, files: list[Path], as_json: bool, as_of: datetime | None, mode: Mode = "patch"
+    kind: Kind,
+    files: list[Path],
+    as_json: bool,
+    as_of: datetime | None,
+    separator: str | None,
+    encoding: str,
+    mode: Mode = "patch",
 ) -> None:
     dep = _deployment()
     if as_of is not None and as_of.tzinfo is None:
@@ -123,6 +138,8 @@ def _ingest(
         now=as_of,
         max_decompressed_bytes=dep.settings.max_decompressed_bytes,
         mode=mode,
+        separator=separator.replace("\\t", "\t") if separator else None,
+        encoding=encoding,
     )
     _emit([asdict(r) for r in results], as_json, "\n".join(r.message for r in results))
 
@@ -138,18 +155,27 @@ def ingest_profiles(
         ),
     ] = "patch",
     as_of: AsOfOpt = None,
+    separator: SeparatorOpt = None,
+    encoding: EncodingOpt = "utf-8",
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest customer profiles: per person and per column, the latest batch wins."""
     if mode not in ("patch", "replace"):
         raise InvalidInput("--mode must be patch or replace")
-    _ingest("profiles", files, as_json, as_of, "replace" if mode == "replace" else "patch")
+    how: Mode = "replace" if mode == "replace" else "patch"
+    _ingest("profiles", files, as_json, as_of, separator, encoding, how)
 
 
 @ingest_app.command("events")
-def ingest_events(files: Files, as_of: AsOfOpt = None, as_json: JsonOpt = False) -> None:
+def ingest_events(
+    files: Files,
+    as_of: AsOfOpt = None,
+    separator: SeparatorOpt = None,
+    encoding: EncodingOpt = "utf-8",
+    as_json: JsonOpt = False,
+) -> None:
     """Ingest behavioural events (events past retention, counted from --as-of, are dropped)."""
-    _ingest("events", files, as_json, as_of)
+    _ingest("events", files, as_json, as_of, separator, encoding)
 
 
 @store_app.command("status")

@@ -36,7 +36,7 @@ from privseg.ingest_policy import (
 )
 from privseg.keyset import Keyset
 from privseg.pseudonym import Pseudonymizer, normalize_expr
-from privseg.sources import DEFAULT_MAX_DECOMPRESSED, column_label, read_source
+from privseg.sources import DEFAULT_MAX_DECOMPRESSED, check_encoding, column_label, read_source
 from privseg.store import Batch, Kind, NewBatch, Store
 
 log = logging.getLogger(__name__)
@@ -410,15 +410,19 @@ def ingest_files(
     now: datetime | None = None,
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
     mode: Mode = "patch",
+    separator: str | None = None,
+    encoding: str = "utf-8",
 ) -> list[IngestResult]:
     """Ingest files as batches of ``kind``: all of them, or (on any error) none of them.
 
     ``now`` (default: the current time) is the reference time for retention and ages, so historical
     exports can be loaded as of their own time. A file that would store nothing (every event past
     retention) is an error, so that nothing is recorded and the same file can be loaded later with
-    another reference time or policy. ``mode`` applies to profiles (see :func:`transform`)."""
+    another reference time or policy. ``mode`` applies to profiles (see :func:`transform`);
+    ``separator`` and ``encoding`` to CSV (see :func:`privseg.sources.read_source`)."""
     if not paths:
         raise InvalidInput("no files given")
+    encoding = check_encoding(encoding)
     now = now or datetime.now(UTC)
     version = store.bind(keyset=keyset, id_type=policy.identity.type.value)
     pseudonymizer = Pseudonymizer(keyset, policy.identity.type, version)
@@ -448,7 +452,13 @@ def ingest_files(
             replaces = tuple(store.lineage(kind, source)) if kind == "events" and source else ()
             if replaces:
                 _refuse_replay_after_erasure(store, kind, source, path.name)
-            raw = read_source(path, list_columns=list_columns, max_decompressed_bytes=max_decompressed_bytes)
+            raw = read_source(
+                path,
+                list_columns=list_columns,
+                max_decompressed_bytes=max_decompressed_bytes,
+                separator=separator,
+                encoding=encoding,
+            )
             df, result = transform(
                 raw,
                 kind=kind,

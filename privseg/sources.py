@@ -3,6 +3,7 @@ the file and line but never quote the data."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -51,18 +52,66 @@ def detect_format(path: Path) -> Format:
     raise InvalidInput(f"{path.name}: unknown file type; use .csv, .csv.gz, .parquet, .ndjson or .jsonl")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+SEPARATORS = (",", ";", "\t", "|")
+_SNIFF_LINES = 50
+
+
+def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
     with open(path, "rb") as fh:
         magic = fh.read(2)
     raw = gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+    # utf-8-sig: exports from spreadsheet tools often start with a byte-order mark.
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    return io.TextIOWrapper(raw, encoding=codec, errors="strict", newline="")
 
 
-def _first_problem_csv(path: Path) -> str:
+def _label(encoding: str) -> str:
+    return "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+def check_encoding(encoding: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise InvalidInput(f"encoding: unknown text encoding {encoding!r} (e.g. utf-8, latin-1)") from None
+
+
+def sniff_separator(path: Path, encoding: str = "utf-8") -> str:
+    """The separator of a CSV: the candidate (comma, semicolon, tab, pipe) that splits the header into
+    the most fields; on a tie, the one that splits the first lines consistently. A header with none of
+    them is one column (comma). Ragged lines are the parser's to report, with their line numbers."""
+    try:
+        with _open_text(path, encoding) as fh:
+            lines = [line for _, line in zip(range(_SNIFF_LINES), fh, strict=False)]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{path.name}: not {_label(encoding)} text (binary data or another encoding; see --encoding)"
+        ) from None
+    except (OSError, EOFError, gzip.BadGzipFile):
+        raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
+    if not lines:
+        return ","
+    widths = {sep: len(next(csv.reader([lines[0]], delimiter=sep), [])) for sep in SEPARATORS}
+    best = max(widths.values())
+    tied = [sep for sep in SEPARATORS if widths[sep] == best]
+    if best <= 1 or len(tied) == 1:
+        return tied[0] if best > 1 else ","
+    body = lines[1:-1] if len(lines) == _SNIFF_LINES else lines[1:]  # the last line may be cut short
+    consistent = [sep for sep in tied if all(len(r) == best for r in csv.reader(body, delimiter=sep) if r)]
+    if len(consistent) == 1:
+        return consistent[0]
+    names = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+    raise InvalidInput(
+        f"{path.name}: cannot tell the separator: the header splits into {best} fields on "
+        f"{' and on '.join(names[s] for s in tied)}; give it with --separator"
+    )
+
+
+def _first_problem_csv(path: Path, separator: str, encoding: str) -> str:
     """Find the first structurally bad line of a CSV: the error path only, so speed does not matter."""
     try:
-        with _open_text(path) as fh:
-            reader = csv.reader(fh)
+        with _open_text(path, encoding) as fh:
+            reader = csv.reader(fh, delimiter=separator)
             width = None
             for row in reader:
                 if width is None:
@@ -70,7 +119,7 @@ def _first_problem_csv(path: Path) -> str:
                 elif row and len(row) != width:
                     return f"line {reader.line_num}: expected {width} fields, found {len(row)}"
     except UnicodeDecodeError:
-        return "not UTF-8 text (binary data or another encoding)"
+        return f"not {_label(encoding)} text (binary data or another encoding; see --encoding)"
     except (OSError, EOFError, gzip.BadGzipFile):
         return "the gzip stream is corrupt or truncated"
     except csv.Error as exc:
@@ -78,12 +127,14 @@ def _first_problem_csv(path: Path) -> str:
     return "could not be parsed as CSV"
 
 
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(path: Path, separator: str, encoding: str) -> list[str]:
     try:
-        with _open_text(path) as fh:
-            header = next(csv.reader(fh), None)
+        with _open_text(path, encoding) as fh:
+            header = next(csv.reader(fh, delimiter=separator), None)
     except UnicodeDecodeError:
-        raise InvalidInput(f"{path.name}: not UTF-8 text (binary data or another encoding)") from None
+        raise InvalidInput(
+            f"{path.name}: not {_label(encoding)} text (binary data or another encoding; see --encoding)"
+        ) from None
     except (OSError, EOFError, gzip.BadGzipFile):
         raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
     except csv.Error as exc:
@@ -124,12 +175,29 @@ def _check_gzip(path: Path, max_bytes: int) -> None:
         raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
 
 
-def _read_csv(path: Path) -> pl.DataFrame:
-    _check_names(path, _csv_header(path))
+def _read_csv(path: Path, separator: str | None, encoding: str) -> pl.DataFrame:
+    if separator is None:
+        separator = sniff_separator(path, encoding)
+    elif len(separator) != 1:
+        raise InvalidInput("separator: expected one character (e.g. ';' or a tab)")
+    _check_names(path, _csv_header(path, separator, encoding))
+    utf8 = codecs.lookup(encoding).name == "utf-8"
     try:
-        return pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
-    except (pl.exceptions.PolarsError, OSError):
-        raise InvalidInput(f"{path.name}: {_first_problem_csv(path)}") from None
+        if utf8:
+            return pl.read_csv(
+                path, separator=separator, infer_schema=False, missing_utf8_is_empty_string=False
+            )
+        # Another encoding: decode strictly here (Polars' own decoding would not say where it failed).
+        with _open_text(path, encoding) as fh:
+            text = fh.read()
+        return pl.read_csv(
+            io.BytesIO(text.encode("utf-8")),
+            separator=separator,
+            infer_schema=False,
+            missing_utf8_is_empty_string=False,
+        )
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError):
+        raise InvalidInput(f"{path.name}: {_first_problem_csv(path, separator, encoding)}") from None
 
 
 def _first_problem_ndjson(path: Path) -> str:
@@ -213,14 +281,20 @@ def read_source(
     *,
     list_columns: frozenset[str] = frozenset(),
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED,
+    separator: str | None = None,
+    encoding: str = "utf-8",
 ) -> pl.DataFrame:
-    """Read a source file into a frame of text columns (``list_columns`` may be lists of text)."""
+    """Read a source file into a frame of text columns (``list_columns`` may be lists of text).
+
+    CSV: ``separator`` None is sniffed (comma, semicolon, tab, pipe); ``encoding`` is the text
+    encoding (UTF-8 with or without a byte-order mark by default; e.g. latin-1 for older exports)."""
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     fmt = detect_format(path)
+    encoding = check_encoding(encoding)
     _check_gzip(path, max_decompressed_bytes)
     if fmt == "csv":
-        df = _read_csv(path)
+        df = _read_csv(path, separator, encoding)
     elif fmt == "ndjson":
         df = _as_text(_read_ndjson(path, list_columns), list_columns, path.name)
     else:

@@ -235,3 +235,54 @@ def test_a_file_stored_before_an_erasure_is_not_replayed_under_a_new_policy(
     events = longer.store.scan_events()
     assert events is not None and events.collect().height == 1
     longer.close()
+
+
+# -- what real exports look like ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, data, kw",
+    [
+        (
+            "semicolon_bom.csv",
+            "\ufeffcustomer_id;gender;consent_marketing\nC1;female;true\nC2;male;false\n",
+            {},
+        ),
+        ("tab.csv", "customer_id\tgender\tconsent_marketing\nC1\tfemale\ttrue\nC2\tmale\tfalse\n", {}),
+        ("pipe.csv", "customer_id|gender|consent_marketing\nC1|female|true\nC2|male|false\n", {}),
+        (
+            "given.csv",
+            "customer_id;gender;consent_marketing\nC1;female;true\nC2;male;false\n",
+            {"separator": ";"},
+        ),
+    ],
+)
+def test_separators_are_detected_or_given(
+    dep: Deployment, tmp_path: Path, name: str, data: str, kw: dict[str, str]
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data.encode("utf-8"))
+    (r,) = ingest(dep, "profiles", path, **kw)
+    assert r.rows == 2
+    got = profiles_by_id(dep)
+    assert got["C1"]["gender"] == "female" and got["C2"]["consent_marketing"] is False
+
+
+def test_a_latin1_export_needs_its_encoding_and_is_then_read(dep: Deployment, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    # A Latin-1 byte (é) in the identifier: read as UTF-8 it is invalid, as Latin-1 it is the id.
+    path.write_bytes("customer_id;gender\nCé1;female\n".encode("latin-1"))
+    with pytest.raises(InvalidInput, match=r"latin1.csv: not UTF-8 text .*see --encoding"):
+        ingest(dep, "profiles", path)
+    (r,) = ingest(dep, "profiles", path, encoding="latin-1")
+    assert r.rows == 1 and "Cé1" in profiles_by_id(dep)
+    with pytest.raises(InvalidInput, match="unknown text encoding"):
+        ingest(dep, "profiles", path, encoding="klingon")
+
+
+def test_an_undetectable_layout_is_a_clear_error(dep: Deployment, tmp_path: Path) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text("customer_id;gender,x\nC1;a,b;c\nC2|d\n")
+    with pytest.raises(
+        InvalidInput, match=r"ragged.csv: cannot tell the separator: .* comma and on semicolon"
+    ):
+        ingest(dep, "profiles", path)
+    assert dep.store.batches() == []

@@ -138,3 +138,20 @@ def test_each_new_policy_set_is_audited_once(dep: Deployment, tmp_path: Path) ->
     loads = [e for e in audit.entries(dep.store.conn, limit=1000) if e.event == "policy_load"]
     assert len(loads) == 2 and loads[1].details["policy_hash"] == changed.categories.content_hash
     changed.close()
+
+
+def test_a_consent_attribute_that_is_not_a_boolean_is_a_finding(tmp_path: Path) -> None:
+    import shutil
+
+    from privseg.ingest_policy import load_ingest_policy
+    from privseg.schema import Schema
+
+    folder = tmp_path / "policies"
+    shutil.copytree(POLICIES, folder)
+    cannabis = folder / "categories" / "cannabis.yaml"
+    cannabis.write_text(
+        cannabis.read_text().replace("consent_attribute: consent_sensitive", "consent_attribute: gender")
+    )
+    schema = Schema.from_ingest_policy(load_ingest_policy(folder / "ingest.yaml"))
+    found = findings(read_categories(folder), schema)
+    assert "cannabis: consent_attribute 'gender' is not a boolean profile attribute" in "\n".join(found)

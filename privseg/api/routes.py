@@ -23,7 +23,7 @@ from privseg.ingest import ingest_files
 from privseg.maintenance import erase_subject
 from privseg.release_plan import Measure
 from privseg.segments import definitions, engine
-from privseg.sources import detect_format
+from privseg.sources import check_encoding, detect_format
 from privseg.uploads import upload_folder, upload_name
 
 router = APIRouter(prefix="/v1")
@@ -75,12 +75,17 @@ async def ingest(
     as_of: Annotated[
         datetime | None, Query(description="Reference time for retention and ages (default now).")
     ] = None,
+    separator: Annotated[
+        str | None, Query(max_length=1, description="CSV separator (default: detected).")
+    ] = None,
+    encoding: Annotated[str, Query(max_length=32, description="CSV text encoding.")] = "utf-8",
 ) -> list[dict[str, Any]]:
     """Upload one batch as the raw request body. It is streamed to a private temporary file (never
     held in memory), validated and stored all-or-nothing; the snapshot is recomputed in the background."""
     name = upload_name(filename)
     if kind == "events" and mode != "patch":
         raise InvalidInput("mode: replace applies to profiles only")
+    check_encoding(encoding)  # before the body is read
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
     detect_format(Path(name))  # refuse an unknown format before reading the body
@@ -109,6 +114,8 @@ async def ingest(
             now=as_of,
             max_decompressed_bytes=dep.settings.max_decompressed_bytes,
             mode=mode,
+            separator=separator,
+            encoding=encoding,
         )
     if any(r.stored for r in results):
         background.add_task(_recompute, request.app.state.deployment)
