@@ -141,8 +141,6 @@ def test_each_new_policy_set_is_audited_once(dep: Deployment, tmp_path: Path) ->
 
 
 def test_a_consent_attribute_that_is_not_a_boolean_is_a_finding(tmp_path: Path) -> None:
-    import shutil
-
     from privseg.ingest_policy import load_ingest_policy
     from privseg.schema import Schema
 
