@@ -31,6 +31,7 @@ from privseg.ingest_policy import (
     IngestPolicy,
     IntAttr,
     ListAttr,
+    NumberBandRule,
     RegionRule,
     StringAttr,
 )
@@ -172,7 +173,8 @@ def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: _Che
         checks.add(pl.col(name).is_not_null(), name, "expected a single value, found a list")
         out = pl.lit(None, dtype=_dtype(spec))
     elif isinstance(spec, CategoryAttr):
-        out = _text(name)
+        folded = {raw: value for value, raws in spec.fold.items() for raw in raws}
+        out = _text(name).replace(folded) if folded else _text(name)
         checks.add(
             typed.is_not_null() & ~typed.is_in(list(spec.values)), name, f"not one of {list(spec.values)}"
         )
@@ -185,15 +187,26 @@ def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: _Che
         checks.add(given & typed.is_null(), name, "not a date in YYYY-MM-DD form")
     elif isinstance(spec, FloatAttr | IntAttr):
         is_float = isinstance(spec, FloatAttr)
-        out = _text(name).cast(pl.Float64 if is_float else pl.Int64, strict=False)
-        unparsed = given & typed.is_null()
+        out = number = _text(name).cast(pl.Float64 if is_float else pl.Int64, strict=False)
+        # On the number as read, not the stored value (which out_of_range may have made unknown).
+        unparsed = given & number.is_null()
         if is_float:
-            unparsed = unparsed | ~typed.is_finite()
+            unparsed = unparsed | ~number.is_finite()
         checks.add(unparsed, name, f"not a {'number' if is_float else 'whole number'}")
-        if spec.min is not None:
-            checks.add(typed < spec.min, name, f"below the minimum {spec.min}")
-        if spec.max is not None:
-            checks.add(typed > spec.max, name, f"above the maximum {spec.max}")
+        if spec.out_of_range == "clip":
+            out = out.clip(spec.min, spec.max)
+        elif spec.out_of_range == "unknown":
+            outside = pl.lit(False)
+            if spec.min is not None:
+                outside = outside | (out < spec.min)
+            if spec.max is not None:
+                outside = outside | (out > spec.max)
+            out = pl.when(outside.fill_null(False)).then(None).otherwise(out)
+        else:
+            if spec.min is not None:
+                checks.add(typed < spec.min, name, f"below the minimum {spec.min}")
+            if spec.max is not None:
+                checks.add(typed > spec.max, name, f"above the maximum {spec.max}")
     else:
         assert isinstance(spec, StringAttr)
         out = _text(name)
@@ -218,6 +231,10 @@ def _age_band(name: str, rule: AgeBandRule, today: date, checks: _Checks) -> pl.
             today.month * 100 + today.day
         )
         age = (today.year - born.dt.year().cast(pl.Int32)) - later_in_year.cast(pl.Int32)
+    elif rule.from_type == "year":
+        year = text.cast(pl.Int32, strict=False)
+        checks.add(text.is_not_null() & year.is_null(), name, "not a year (four digits)")
+        age = today.year - year  # the age reached this year: at most one year more than the exact age
     else:
         age = text.cast(pl.Int32, strict=False)
         checks.add(text.is_not_null() & age.is_null(), name, "not a whole number of years")
@@ -228,6 +245,17 @@ def _age_band(name: str, rule: AgeBandRule, today: date, checks: _Checks) -> pl.
     for edge, label in reversed(list(zip(rule.edges, labels[:-1], strict=True))):
         band = pl.when(age < edge).then(pl.lit(label)).otherwise(band)
     return pl.when(age >= rule.edges[-1]).then(pl.lit(labels[-1])).otherwise(band)
+
+
+def _number_band(name: str, rule: NumberBandRule, checks: _Checks) -> pl.Expr:
+    """The band of a number on public edges; blank is unknown (null), text that is no number an error."""
+    text = _text(name)
+    value = text.cast(pl.Float64, strict=False)
+    checks.add(text.is_not_null() & (value.is_null() | ~value.is_finite()), name, "not a number")
+    band: pl.Expr = pl.lit(rule.labels[-1])
+    for edge, label in reversed(list(zip(rule.edges, rule.labels[:-1], strict=True))):
+        band = pl.when(value < edge).then(pl.lit(label)).otherwise(band)
+    return pl.when(value.is_null()).then(None).otherwise(band)
 
 
 def _region(name: str, rule: RegionRule, checks: _Checks) -> pl.Expr:
@@ -328,6 +356,8 @@ def transform(
             generalized.append(name)
             if isinstance(rule, AgeBandRule):
                 parsed[name] = _age_band(name, rule, now.date(), checks)
+            elif isinstance(rule, NumberBandRule):
+                parsed[name] = _number_band(name, rule, checks)
             else:
                 parsed[name] = _region(name, rule, checks)
             outputs.append(pl.col(_typed(name)).alias(rule.to))
@@ -346,6 +376,15 @@ def transform(
             outputs.append(pl.col(_typed(name)).alias(name))
         elif not patch:
             outputs.append(pl.lit(None, dtype=_dtype(spec)).alias(name))
+    if kind == "profiles":
+        # Derived attributes, from the parsed sources (a patch carrying only some of them leaves it alone).
+        for name, derived in policy.profiles.derived.items():
+            if all(c in df.columns for c in derived.sum):
+                terms = [pl.col(_typed(c)).cast(pl.Float64) for c in derived.sum]
+                some = pl.any_horizontal(t.is_not_null() for t in terms)
+                outputs.append(pl.when(some).then(pl.sum_horizontal(terms)).alias(name))
+            elif not patch:
+                outputs.append(pl.lit(None, dtype=pl.Float64).alias(name))
     if patch and len(outputs) == 0:
         raise InvalidInput(
             f"{source}: the file carries no profile attribute to update (only the identity column)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from privseg.errors import PolicyError, describe_validation_error
 from privseg.pseudonym import IdType
@@ -29,7 +29,19 @@ class Identity(_Strict):
 class CategoryAttr(_Strict):
     type: Literal["category"]
     values: tuple[str, ...] = Field(min_length=1, description="The public domain of the attribute.")
+    fold: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Domain value -> source values stored as it (e.g. other: [YOLO, Absurd]): rare or odd "
+        "values an export carries, folded into a public value by a declared list, never learned from data.",
+    )
     required: bool = False
+
+    @model_validator(mode="after")
+    def _fold_targets(self) -> CategoryAttr:
+        bad = sorted(set(self.fold) - set(self.values))
+        if bad:
+            raise ValueError(f"fold targets {bad} are not among the values")
+        return self
 
 
 class ListAttr(_Strict):
@@ -49,17 +61,26 @@ class DateAttr(_Strict):
     required: bool = False
 
 
+OutOfRange = Literal["refuse", "clip", "unknown"]
+_OUT_OF_RANGE = (
+    "A value outside [min, max]: refuse (the file is refused, naming the row), clip (to the nearest "
+    "bound) or unknown (stored as missing)."
+)
+
+
 class FloatAttr(_Strict):
     type: Literal["float"]
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(None, description="Smallest accepted value (inclusive).")
+    max: float | None = Field(None, description="Largest accepted value (inclusive).")
+    out_of_range: OutOfRange = Field("refuse", description=_OUT_OF_RANGE)
     required: bool = False
 
 
 class IntAttr(_Strict):
     type: Literal["int"]
-    min: int | None = None
-    max: int | None = None
+    min: int | None = Field(None, description="Smallest accepted value (inclusive).")
+    max: int | None = Field(None, description="Largest accepted value (inclusive).")
+    out_of_range: OutOfRange = Field("refuse", description=_OUT_OF_RANGE)
     required: bool = False
 
 
@@ -77,7 +98,11 @@ Attribute = Annotated[
 
 class AgeBandRule(_Strict):
     to: Literal["age_band"]
-    from_type: Literal["date", "age"] = "date"
+    from_type: Literal["date", "age", "year"] = Field(
+        "date",
+        description="date: a birth date YYYY-MM-DD; age: whole years; year: a birth year (the age reached "
+        "in the reference year, so it can be one year more than the exact age).",
+    )
     edges: tuple[int, ...] = Field(min_length=1, description="Ascending band edges in years.")
 
     @model_validator(mode="after")
@@ -109,13 +134,63 @@ class RegionRule(_Strict):
         return self
 
 
-GeneralizeRule = Annotated[AgeBandRule | RegionRule, Field(discriminator="to")]
+class NumberBandRule(_Strict):
+    """A number replaced by its band on public edges (e.g. income -> income_band); blank -> unknown."""
+
+    to: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="The stored (generalized) attribute.")
+    edges: tuple[float, ...] = Field(min_length=1, description="Ascending band edges.")
+    labels: tuple[str, ...] = Field(
+        description="One label more than edges: below edges[0], [edges[i-1], edges[i]), and edges[-1]+."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> NumberBandRule:
+        if list(self.edges) != sorted(set(self.edges)):
+            raise ValueError("edges must be strictly ascending")
+        if len(self.labels) != len(self.edges) + 1 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"expected {len(self.edges) + 1} distinct labels (one more than the edges)")
+        return self
+
+
+def _rule_kind(value: Any) -> str:
+    to = value.get("to") if isinstance(value, dict) else getattr(value, "to", None)
+    return to if to in ("age_band", "region") else "bands"
+
+
+GeneralizeRule = Annotated[
+    Annotated[AgeBandRule, Tag("age_band")]
+    | Annotated[RegionRule, Tag("region")]
+    | Annotated[NumberBandRule, Tag("bands")],
+    Discriminator(_rule_kind),
+]
+
+
+class DerivedAttr(_Strict):
+    """An attribute computed at ingest from numeric attributes of the same file."""
+
+    sum: tuple[str, ...] = Field(
+        min_length=2,
+        description="Numeric attributes added up; missing ones count as 0, all missing is unknown.",
+    )
 
 
 class ProfilesPolicy(_Strict):
     drop: tuple[str, ...] = ()
     generalize: dict[str, GeneralizeRule] = Field(default_factory=dict)
     attributes: dict[str, Attribute]
+    derived: dict[str, DerivedAttr] = Field(
+        default_factory=dict, description="Attributes computed at ingest (stored as numbers)."
+    )
+
+    @model_validator(mode="after")
+    def _derived_sources(self) -> ProfilesPolicy:
+        for name, rule in self.derived.items():
+            bad = [c for c in rule.sum if not isinstance(self.attributes.get(c), FloatAttr | IntAttr)]
+            if bad:
+                raise ValueError(f"derived {name!r} adds {bad}, which are not int or float attributes")
+            if name in self.attributes or name in {r.to for r in self.generalize.values()}:
+                raise ValueError(f"derived {name!r} has the name of another attribute")
+        return self
 
 
 class EventsPolicy(_Strict):

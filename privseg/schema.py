@@ -21,6 +21,7 @@ from privseg.ingest_policy import (
     IngestPolicy,
     IntAttr,
     ListAttr,
+    NumberBandRule,
     StringAttr,
 )
 
@@ -57,10 +58,14 @@ class Schema:
         for rule in policy.profiles.generalize.values():
             if isinstance(rule, AgeBandRule):
                 profile[rule.to] = FieldType("category", rule.bands())
+            elif isinstance(rule, NumberBandRule):
+                profile[rule.to] = FieldType("category", rule.labels)
             else:
                 profile[rule.to] = FieldType("category", tuple(sorted(set(rule.regions.values()))))
         for name, attr in policy.profiles.attributes.items():
             profile[name] = _field_type(attr)
+        for name in policy.profiles.derived:
+            profile[name] = FieldType("float")
         fields = {n: _field_type(a) for n, a in policy.events.attributes.items() if n != "event_type"}
         et = policy.events.attributes.get("event_type")
         if not isinstance(et, CategoryAttr):

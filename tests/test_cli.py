@@ -24,7 +24,7 @@ def test_ingest_status_erase_and_audit_round_trip(settings: Settings, tmp_path) 
     profiles = write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1"), profile_row("C2")])
     events = write_csv(tmp_path / "e.csv", EVENT_HEADER, [event_row("C1"), event_row("C2"), event_row("C2")])
     out = run_cli(settings, "ingest", "profiles", str(profiles))
-    assert "stored profiles batch 1 (2 rows, 2 people)" in out.stdout
+    assert "stored profiles batch 1 (2 rows, 2 people, patch)" in out.stdout
     out = run_cli(settings, "ingest", "events", str(events), "--json")
     assert json.loads(out.stdout)[0]["rows"] == 3
     assert "already ingested" in run_cli(settings, "ingest", "events", str(events)).stdout

@@ -286,3 +286,121 @@ def test_an_undetectable_layout_is_a_clear_error(dep: Deployment, tmp_path: Path
     ):
         ingest(dep, "profiles", path)
     assert dep.store.batches() == []
+
+
+# -- an export as marketing tools write it ------------------------------------------------------------
+EXPORT_POLICY = """
+version: 1
+identity: {column: ID, type: customer_number}
+retention_days: 3650
+profiles:
+  drop: [Dt_Customer]
+  generalize:
+    Year_Birth: {to: age_band, from_type: year, edges: [18, 25, 35, 45, 55, 65]}
+    Income: {to: income_band, edges: [25000, 50000, 100000], labels: [lt_25k, 25k_50k, 50k_100k, gt_100k]}
+  attributes:
+    Marital_Status:
+      type: category
+      values: [single, married, together, divorced, widow, other]
+      fold: {other: [YOLO, Absurd, Alone]}
+    MntWines: {type: float, min: 0}
+    MntFruits: {type: float, min: 0}
+    NumWebPurchases: {type: int, min: 0, max: 30, out_of_range: clip}
+    NumStorePurchases: {type: int, min: 0, max: 30, out_of_range: unknown}
+    consent_marketing: {type: bool}
+  derived:
+    total_spend: {sum: [MntWines, MntFruits]}
+events:
+  timestamp: ts
+  attributes:
+    event_type: {type: category, values: [purchase], required: true}
+"""
+
+EXPORT = (
+    "ID;Year_Birth;Income;Marital_Status;MntWines;MntFruits;NumWebPurchases;NumStorePurchases;"
+    "consent_marketing;Dt_Customer\n"
+    "5524;1957;58138;single;635;88;8;4;1;2012-09-04\n"
+    "2174;1954;;YOLO;11;;1;2;1;2014-03-08\n"
+    "4141;1965;71613;together;;;99;75;0;2013-08-21\n"
+    "6182;1984;26646;married;11;4;2;4;1;2014-02-10\n"
+)
+
+
+def test_a_marketing_export_goes_in_with_its_own_policy(dep: Deployment, tmp_path: Path) -> None:
+    import yaml
+
+    from privseg.ingest_policy import IngestPolicy
+
+    policy = IngestPolicy.model_validate(yaml.safe_load(EXPORT_POLICY))
+    path = tmp_path / "marketing_campaign.csv"
+    path.write_bytes(("\ufeff" + EXPORT).encode("utf-8"))
+    (r,) = ingest_files(
+        store=dep.store, keyset=dep.keyset, policy=policy, kind="profiles", paths=[path], now=AS_OF
+    )
+    assert r.rows == 4 and r.dropped_columns == ("Dt_Customer",)
+    lf = dep.store.scan_profiles()
+    assert lf is not None
+    p = Pseudonymizer(dep.keyset, policy.identity.type, 1)
+    rows = {p.decrypt(row.pop("pid")): row for row in lf.collect().iter_rows(named=True)}
+    assert rows["5524"]["age_band"] == "65+" and rows["6182"]["age_band"] == "35-44"  # 2026 - year
+    assert rows["5524"]["income_band"] == "50k_100k" and rows["6182"]["income_band"] == "25k_50k"
+    assert rows["2174"]["income_band"] is None  # a blank income is unknown, not an error
+    assert rows["2174"]["Marital_Status"] == "other"  # YOLO folds into the declared value
+    assert rows["4141"]["NumWebPurchases"] == 30 and rows["4141"]["NumStorePurchases"] is None
+    assert rows["5524"]["total_spend"] == 723.0 and rows["2174"]["total_spend"] == 11.0
+    assert rows["4141"]["total_spend"] is None  # every source unknown
+    assert "Dt_Customer" not in lf.collect_schema().names()
+
+
+def test_a_derived_attribute_can_be_used_in_a_segment(tmp_path: Path) -> None:
+    import yaml
+
+    from privseg.ingest_policy import IngestPolicy
+    from privseg.schema import Schema
+    from privseg.segments.compiler import Compiler
+    from privseg.segments.engine import evaluate
+    from privseg.segments.language import Parser
+    from tests.segment_helpers import UNTAGGED
+
+    schema = Schema.from_ingest_policy(IngestPolicy.model_validate(yaml.safe_load(EXPORT_POLICY)))
+    assert schema.profile["total_spend"].type == "float"
+    seg = {
+        "id": "big",
+        "category": "general",
+        "objective": "brand",
+        "where": {"property": {"total_spend": {"gte": 500}}},
+    }
+    compiler = Compiler(
+        schema=schema,
+        categories=UNTAGGED,
+        segments={"big": Parser(schema, set(UNTAGGED.categories)).segment(seg, "t")},
+        traits={},
+    )
+    profiles = pl.DataFrame(
+        {"pid": ["a", "b", "c"], "total_spend": [723.0, 11.0, None], "consent_marketing": [True, True, True]}
+    )
+    out, _ = evaluate(
+        compiler.compile(AS_OF),
+        profiles=profiles,
+        events=pl.DataFrame(
+            schema={"pid": pl.String, "ts": pl.Datetime("us", "UTC"), "event_type": pl.String}
+        ),
+    )
+    assert out.filter(pl.col("big")).get_column("pid").to_list() == ["a"]
+
+
+def test_out_of_range_still_refuses_by_default(dep: Deployment, tmp_path: Path) -> None:
+    import yaml
+
+    from privseg.ingest_policy import IngestPolicy
+
+    doc = yaml.safe_load(EXPORT_POLICY)
+    doc["profiles"]["attributes"]["NumWebPurchases"].pop("out_of_range")
+    policy = IngestPolicy.model_validate(doc)
+    path = tmp_path / "export.csv"
+    path.write_text(EXPORT)
+    with pytest.raises(InvalidInput, match=r"column 'NumWebPurchases', row 3: above the maximum 30"):
+        ingest_files(
+            store=dep.store, keyset=dep.keyset, policy=policy, kind="profiles", paths=[path], now=AS_OF
+        )
+    assert dep.store.batches() == []
