@@ -345,6 +345,33 @@ def policy_check(
     )
 
 
+@policy_app.command("draft")
+def policy_draft(
+    profiles: Annotated[Path, typer.Argument(help="A sample profiles file (CSV, Parquet, NDJSON).")],
+    events: Annotated[Path | None, typer.Option(help="A sample events file.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the draft here (refuses to overwrite).")] = None,
+    separator: SeparatorOpt = None,
+    encoding: EncodingOpt = "utf-8",
+) -> None:
+    """Draft an ingest policy from sample files, every choice commented for review. No value that could
+    single a person out is copied into it."""
+    from privseg.policy_draft import draft
+
+    text = draft(
+        profiles,
+        events,
+        separator=separator.replace("\\t", "\t") if separator else None,
+        encoding=encoding,
+    )
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    if out.exists():
+        raise InvalidInput(f"{out}: exists; refusing to overwrite it")
+    out.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote a draft ingest policy to {out}: review it, then `privseg policy check`")
+
+
 @policy_app.command("diff")
 def policy_diff(old: Path, new: Path) -> None:
     """What got looser or stricter between two policy directories."""

@@ -1,0 +1,71 @@
+"""`privseg policy draft`: a reviewed starting point that ingests its sample and leaks none of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from privseg.deployment import Deployment
+from privseg.ingest import ingest_files
+from privseg.ingest_policy import IngestPolicy
+from privseg.policy_draft import draft
+from tests.conftest import AS_OF, run_cli
+
+
+def test_a_draft_from_the_demo_data_ingests_it_and_drops_every_direct_identifier(
+    dep: Deployment, demo_files
+) -> None:  # type: ignore[no-untyped-def]
+    text = draft(demo_files.customers, demo_files.events)
+    policy = IngestPolicy.model_validate(yaml.safe_load(text))
+    assert policy.identity.column == "customer_id"
+    assert {"email", "phone", "first_name", "last_name", "postal_code"} <= set(policy.profiles.drop)
+    assert "ip_address" in policy.events.drop
+    assert policy.profiles.generalize["birth_date"].to == "age_band"
+    # Nothing of any person is in the draft: no identifier, e-mail, phone, name or birth date.
+    customers = pl.read_csv(demo_files.customers, infer_schema=False)
+    for column in ("customer_id", "email", "phone", "first_name", "last_name", "birth_date", "postal_code"):
+        leaked = [v for v in customers.get_column(column).unique().to_list() if v and f"{v}" in text]
+        assert not leaked, column
+    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
+        (r,) = ingest_files(
+            store=dep.store, keyset=dep.keyset, policy=policy, kind=kind, paths=[path], now=AS_OF
+        )
+        assert r.stored and r.rows > 0
+    stored = dep.store.scan_profiles()
+    assert stored is not None
+    columns = set(stored.collect_schema().names())
+    assert not columns & {"email", "phone", "first_name", "last_name", "postal_code", "birth_date"}
+    assert {"age_band", "gender", "interests", "consent_marketing"} <= columns
+
+
+EXPORT = (
+    "ID;Year_Birth;Education;Income;Kidhome;MntWines;Dt_Customer;Response\n"
+    + "".join(
+        f"{1000 + i};{1950 + i % 40};{['Graduation', 'PhD', 'Master'][i % 3]};"
+        f"{'' if i % 17 == 0 else 20000 + 997 * i};"
+        f"{i % 3};{(i * 37) % 900};{2012 + i % 3}-0{1 + i % 9}-1{i % 9};{i % 2}\n"
+        for i in range(300)
+    )
+    + "1300;1893;YOLO;666666;0;5;2014-01-01;1\n"
+)
+
+
+def test_a_marketing_export_gets_birth_years_and_incomes_generalized(tmp_path: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "marketing_campaign.csv"
+    path.write_text(EXPORT)
+    out = tmp_path / "ingest.yaml"
+    assert "wrote a draft" in run_cli(settings, "policy", "draft", str(path), "--out", str(out)).stdout
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    assert doc["identity"]["column"] == "ID"
+    assert doc["profiles"]["generalize"]["Year_Birth"]["from_type"] == "year"
+    assert doc["profiles"]["generalize"]["Income"]["to"] == "income_band"
+    education = doc["profiles"]["attributes"]["Education"]
+    assert education["values"] == ["Graduation", "Master", "PhD"]  # YOLO (one row) is counted, not named
+    assert "YOLO" not in text and "1893" not in text and "666666" not in text
+    assert "1 rarer value(s) are not listed" in text
+    assert doc["profiles"]["attributes"]["Response"] == {"type": "bool"}
+    refused = run_cli(settings, "policy", "draft", str(path), "--out", str(out), check=False)
+    assert refused.returncode == 2 and "refusing to overwrite" in refused.stderr
