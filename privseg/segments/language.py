@@ -13,7 +13,8 @@ A definition::
 
 Nodes: ``all`` / ``any`` (lists), ``not`` (one node), and leaves:
 
-- ``property: {age_band: {in: [55-64, 65+]}}`` -- one profile attribute and one operator;
+- ``property: {age_band: {in: [55-64, 65+]}}`` -- one profile attribute and one operator; the value
+  may be another attribute of the same person: ``{num_web_purchases: {gt: {attribute: num_store}}}``;
 - ``event: {type, where?, <window>?, count|sum|avg|min|max: {op: value}}`` -- events of a type,
   filtered on event fields, aggregated over a window (default ``count: {gte: 1}``). Sums of no
   events are 0; avg/min/max of no events are unknown, so they satisfy no comparison;
@@ -40,7 +41,7 @@ from typing import Any, Literal
 
 from privseg.errors import InvalidInput
 from privseg.schema import FieldType, Schema
-from privseg.segments.operators import OPERATORS
+from privseg.segments.operators import COMPARABLE, OPERATORS, AttrRef
 
 ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _DURATION_RE = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")
@@ -221,6 +222,7 @@ class Parser:
     def __init__(self, schema: Schema, categories: set[str]) -> None:
         self.schema = schema
         self.categories = categories
+        self._comparing = False
 
     # values -----------------------------------------------------------------------------------
     def _scalar(self, ft: FieldType, value: Any, path: str) -> Any:
@@ -278,9 +280,29 @@ class Parser:
             if lo > hi:
                 raise _fail(vpath, "low is greater than high")
             parsed = (lo, hi)
+        elif isinstance(value, dict) and self._comparing:
+            parsed = self._attribute(field, ft, op, value, vpath)
         else:
             parsed = self._scalar(ft, value, vpath)
         return Cond(field, op, parsed)
+
+    def _attribute(self, field: str, ft: FieldType, op: str, value: dict[str, Any], path: str) -> AttrRef:
+        """``{attribute: other}``: compare with the person's other profile attribute."""
+        spec = _mapping(value, path, {"attribute"}, {"attribute"})
+        other = spec["attribute"]
+        oft = self.schema.profile.get(other) if isinstance(other, str) else None
+        if oft is None:
+            raise _fail(
+                f"{path}.attribute", f"unknown profile attribute; known: {sorted(self.schema.profile)}"
+            )
+        if op not in COMPARABLE:
+            raise _fail(path, f"only {sorted(COMPARABLE)} compare two attributes")
+        numeric = {"int", "float"}
+        if not ({ft.type, oft.type} <= numeric or (ft.type == oft.type and ft.type in ("date", "category"))):
+            raise _fail(path, f"cannot compare {ft.type} {field!r} with {oft.type} {other!r}")
+        if ft.type == "category" and set(ft.values or ()) != set(oft.values or ()):
+            raise _fail(path, f"{field!r} and {other!r} have different domains: they are never equal")
+        return AttrRef(other)
 
     def _window(self, spec: dict[str, Any], path: str) -> Window:
         keys = {k for k in ("last", "between", "from", "to") if k in spec}
@@ -356,7 +378,11 @@ class Parser:
                 raise _fail(
                     f"{here}.{field}", f"unknown profile attribute; known: {sorted(self.schema.profile)}"
                 )
-            return PropertyLeaf(self.cond(field, ft, spec, f"{here}.{field}"))
+            self._comparing = True  # only profile properties may name another attribute
+            try:
+                return PropertyLeaf(self.cond(field, ft, spec, f"{here}.{field}"))
+            finally:
+                self._comparing = False
         if key == "event":
             spec = _mapping(
                 body, here, {"type", "where", "last", "between", "from", "to", *MEASURES}, {"type"}

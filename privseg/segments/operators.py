@@ -24,9 +24,22 @@ class Operator:
     words: Callable[[str, Any], str]
 
 
+@dataclass(frozen=True)
+class AttrRef:
+    """The value of another profile attribute of the same person, in place of a constant
+    (``{gt: {attribute: num_store_purchases}}``)."""
+
+    name: str
+
+
+COMPARABLE = frozenset({"eq", "neq", "gt", "gte", "lt", "lte"})  # the operators that take an AttrRef
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, list | tuple):
         return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, AttrRef):
+        return f"their {v.name}"
     return str(v)
 
 
@@ -88,5 +101,7 @@ OPERATORS: dict[str, Operator] = {
 
 def build(op: str, column: pl.Expr, value: Any) -> pl.Expr:
     """The leaf's boolean expression. A missing value satisfies no comparison (only ``is_null``), so
-    null becomes false here and ``not`` of a leaf is exactly its complement."""
-    return OPERATORS[op].build(column, value).fill_null(False)
+    null becomes false here and ``not`` of a leaf is exactly its complement. An :class:`AttrRef`
+    compares with the person's other attribute (unknown on either side: false)."""
+    operand = pl.col(value.name) if isinstance(value, AttrRef) else value
+    return OPERATORS[op].build(column, operand).fill_null(False)

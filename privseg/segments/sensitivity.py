@@ -30,6 +30,7 @@ from privseg.category_policy import CategorySet
 from privseg.schema import FieldType, Schema
 from privseg.segments import operators
 from privseg.segments.language import Cond, Step
+from privseg.segments.operators import AttrRef
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ class SensitivityIndex:
                     self.event_values[field][v].add(name)
 
     def property_reads(self, cond: Cond, path: str) -> list[Taint]:
+        if isinstance(cond.value, AttrRef):
+            # Comparing two attributes reads every value of both.
+            return self.dimension_reads(cond.field, path) + self.dimension_reads(cond.value.name, path)
+        return self._value_reads(cond, path)
+
+    def _value_reads(self, cond: Cond, path: str) -> list[Taint]:
         out = [
             Taint(c, path, f"profile attribute {cond.field}")
             for c in sorted(self.attributes.get(cond.field, ()))
