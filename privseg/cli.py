@@ -421,9 +421,28 @@ def segments_retire(
 
 
 @segments_app.command("examples")
-def segments_examples() -> None:
-    """Print the paths of the shipped example definitions (traits first)."""
-    typer.echo(f"{demo.EXAMPLES / 'traits.yaml'} {demo.EXAMPLES / 'segments.yaml'}")
+def segments_examples(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Apply them (traits and segments as one set).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the paths of the shipped example definitions (traits first), or apply them as one set."""
+    files = [demo.EXAMPLES / "traits.yaml", demo.EXAMPLES / "segments.yaml"]
+    if not apply:
+        typer.echo(" ".join(str(f) for f in files))
+        return
+    dep = _deployment()
+    results = definitions.apply(
+        dep.store.conn,
+        dep.keyset,
+        files,
+        schema=dep.schema,
+        categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
+    )
+    text = "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
+    _emit([asdict(r) for r in results], as_json, text)
 
 
 @segments_app.command("list")

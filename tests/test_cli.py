@@ -162,3 +162,17 @@ def test_reidentification_is_cli_only_needs_a_reason_and_is_audited(settings: Se
     # Never over HTTP: no route of the API leads there.
     paths = create_app(Deployment(settings)).openapi()["paths"]
     assert not [p for p in paths if "ident" in p or "decrypt" in p]
+
+
+def test_the_examples_apply_as_one_set_and_a_lone_segments_file_says_why(settings: Settings) -> None:
+    from privseg.keyset import create_keyset
+
+    create_keyset(settings.keyset, "test")
+    _traits, segments = run_cli(settings, "segments", "examples").stdout.split()
+    alone = run_cli(settings, "segments", "apply", segments, check=False)
+    assert alone.returncode == 2
+    assert "unknown trait 'rfm_recency'" in alone.stderr and "traits.yaml" in alone.stderr
+    applied = run_cli(settings, "segments", "examples", "--apply").stdout
+    assert (
+        "trait rfm_recency: created (v1)" in applied and "segment cart_abandoners_7d: created (v1)" in applied
+    )

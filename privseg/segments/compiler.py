@@ -228,9 +228,7 @@ class Compiler:
             case TraitLeaf():
                 trait = self.traits.get(node.name)
                 if trait is None:
-                    raise DefinitionError(
-                        f"{path}.trait: unknown trait {node.name!r}; known: {sorted(self.traits)}"
-                    )
+                    raise DefinitionError(_unknown_trait(path, node.name, self.traits))
                 return idx.step_reads(trait.source.step, f"{path}.trait.{node.name} (source)")
             case SegmentRef():
                 if node.id not in self.defs:
@@ -304,9 +302,7 @@ class Compiler:
         if isinstance(node, TraitLeaf):
             trait = self.traits.get(node.name)
             if trait is None:
-                raise DefinitionError(
-                    f"{path}.trait: unknown trait {node.name!r}; known: {sorted(self.traits)}"
-                )
+                raise DefinitionError(_unknown_trait(path, node.name, self.traits))
             return operators.build(node.op, self.trait_score(trait, plan), node.value)
         if isinstance(node, SegmentRef):
             if node.id not in self.defs:
@@ -342,6 +338,14 @@ class Compiler:
         consents = " and ".join(f"{c} is true" for c in self.consent_attributes(sid))
         lines.append(f"  and has consented: {consents}.")
         return "\n".join(lines)
+
+
+def _unknown_trait(path: str, name: str, known: dict[str, TraitDef]) -> str:
+    return (
+        f"{path}.trait: unknown trait {name!r}; known: {sorted(known)}. Traits are defined in a `traits:` "
+        "list: apply the file that defines it in the same call or before (the shipped RFM traits are in "
+        "traits.yaml; `privseg segments examples --apply` applies the examples as one set)"
+    )
 
 
 def _references(node: Node) -> set[str]:
