@@ -68,26 +68,28 @@ def keys_init(
 
 
 @keys_app.command("rotate")
-def keys_rotate() -> None:
+def keys_rotate(as_json: JsonOpt = False) -> None:
     """Add a pseudonym key version and re-pseudonymize the whole store with it (atomically)."""
     dep = _deployment()
     result = maintenance.rotate_keys(
         store=dep.store, keyset_path=dep.settings.keyset, policy=dep.ingest_policy
     )
     how = "finished an interrupted rotation" if result.resumed else "rotated"
-    typer.echo(
+    text = (
         f"{how}: pseudonyms now use key version {result.to_version} "
         f"({result.batches_rewritten} batches rewritten)"
     )
+    _emit(asdict(result), as_json, text)
 
 
 @keys_app.command("retire")
-def keys_retire() -> None:
+def keys_retire(as_json: JsonOpt = False) -> None:
     """Delete old pseudonym key versions that no batch or kept snapshot uses any more (after a
     completed rotation). The audit key is not rotated: the log's chain is verified with it."""
     dep = _deployment()
     retired = maintenance.retire_keys(store=dep.store, keyset_path=dep.settings.keyset)
-    typer.echo(f"retired key versions {retired}" if retired else "no unused key versions to retire")
+    text = f"retired key versions {retired}" if retired else "no unused key versions to retire"
+    _emit({"retired": retired}, as_json, text)
 
 
 @keys_app.command("status")
@@ -202,6 +204,7 @@ def erase(
             "(keeps it out of shell history and the process list).",
         ),
     ],
+    as_json: JsonOpt = False,
 ) -> None:
     """Erase a data subject from every batch. The audit log records the erasure, not the person."""
     if raw_id == "-":
@@ -210,14 +213,14 @@ def erase(
     result = maintenance.erase_subject(
         store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, raw_id=raw_id
     )
-    if result.found:
-        typer.echo(
-            f"erased: {result.profile_rows} profile rows and {result.event_rows} event rows "
-            f"from {result.batches_rewritten} batches, and the person from "
-            f"{result.snapshots_rewritten} snapshot(s)"
-        )
-    else:
-        typer.echo("no data for that identifier; nothing erased")
+    text = (
+        f"erased: {result.profile_rows} profile rows and {result.event_rows} event rows "
+        f"from {result.batches_rewritten} batches, and the person from "
+        f"{result.snapshots_rewritten} snapshot(s)"
+        if result.found
+        else "no data for that identifier; nothing erased"
+    )
+    _emit({**asdict(result), "found": result.found}, as_json, text)
 
 
 @app.command("reidentify")
@@ -260,10 +263,15 @@ def demo_cmd(
     data: Annotated[
         Path | None, typer.Option(help="Directory with customers.csv and events.csv (default: generate).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline on embedded defaults: keys, demo data, ingestion, segments, summary."""
     dep = _deployment()
-    for line in demo.run(dep, customers=customers, seed=seed, data_dir=data):
+    lines = demo.run(dep, customers=customers, seed=seed, data_dir=data)
+    if as_json:
+        _emit({"steps": list(lines)}, as_json)
+        return
+    for line in lines:
         typer.echo(line)
 
 
@@ -324,6 +332,7 @@ def policy_check(
     directory: Annotated[
         Path | None, typer.Argument(help="Policy directory (default: PRIVSEG_POLICY_DIR).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Validate the whole policy set and explain every finding. Exit 1 if the set would be refused."""
     from privseg.category_policy import findings, read_categories
@@ -332,17 +341,18 @@ def policy_check(
 
     policy_dir = directory or Settings().policy_dir
     schema = Schema.from_ingest_policy(load_ingest_policy(policy_dir / "ingest.yaml"))
-    typer.echo(f"{policy_dir / 'ingest.yaml'}: OK")
     cats = read_categories(policy_dir)
     problems = findings(cats, schema)
-    if problems:
-        typer.echo(f"{policy_dir / 'categories'}: {len(problems)} finding(s); this policy set is refused:")
-        for p in problems:
-            typer.echo(f"  - {p}")
-        raise typer.Exit(1)
-    typer.echo(
-        f"{policy_dir / 'categories'}: OK, {len(cats.categories)} categories, policy hash {cats.content_hash}"
+    folder = policy_dir / "categories"
+    text = f"{policy_dir / 'ingest.yaml'}: OK\n" + (
+        f"{folder}: {len(problems)} finding(s); this policy set is refused:\n"
+        + "\n".join(f"  - {p}" for p in problems)
+        if problems
+        else f"{folder}: OK, {len(cats.categories)} categories, policy hash {cats.content_hash}"
     )
+    _emit({"ok": not problems, "findings": problems, "policy_hash": cats.content_hash}, as_json, text)
+    if problems:
+        raise typer.Exit(1)
 
 
 @policy_app.command("draft")
@@ -373,12 +383,13 @@ def policy_draft(
 
 
 @policy_app.command("diff")
-def policy_diff(old: Path, new: Path) -> None:
+def policy_diff(old: Path, new: Path, as_json: JsonOpt = False) -> None:
     """What got looser or stricter between two policy directories."""
     from privseg.category_policy import diff, read_categories
 
     changes = diff(read_categories(old), read_categories(new))
-    typer.echo("\n".join(changes) if changes else "no differences in category policies")
+    text = "\n".join(changes) if changes else "no differences in category policies"
+    _emit({"changes": changes, "looser": [c for c in changes if "LOOSER" in c]}, as_json, text)
 
 
 @segments_app.command("apply")
@@ -481,12 +492,20 @@ def segments_show(
 
 
 @segments_app.command("explain")
-def segments_explain(segment_id: str) -> None:
-    """What a segment means, in words."""
+def segments_explain(segment_id: str, as_json: JsonOpt = False) -> None:
+    """What a segment means, in words, and why its category is what it is."""
     compiler = _deployment().compiler()
     if segment_id not in compiler.defs:
         raise NotFound(f"no active segment {segment_id!r}")
-    typer.echo(compiler.explain(segment_id))
+    text = compiler.explain(segment_id)
+    eff = compiler.effective(segment_id)
+    info = {
+        "segment": segment_id,
+        "categories": list(eff.categories),
+        "because": [t.describe() for t in eff.taints],
+        "explanation": text,
+    }
+    _emit(info, as_json, text)
 
 
 @segments_app.command("compute")
@@ -663,14 +682,15 @@ def apikey_create(
     role: Annotated[str, typer.Option(help="admin, marketer, compliance or partner.")],
     name: Annotated[str, typer.Option(help="Key name; for marketers, the marketer id releases go to.")],
     partner: Annotated[str | None, typer.Option(help="For partner keys: the partner id.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create an API key. The token is printed once; only a keyed hash is stored."""
     from privseg import apikeys
 
     dep = _deployment()
     key, token = apikeys.create(dep.store.conn, dep.keyset, role=role, name=name, partner=partner)
-    typer.echo(f"API key {key.key_id} ({key.role}, acting as {key.principal!r}); shown once:")
-    typer.echo(token)
+    text = f"API key {key.key_id} ({key.role}, acting as {key.principal!r}); shown once:\n{token}"
+    _emit({**asdict(key), "token": token}, as_json, text)
 
 
 @apikey_app.command("list")
@@ -687,13 +707,13 @@ def apikey_list(as_json: JsonOpt = False) -> None:
 
 
 @apikey_app.command("revoke")
-def apikey_revoke(key_id: int) -> None:
+def apikey_revoke(key_id: int, as_json: JsonOpt = False) -> None:
     """Revoke an API key."""
     from privseg import apikeys
 
     dep = _deployment()
     apikeys.revoke(dep.store.conn, dep.keyset, key_id)
-    typer.echo(f"revoked API key {key_id}")
+    _emit({"revoked": key_id}, as_json, f"revoked API key {key_id}")
 
 
 @app.command("serve")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from typing import Any
 
 from privseg.settings import Settings
 from tests.conftest import EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, run_cli, write_csv
@@ -176,3 +177,27 @@ def test_the_examples_apply_as_one_set_and_a_lone_segments_file_says_why(setting
     assert (
         "trait rfm_recency: created (v1)" in applied and "segment cart_abandoners_7d: created (v1)" in applied
     )
+
+
+def test_every_command_speaks_json(settings: Settings) -> None:
+    run_cli(settings, "demo", "--customers", "300")
+
+    def as_json(*args: str) -> Any:
+        return json.loads(run_cli(settings, *args, "--json").stdout)
+
+    assert as_json("policy", "check")["ok"] is True
+    assert as_json("policy", "diff", str(settings.policy_dir), str(settings.policy_dir)) == {
+        "changes": [],
+        "looser": [],
+    }
+    explained = as_json("segments", "explain", "hearing_aid_interest_55plus")
+    assert explained["categories"] == ["hearing_aids"] and explained["because"]
+    key = as_json("apikey", "create", "--role", "marketer", "--name", "crm_team")
+    assert key["token"].startswith("psk_") and key["role"] == "marketer"
+    assert as_json("apikey", "revoke", str(key["key_id"])) == {"revoked": key["key_id"]}
+    erased = json.loads(run_cli(settings, "erase", "--id", "-", "--json", stdin="C000000001\n").stdout)
+    assert erased["found"] is True and "C000000001" not in json.dumps(erased)
+    assert as_json("keys", "rotate")["to_version"] == 2
+    assert as_json("keys", "retire") == {"retired": [1]}  # store and snapshots moved to version 2
+    steps = as_json("demo", "--customers", "300")["steps"]
+    assert any("nothing generated" in s for s in steps)
