@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +48,18 @@ def _deployment() -> Deployment:
     settings = Settings()
     configure_logging(settings)
     return Deployment(settings)
+
+
+@contextmanager
+def _progress(as_json: bool) -> Iterator[Callable[[str], None]]:
+    """A status line on a terminal (stderr) for long work; nothing when not a TTY or with --json."""
+    if as_json or not sys.stderr.isatty():
+        yield lambda _message: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status("starting") as status:
+        yield lambda message: status.update(message)
 
 
 def _emit(data: Any, as_json: bool, text: str | None = None) -> None:
@@ -131,18 +145,20 @@ def _ingest(
     dep = _deployment()
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
-    results = ingest_files(
-        store=dep.store,
-        keyset=dep.keyset,
-        policy=dep.ingest_policy,
-        kind=kind,
-        paths=files,
-        now=as_of,
-        max_decompressed_bytes=dep.settings.max_decompressed_bytes,
-        mode=mode,
-        separator=separator.replace("\\t", "\t") if separator else None,
-        encoding=encoding,
-    )
+    with _progress(as_json) as progress:
+        results = ingest_files(
+            store=dep.store,
+            keyset=dep.keyset,
+            policy=dep.ingest_policy,
+            kind=kind,
+            paths=files,
+            now=as_of,
+            max_decompressed_bytes=dep.settings.max_decompressed_bytes,
+            mode=mode,
+            separator=separator.replace("\\t", "\t") if separator else None,
+            encoding=encoding,
+            progress=progress,
+        )
     _emit([asdict(r) for r in results], as_json, "\n".join(r.message for r in results))
 
 
@@ -520,9 +536,10 @@ def segments_compute(
     dep = _deployment()
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
-    snap, timings = engine.compute_snapshot(
-        store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of
-    )
+    with _progress(as_json) as progress:
+        snap, timings = engine.compute_snapshot(
+            store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of, progress=progress
+        )
     text = (
         f"snapshot {snap.id}: {len(snap.segments)} segments over {snap.people} people at {snap.as_of} "
         f"({timings['features_count']:.0f} distinct features; "

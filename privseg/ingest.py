@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -451,6 +451,7 @@ def ingest_files(
     mode: Mode = "patch",
     separator: str | None = None,
     encoding: str = "utf-8",
+    progress: Callable[[str], None] = lambda _message: None,
 ) -> list[IngestResult]:
     """Ingest files as batches of ``kind``: all of them, or (on any error) none of them.
 
@@ -491,6 +492,7 @@ def ingest_files(
             replaces = tuple(store.lineage(kind, source)) if kind == "events" and source else ()
             if replaces:
                 _refuse_replay_after_erasure(store, kind, source, path.name)
+            progress(f"{path.name}: reading")
             raw = read_source(
                 path,
                 list_columns=list_columns,
@@ -498,6 +500,7 @@ def ingest_files(
                 separator=separator,
                 encoding=encoding,
             )
+            progress(f"{path.name}: validating and pseudonymizing {raw.height:,} rows")
             df, result = transform(
                 raw,
                 kind=kind,
@@ -517,6 +520,8 @@ def ingest_files(
             item = NewBatch(df, cid, source, result.people, _audit_details(result), replaces)
             staged.append((len(results), item))
             results.append(result)
+        if staged:
+            progress(f"writing {len(staged)} batch(es) of {sum(i.frame.height for _j, i in staged):,} rows")
         batches = store.add_batches(
             kind=kind, items=[item for _i, item in staged], key_version=version, keyset=keyset
         )

@@ -404,3 +404,53 @@ def test_out_of_range_still_refuses_by_default(dep: Deployment, tmp_path: Path) 
             store=dep.store, keyset=dep.keyset, policy=policy, kind="profiles", paths=[path], now=AS_OF
         )
     assert dep.store.batches() == []
+
+
+def test_long_work_reports_its_stages_and_nothing_of_a_person(dep: Deployment, demo_files) -> None:  # type: ignore[no-untyped-def]
+    from privseg.segments import definitions, engine
+
+    messages: list[str] = []
+    for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
+        ingest_files(
+            store=dep.store,
+            keyset=dep.keyset,
+            policy=dep.ingest_policy,
+            kind=kind,  # type: ignore[arg-type]
+            paths=[path],
+            now=AS_OF,
+            progress=messages.append,
+        )
+    assert messages[:3] == [
+        "customers.csv: reading",
+        f"customers.csv: validating and pseudonymizing {demo_files.customer_rows:,} rows",
+        f"writing 1 batch(es) of {demo_files.customer_rows:,} rows",
+    ]
+    definitions.apply_documents(
+        dep.store.conn,
+        dep.keyset,
+        [
+            (
+                "segment",
+                {"id": "all_buyers", "objective": "brand", "where": {"event": {"type": "purchase"}}},
+                "t",
+            )
+        ],
+        schema=dep.schema,
+        categories=dep.categories,
+        actor="admin:cli",
+    )
+    engine.compute_snapshot(
+        store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF, progress=messages.append
+    )
+    assert messages[-3].startswith("loading the store for 1 segments")
+    assert messages[-1].startswith("writing the snapshot (")
+    assert not any("C0000" in m or "@" in m for m in messages)
+
+
+def test_no_progress_is_printed_when_not_on_a_terminal(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from privseg.keyset import create_keyset
+
+    create_keyset(settings.keyset, "test")
+    path = write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1")])
+    out = run_cli(settings, "ingest", "profiles", str(path))
+    assert "reading" not in out.stderr and "pseudonymizing" not in out.stderr

@@ -65,10 +65,20 @@ class Snapshot:
         }
 
 
-def membership(compiler: Compiler, store: Store, as_of: datetime) -> tuple[pl.DataFrame, dict[str, float]]:
+Progress = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def membership(
+    compiler: Compiler, store: Store, as_of: datetime, progress: Progress = _quiet
+) -> tuple[pl.DataFrame, dict[str, float]]:
     """Evaluate every active segment for every person in the store (see :func:`evaluate`)."""
     t0 = time.perf_counter()
     plan = compiler.compile(as_of)
+    progress(f"loading the store for {len(plan.segments)} segments")
     profiles_lf, events_lf = store.scan_profiles(), store.scan_events()
     wanted = plan.profile_columns()
     if profiles_lf is not None:
@@ -89,6 +99,10 @@ def membership(compiler: Compiler, store: Store, as_of: datetime) -> tuple[pl.Da
             schema={"pid": pl.String, "ts": feature_engine.TS_DTYPE, "event_type": pl.String}
         )
     load = time.perf_counter() - t0
+    progress(
+        f"computing {len(plan.features)} features over {events.height:,} events and evaluating "
+        f"{len(plan.segments)} segments for {profiles.height:,}+ people"
+    )
     members, timings = evaluate(plan, profiles=profiles, events=events)
     return members, {"load": load, **timings}
 
@@ -129,14 +143,20 @@ def evaluate(
 
 
 def compute_snapshot(
-    *, store: Store, compiler: Compiler, keyset: Keyset, as_of: datetime | None = None
+    *,
+    store: Store,
+    compiler: Compiler,
+    keyset: Keyset,
+    as_of: datetime | None = None,
+    progress: Progress = _quiet,
 ) -> tuple[Snapshot, dict[str, float]]:
     """Compute and record a snapshot of every active segment at ``as_of`` (default: now, UTC)."""
     as_of = (as_of or datetime.now(UTC)).astimezone(UTC)
     conn = store.conn
     defs = active(conn)
     batches = [b.id for b in store.batches()]
-    members, timings = membership(compiler, store, as_of)
+    members, timings = membership(compiler, store, as_of, progress)
+    progress(f"writing the snapshot ({members.height:,} people x {members.width - 1} segments)")
 
     folder = fsutil.private_dir(store.data_dir / "snapshots")
     seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
