@@ -238,7 +238,11 @@ def _age_band(name: str, rule: AgeBandRule, today: date, checks: _Checks) -> pl.
     else:
         age = text.cast(pl.Int32, strict=False)
         checks.add(text.is_not_null() & age.is_null(), name, "not a whole number of years")
-    checks.add((age < 0) | (age > 120), name, "gives an age outside 0-120 years")
+    outside = (age < 0) | (age > 120)
+    if rule.out_of_range == "unknown":
+        age = pl.when(outside).then(None).otherwise(age)
+    else:
+        checks.add(outside, name, "gives an age outside 0-120 years")
     labels = rule.bands()
     # The first band is "below edge 0", the last "edge -1 and over"; a null age stays null.
     band: pl.Expr = pl.lit(None, dtype=pl.String)

@@ -104,6 +104,11 @@ class AgeBandRule(_Strict):
         "in the reference year, so it can be one year more than the exact age).",
     )
     edges: tuple[int, ...] = Field(min_length=1, description="Ascending band edges in years.")
+    out_of_range: Literal["refuse", "unknown"] = Field(
+        "refuse",
+        description="An age outside 0-120 years (a typo such as a birth year of 1893): refuse the file, "
+        "naming the row, or store the age band as unknown.",
+    )
 
     @model_validator(mode="after")
     def _ascending(self) -> AgeBandRule:

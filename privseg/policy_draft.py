@@ -123,8 +123,11 @@ def _propose(name: str, values: pl.Series, *, events: bool) -> Proposal:
             return Proposal(
                 name,
                 "generalize",
-                "{to: age_band, from_type: year, edges: [18, 25, 35, 45, 55, 65]}",
-                ["birth years: stored only as an age band (the age reached in the reference year)"],
+                "{to: age_band, from_type: year, edges: [18, 25, 35, 45, 55, 65], out_of_range: refuse}",
+                [
+                    "birth years: stored only as an age band (the age reached in the reference year); an",
+                    "impossible age refuses the file (out_of_range: unknown stores it as unknown instead)",
+                ],
             )
         if _INCOME.search(name):
             return Proposal(

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 
 from privseg.deployment import Deployment
+from privseg.errors import InvalidInput
 from privseg.ingest import ingest_files
 from privseg.ingest_policy import IngestPolicy
 from privseg.policy_draft import draft
@@ -69,3 +71,33 @@ def test_a_marketing_export_gets_birth_years_and_incomes_generalized(tmp_path: P
     assert doc["profiles"]["attributes"]["Response"] == {"type": "bool"}
     refused = run_cli(settings, "policy", "draft", str(path), "--out", str(out), check=False)
     assert refused.returncode == 2 and "refusing to overwrite" in refused.stderr
+
+
+def test_draft_then_a_reviewed_edit_then_ingest(dep: Deployment, tmp_path: Path) -> None:
+    """The issue's path: a semicolon export with birth years, blank incomes and an odd value."""
+    path = tmp_path / "marketing_campaign.csv"
+    path.write_bytes(("\ufeff" + EXPORT).encode("utf-8"))
+    doc = yaml.safe_load(draft(path))
+    drafted = IngestPolicy.model_validate(doc)
+    with pytest.raises(InvalidInput) as refused:  # the unreviewed draft refuses the odd row
+        ingest_files(
+            store=dep.store, keyset=dep.keyset, policy=drafted, kind="profiles", paths=[path], now=AS_OF
+        )
+    assert "row 301" in str(refused.value)
+    assert "YOLO" not in str(refused.value) and "1893" not in str(refused.value)
+    # The reviewed edit: fold the odd education into other, make an impossible birth year unknown.
+    education = doc["profiles"]["attributes"]["Education"]
+    education["values"].append("other")
+    education["fold"] = {"other": ["YOLO"]}
+    doc["profiles"]["generalize"]["Year_Birth"]["out_of_range"] = "unknown"
+    reviewed = IngestPolicy.model_validate(doc)
+    (r,) = ingest_files(
+        store=dep.store, keyset=dep.keyset, policy=reviewed, kind="profiles", paths=[path], now=AS_OF
+    )
+    assert r.stored and r.rows == 301
+    stored = dep.store.scan_profiles()
+    assert stored is not None
+    frame = stored.collect()
+    assert frame.filter(pl.col("Education") == "other").height == 1
+    assert frame.get_column("age_band").null_count() == 1  # born 1893: unknown, not refused
+    assert frame.get_column("income_band").null_count() == 18  # the blank incomes: unknown
