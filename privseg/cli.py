@@ -460,16 +460,21 @@ def segments_examples(
         typer.echo(" ".join(str(f) for f in files))
         return
     dep = _deployment()
-    results = definitions.apply(
+    # Examples that read what this deployment's ingest policy lacks are skipped and said so.
+    docs, skipped = definitions.fitting(
+        definitions.read_documents(files), schema=dep.schema, categories=dep.categories
+    )
+    results = definitions.apply_documents(
         dep.store.conn,
         dep.keyset,
-        files,
+        docs,
         schema=dep.schema,
         categories=dep.categories,
         actor=definitions.ADMIN_CLI,
     )
-    text = "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
-    _emit([asdict(r) for r in results], as_json, text)
+    lines = [f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results]
+    lines += [f"skipped {why}" for why in skipped]
+    _emit({"applied": [asdict(r) for r in results], "skipped": skipped}, as_json, "\n".join(lines))
 
 
 @segments_app.command("list")

@@ -201,3 +201,22 @@ def test_every_command_speaks_json(settings: Settings) -> None:
     assert as_json("keys", "retire") == {"retired": [1]}  # store and snapshots moved to version 2
     steps = as_json("demo", "--customers", "300")["steps"]
     assert any("nothing generated" in s for s in steps)
+
+
+def test_examples_a_deployment_cannot_serve_are_skipped_and_said_so(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from privseg.keyset import create_keyset
+
+    policies = tmp_path / "policies"
+    shutil.copytree(settings.policy_dir, policies)
+    ingest_yaml = policies / "ingest.yaml"
+    ingest_yaml.write_text(ingest_yaml.read_text().replace("add_to_cart, ", ""))
+    narrower = settings.model_copy(update={"policy_dir": policies})
+    create_keyset(narrower.keyset, "test")
+    out = json.loads(run_cli(narrower, "segments", "examples", "--apply", "--json").stdout)
+    skipped = "\n".join(out["skipped"])
+    assert "segment cart_abandoners_7d:" in skipped and "unknown event type 'add_to_cart'" in skipped
+    assert "segment spring_test_treatment: uses a definition skipped" in skipped  # references it
+    applied = {r["id"] for r in out["applied"]}
+    assert "frequent_buyers" in applied and "cart_abandoners_7d" not in applied

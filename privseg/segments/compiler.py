@@ -177,8 +177,8 @@ class Compiler:
     def dependents(self, ids: set[str], traits: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
         """``ids``, every segment using one of ``traits``, and every segment that references any of
         those, directly or transitively (their effective categories follow what they use)."""
-        refs = {sid: _references(seg.root) for sid, seg in self.defs.items()}
-        out = set(ids) | {sid for sid, seg in self.defs.items() if _traits(seg.root) & traits}
+        refs = {sid: references(seg.root) for sid, seg in self.defs.items()}
+        out = set(ids) | {sid for sid, seg in self.defs.items() if traits_used(seg.root) & traits}
         while True:
             more = {sid for sid, r in refs.items() if r & out} - out
             if not more:
@@ -348,23 +348,25 @@ def _unknown_trait(path: str, name: str, known: dict[str, TraitDef]) -> str:
     )
 
 
-def _references(node: Node) -> set[str]:
+def references(node: Node) -> set[str]:
+    """The segments a tree references directly."""
     match node:
         case All() | AnyOf():
-            return set().union(*(_references(c) for c in node.children))
+            return set().union(*(references(c) for c in node.children))
         case Not():
-            return _references(node.child)
+            return references(node.child)
         case SegmentRef():
             return {node.id}
     return set()
 
 
-def _traits(node: Node) -> set[str]:
+def traits_used(node: Node) -> set[str]:
+    """The traits a tree uses directly."""
     match node:
         case All() | AnyOf():
-            return set().union(*(_traits(c) for c in node.children))
+            return set().union(*(traits_used(c) for c in node.children))
         case Not():
-            return _traits(node.child)
+            return traits_used(node.child)
         case TraitLeaf():
             return {node.name}
     return set()

@@ -22,7 +22,7 @@ from privseg.db import transaction
 from privseg.errors import Conflict, NotFound, NotPermitted
 from privseg.keyset import Keyset
 from privseg.schema import Schema
-from privseg.segments.compiler import Compiler
+from privseg.segments.compiler import Compiler, references, traits_used
 from privseg.segments.language import DefinitionError, Parser, SegmentDef, TraitDef
 
 DefKind = Literal["segment", "trait"]
@@ -118,6 +118,42 @@ def latest(conn: sqlite3.Connection) -> dict[tuple[DefKind, str], Stored]:
         "ON d.kind = m.kind AND d.id = m.id AND d.version = m.v ORDER BY d.kind, d.id"
     ).fetchall()
     return {(r[0], r[1]): _stored(r) for r in rows}
+
+
+_SCHEMA_GAPS = ("unknown event type", "unknown event field", "unknown profile attribute")
+
+
+def fitting(
+    docs: list[Document], *, schema: Schema, categories: CategorySet
+) -> tuple[list[Document], list[str]]:
+    """The documents this deployment's ingest policy can serve, and why each other one cannot: one
+    that names an event type, event field or attribute the policy lacks, or that uses one skipped."""
+    parser = Parser(schema, set(categories.categories))
+    kept: dict[tuple[DefKind, str], tuple[Document, set[str], set[str]]] = {}
+    skipped: dict[tuple[DefKind, str], str] = {}
+    for kind, doc, where in docs:
+        name = str(doc.get("name" if kind == "trait" else "id", where)) if isinstance(doc, dict) else where
+        try:
+            parsed = parser.trait(doc, where) if kind == "trait" else parser.segment(doc, where)
+        except DefinitionError as exc:
+            if not any(gap in exc.message for gap in _SCHEMA_GAPS):
+                raise  # a broken definition is an error, not a gap of this deployment
+            skipped[(kind, name)] = exc.message
+            continue
+        if isinstance(parsed, SegmentDef):
+            kept[(kind, name)] = ((kind, doc, where), references(parsed.root), traits_used(parsed.root))
+        else:
+            kept[(kind, name)] = ((kind, doc, where), set(), set())
+    while True:
+        gone_segments = {i for k, i in skipped if k == "segment"}
+        gone_traits = {i for k, i in skipped if k == "trait"}
+        users = [key for key, (_d, refs, uses) in kept.items() if refs & gone_segments or uses & gone_traits]
+        if not users:
+            break
+        for key in users:
+            skipped[key] = "uses a definition skipped because this deployment lacks what it reads"
+            del kept[key]
+    return [d for d, _r, _t in kept.values()], [f"{k} {i}: {why}" for (k, i), why in skipped.items()]
 
 
 def active(conn: sqlite3.Connection) -> dict[tuple[DefKind, str], Stored]:
