@@ -249,10 +249,19 @@ def phase_privseg(customers: int, size: int, as_of: str, out: Path) -> dict[str,
     parser = Parser(dep.schema, set(dep.categories.categories))
     segs = {d["id"]: parser.segment(d, d["id"]) for d in definitions(size)}
     compiler = Compiler(schema=dep.schema, categories=dep.categories, segments=segs, traits={})
+    t_cat = time.perf_counter()
+    categories = {sid: compiler.effective(sid).categories for sid in segs}  # derived from what they read
+    t_cat = time.perf_counter() - t_cat
     members, timings = membership(compiler, dep.store, datetime.fromisoformat(as_of))
     seconds = time.perf_counter() - t
     members.write_parquet(out)
-    return {"seconds": seconds, **{f"t_{k}": v for k, v in timings.items()}}
+    stigmatized = sum(c != ("general",) for c in categories.values())
+    return {
+        "seconds": seconds,
+        "t_categories": t_cat,
+        "stigmatized_segments": stigmatized,
+        **{f"t_{k}": v for k, v in timings.items()},
+    }
 
 
 def _consents(dep: Any, defs: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -350,6 +359,8 @@ def main() -> None:
                     f"{d['peak_rss_mb']:.0f}",
                     f"{p['seconds'] / d['seconds']:.2f}",
                     same["identical"],
+                    f"{p['t_categories']:.2f}",
+                    p["stigmatized_segments"],
                 ]
             )
             print(
@@ -368,6 +379,8 @@ def main() -> None:
             "duckdb MB",
             "privseg/duckdb",
             "identical",
+            "categories s",
+            "stigmatized",
         ],
         rows,
     )
