@@ -408,6 +408,10 @@ def policy_diff(old: Path, new: Path, as_json: JsonOpt = False) -> None:
     _emit({"changes": changes, "looser": [c for c in changes if "LOOSER" in c]}, as_json, text)
 
 
+def _applied_text(results: list[definitions.Applied]) -> str:
+    return "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
+
+
 @segments_app.command("apply")
 def segments_apply(
     files: Annotated[list[Path], typer.Argument(help="YAML/JSON definition files (all or none).")],
@@ -423,8 +427,7 @@ def segments_apply(
         categories=dep.categories,
         actor=definitions.ADMIN_CLI,
     )
-    text = "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
-    _emit([asdict(r) for r in results], as_json, text)
+    _emit([asdict(r) for r in results], as_json, _applied_text(results))
 
 
 @segments_app.command("retire")
@@ -444,7 +447,7 @@ def segments_retire(
         categories=dep.categories,
         actor=definitions.ADMIN_CLI,
     )
-    _emit(asdict(r), as_json, f"{r.kind} {r.id}: {r.status} (v{r.version})")
+    _emit(asdict(r), as_json, _applied_text([r]))
 
 
 @segments_app.command("examples")
@@ -472,9 +475,8 @@ def segments_examples(
         categories=dep.categories,
         actor=definitions.ADMIN_CLI,
     )
-    lines = [f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results]
-    lines += [f"skipped {why}" for why in skipped]
-    _emit({"applied": [asdict(r) for r in results], "skipped": skipped}, as_json, "\n".join(lines))
+    text = "\n".join([_applied_text(results), *(f"skipped {why}" for why in skipped)])
+    _emit({"applied": [asdict(r) for r in results], "skipped": skipped}, as_json, text)
 
 
 @segments_app.command("list")

@@ -9,7 +9,8 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +70,19 @@ def _label(encoding: str) -> str:
     return "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
 
 
+@contextmanager
+def _reading(path: Path, encoding: str) -> Iterator[None]:
+    """Turn decoding and decompression failures of a text read into errors that name the file."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{path.name}: not {_label(encoding)} text (binary data or another encoding; see --encoding)"
+        ) from None
+    except (OSError, EOFError, gzip.BadGzipFile):
+        raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
+
+
 def check_encoding(encoding: str) -> str:
     try:
         return codecs.lookup(encoding).name
@@ -80,15 +94,8 @@ def sniff_separator(path: Path, encoding: str = "utf-8") -> str:
     """The separator of a CSV: the candidate (comma, semicolon, tab, pipe) that splits the header into
     the most fields; on a tie, the one that splits the first lines consistently. A header with none of
     them is one column (comma). Ragged lines are the parser's to report, with their line numbers."""
-    try:
-        with _open_text(path, encoding) as fh:
-            lines = [line for _, line in zip(range(_SNIFF_LINES), fh, strict=False)]
-    except UnicodeDecodeError:
-        raise InvalidInput(
-            f"{path.name}: not {_label(encoding)} text (binary data or another encoding; see --encoding)"
-        ) from None
-    except (OSError, EOFError, gzip.BadGzipFile):
-        raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
+    with _reading(path, encoding), _open_text(path, encoding) as fh:
+        lines = [line for _, line in zip(range(_SNIFF_LINES), fh, strict=False)]
     if not lines:
         return ","
     widths = {sep: len(next(csv.reader([lines[0]], delimiter=sep), [])) for sep in SEPARATORS}
@@ -129,14 +136,8 @@ def _first_problem_csv(path: Path, separator: str, encoding: str) -> str:
 
 def _csv_header(path: Path, separator: str, encoding: str) -> list[str]:
     try:
-        with _open_text(path, encoding) as fh:
+        with _reading(path, encoding), _open_text(path, encoding) as fh:
             header = next(csv.reader(fh, delimiter=separator), None)
-    except UnicodeDecodeError:
-        raise InvalidInput(
-            f"{path.name}: not {_label(encoding)} text (binary data or another encoding; see --encoding)"
-        ) from None
-    except (OSError, EOFError, gzip.BadGzipFile):
-        raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
     except csv.Error as exc:
         raise InvalidInput(f"{path.name}: malformed CSV header ({exc})") from None
     if not header or not any(h.strip() for h in header):

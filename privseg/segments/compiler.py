@@ -10,6 +10,7 @@ plus feature columns), and every segment is evaluated in one lazy ``select``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
@@ -348,28 +349,26 @@ def _unknown_trait(path: str, name: str, known: dict[str, TraitDef]) -> str:
     )
 
 
-def references(node: Node) -> set[str]:
-    """The segments a tree references directly."""
+def leaves(node: Node) -> Iterator[Node]:
+    """Every leaf of a tree, in order."""
     match node:
         case All() | AnyOf():
-            return set().union(*(references(c) for c in node.children))
+            for child in node.children:
+                yield from leaves(child)
         case Not():
-            return references(node.child)
-        case SegmentRef():
-            return {node.id}
-    return set()
+            yield from leaves(node.child)
+        case _:
+            yield node
+
+
+def references(node: Node) -> set[str]:
+    """The segments a tree references directly."""
+    return {leaf.id for leaf in leaves(node) if isinstance(leaf, SegmentRef)}
 
 
 def traits_used(node: Node) -> set[str]:
     """The traits a tree uses directly."""
-    match node:
-        case All() | AnyOf():
-            return set().union(*(traits_used(c) for c in node.children))
-        case Not():
-            return traits_used(node.child)
-        case TraitLeaf():
-            return {node.name}
-    return set()
+    return {leaf.name for leaf in leaves(node) if isinstance(leaf, TraitLeaf)}
 
 
 def _duration(d: timedelta) -> str:

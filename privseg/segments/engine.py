@@ -9,6 +9,7 @@ reports can show movement between segments over time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -171,84 +172,62 @@ def compute_snapshot(
     with store.writer_lock():
         _remove_unrecorded(conn, folder)
         final = _write_file(folder, as_of, members)
-        snap_id = _record(
+        snap = _record(
             conn,
             keyset,
             final,
-            members.height,
-            as_of,
-            computed_at,
-            seg_versions,
-            trait_versions,
-            batches,
-            policy_hash,
-            categories,
-            key_version,
+            Snapshot(
+                0,
+                as_of.isoformat(),
+                computed_at,
+                final.name,
+                members.height,
+                seg_versions,
+                trait_versions,
+                batches,
+                policy_hash,
+                categories,
+                key_version,
+            ),
         )
         _remove_unrecorded(conn, folder)  # the ones just pruned
     timings["write"] = time.perf_counter() - t
-    snap = Snapshot(
-        snap_id,
-        as_of.isoformat(),
-        computed_at,
-        final.name,
-        members.height,
-        seg_versions,
-        trait_versions,
-        batches,
-        policy_hash,
-        categories,
-        key_version,
-    )
-    log.info("snapshot %d: %d segments over %d people", snap_id, len(seg_versions), members.height)
+    log.info("snapshot %d: %d segments over %d people", snap.id, len(seg_versions), members.height)
     return snap, timings
 
 
-def _record(
-    conn: sqlite3.Connection,
-    keyset: Keyset,
-    final: Path,
-    people: int,
-    as_of: datetime,
-    computed_at: str,
-    seg_versions: dict[str, int],
-    trait_versions: dict[str, int],
-    batches: list[int],
-    policy_hash: str,
-    categories: dict[str, list[str]],
-    key_version: int | None,
-) -> int:
-    """Insert the snapshot row and its audit entry, and prune old snapshots, in one transaction."""
-    name = final.name
+def _record(conn: sqlite3.Connection, keyset: Keyset, final: Path, snap: Snapshot) -> Snapshot:
+    """Insert the snapshot row (``snap`` without its id) and its audit entry, and prune old snapshots,
+    in one transaction; the snapshot with its id."""
     try:
         with transaction(conn):
             cur = conn.execute(
                 "INSERT INTO snapshots (as_of, computed_at, file, people, segments, traits, batches, "
                 "policy_hash, categories, key_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    as_of.isoformat(),
-                    computed_at,
-                    name,
-                    people,
-                    json.dumps(seg_versions),
-                    json.dumps(trait_versions),
-                    json.dumps(batches),
-                    policy_hash,
-                    json.dumps(categories),
-                    key_version,
+                    snap.as_of,
+                    snap.computed_at,
+                    snap.file,
+                    snap.people,
+                    json.dumps(snap.segments),
+                    json.dumps(snap.traits),
+                    json.dumps(snap.batches),
+                    snap.policy_hash,
+                    json.dumps(snap.categories),
+                    snap.key_version,
                 ),
             )
-            snap_id = int(cur.lastrowid or 0)
+            snap = dataclasses.replace(snap, id=int(cur.lastrowid or 0))
             audit.append(
                 conn,
                 keyset,
                 "snapshot",
                 {
-                    "snapshot": snap_id,
-                    "as_of": as_of.isoformat(),
-                    "segments": len(seg_versions),
-                    "batches": len(batches),
-                    "policy_hash": policy_hash,
+                    "snapshot": snap.id,
+                    "as_of": snap.as_of,
+                    "segments": len(snap.segments),
+                    "batches": len(snap.batches),
+                    "policy_hash": snap.policy_hash,
                 },
             )
             conn.execute(
@@ -259,7 +238,7 @@ def _record(
     except BaseException:
         final.unlink(missing_ok=True)
         raise
-    return snap_id
+    return snap
 
 
 def _write_file(folder: Path, as_of: datetime, members: pl.DataFrame) -> Path:
