@@ -10,18 +10,17 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from privseg import audit, demo, maintenance
-from privseg.deployment import Deployment, configure_logging
 from privseg.errors import InvalidInput, NotFound, PrivsegError
-from privseg.ingest import Mode, ingest_files
-from privseg.keyset import create_keyset
-from privseg.segments import definitions, engine
-from privseg.settings import Settings
-from privseg.store import Kind
+
+if TYPE_CHECKING:  # the command modules are imported by the commands that use them: a fast --help
+    from privseg.deployment import Deployment
+    from privseg.ingest import Mode
+    from privseg.segments.definitions import Applied
+    from privseg.store import Kind
 
 # pretty_exceptions would print local variables of every frame, key material included.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -45,6 +44,9 @@ Files = Annotated[list[Path], typer.Argument(help="Files to ingest, all or none.
 
 
 def _deployment() -> Deployment:
+    from privseg.deployment import Deployment, configure_logging
+    from privseg.settings import Settings
+
     settings = Settings()
     configure_logging(settings)
     return Deployment(settings)
@@ -76,6 +78,9 @@ def keys_init(
     ] = "default",
 ) -> None:
     """Create the keyset (mode 0600). Refuses to overwrite an existing one."""
+    from privseg.keyset import create_keyset
+    from privseg.settings import Settings
+
     settings = Settings()
     ks = create_keyset(settings.keyset, namespace)
     typer.echo(f"created keyset {settings.keyset} (namespace {ks.namespace!r}, key version {ks.primary})")
@@ -84,6 +89,8 @@ def keys_init(
 @keys_app.command("rotate")
 def keys_rotate(as_json: JsonOpt = False) -> None:
     """Add a pseudonym key version and re-pseudonymize the whole store with it (atomically)."""
+    from privseg import maintenance
+
     dep = _deployment()
     result = maintenance.rotate_keys(
         store=dep.store, keyset_path=dep.settings.keyset, policy=dep.ingest_policy
@@ -100,6 +107,8 @@ def keys_rotate(as_json: JsonOpt = False) -> None:
 def keys_retire(as_json: JsonOpt = False) -> None:
     """Delete old pseudonym key versions that no batch or kept snapshot uses any more (after a
     completed rotation). The audit key is not rotated: the log's chain is verified with it."""
+    from privseg import maintenance
+
     dep = _deployment()
     retired = maintenance.retire_keys(store=dep.store, keyset_path=dep.settings.keyset)
     text = f"retired key versions {retired}" if retired else "no unused key versions to retire"
@@ -142,6 +151,8 @@ def _ingest(
     encoding: str,
     mode: Mode = "patch",
 ) -> None:
+    from privseg.ingest import ingest_files
+
     dep = _deployment()
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
@@ -205,6 +216,8 @@ def store_status(as_json: JsonOpt = False) -> None:
 @store_app.command("compact")
 def store_compact(as_json: JsonOpt = False) -> None:
     """Merge profile batches and drop events past the retention limit."""
+    from privseg import maintenance
+
     dep = _deployment()
     result = maintenance.compact(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy)
     _emit(asdict(result), as_json)
@@ -223,6 +236,8 @@ def erase(
     as_json: JsonOpt = False,
 ) -> None:
     """Erase a data subject from every batch. The audit log records the erasure, not the person."""
+    from privseg import maintenance
+
     if raw_id == "-":
         raw_id = sys.stdin.readline().rstrip("\n")
     dep = _deployment()
@@ -247,6 +262,8 @@ def reidentify_cmd(
     reason: Annotated[str, typer.Option(help="Why (audited). E.g. a data-subject access request reference.")],
 ) -> None:
     """For the key holder (compliance): decrypt one pseudonym. Audited with the reason; never over HTTP."""
+    from privseg import maintenance
+
     dep = _deployment()
     identifier = maintenance.reidentify(
         store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, pseudonym=pseudonym, reason=reason
@@ -282,6 +299,8 @@ def demo_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline on embedded defaults: keys, demo data, ingestion, segments, summary."""
+    from privseg import demo
+
     dep = _deployment()
     lines = demo.run(dep, customers=customers, seed=seed, data_dir=data)
     if as_json:
@@ -299,6 +318,8 @@ def audit_anchor(
 ) -> None:
     """A signed head of the audit log (entry count, last MAC, time). Keep it outside the server:
     `audit verify --anchor FILE` then detects entries cut from the end of the log."""
+    from privseg import audit
+
     dep = _deployment()
     head = audit.anchor(dep.store.conn, dep.keyset)
     if out is None:
@@ -317,6 +338,8 @@ def audit_verify(
 ) -> None:
     """Check the audit log's HMAC chain, the ledger against the audited charges, and the anchors;
     names the first problem. Exit code 1 if anything was tampered with."""
+    from privseg import audit
+
     dep = _deployment()
     anchors = audit.read_anchors(anchor) if anchor is not None else []
     result = audit.verify_all(dep.store.conn, dep.keyset, anchors)
@@ -337,6 +360,8 @@ def audit_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Print audit entries (they never hold identifiers or released values)."""
+    from privseg import audit
+
     dep = _deployment()
     rows = audit.entries(dep.store.conn, after=after, limit=limit)
     text = "\n".join(f"{e.seq:>6} {e.at} {e.event:<14} {json.dumps(e.details, sort_keys=True)}" for e in rows)
@@ -354,6 +379,7 @@ def policy_check(
     from privseg.category_policy import findings, read_categories
     from privseg.ingest_policy import load_ingest_policy
     from privseg.schema import Schema
+    from privseg.settings import Settings
 
     policy_dir = directory or Settings().policy_dir
     schema = Schema.from_ingest_policy(load_ingest_policy(policy_dir / "ingest.yaml"))
@@ -408,7 +434,7 @@ def policy_diff(old: Path, new: Path, as_json: JsonOpt = False) -> None:
     _emit({"changes": changes, "looser": [c for c in changes if "LOOSER" in c]}, as_json, text)
 
 
-def _applied_text(results: list[definitions.Applied]) -> str:
+def _applied_text(results: list[Applied]) -> str:
     return "\n".join(f"{r.kind} {r.id}: {r.status} (v{r.version})" for r in results)
 
 
@@ -418,6 +444,8 @@ def segments_apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate and store definitions; each change becomes a new version. Nothing is applied on error."""
+    from privseg.segments import definitions
+
     dep = _deployment()
     results = definitions.apply(
         dep.store.conn,
@@ -437,6 +465,8 @@ def segments_retire(
     as_json: JsonOpt = False,
 ) -> None:
     """Retire a definition (a new, retired version; its history is kept). Refused while in use."""
+    from privseg.segments import definitions
+
     dep = _deployment()
     r = definitions.retire(
         dep.store.conn,
@@ -458,6 +488,9 @@ def segments_examples(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the paths of the shipped example definitions (traits first), or apply them as one set."""
+    from privseg import demo
+    from privseg.segments import definitions
+
     files = [demo.EXAMPLES / "traits.yaml", demo.EXAMPLES / "segments.yaml"]
     if not apply:
         typer.echo(" ".join(str(f) for f in files))
@@ -482,6 +515,8 @@ def segments_examples(
 @segments_app.command("list")
 def segments_list(as_json: JsonOpt = False) -> None:
     """Active segments and traits with their versions."""
+    from privseg.segments import definitions
+
     dep = _deployment()
     rows = list(definitions.active(dep.store.conn).values())
     compiler = dep.compiler()
@@ -504,6 +539,8 @@ def segments_show(
     segment_id: str, version: Annotated[int | None, typer.Option(help="A past version.")] = None
 ) -> None:
     """The stored definition (JSON) of a segment or trait."""
+    from privseg.segments import definitions
+
     dep = _deployment()
     found = definitions.history(dep.store.conn, "segment", segment_id) or definitions.history(
         dep.store.conn, "trait", segment_id
@@ -540,6 +577,8 @@ def segments_compute(
 ) -> None:
     """Recompute the membership snapshot of every active segment. Prints no segment sizes: exact
     counts leave only as differentially private releases."""
+    from privseg.segments import engine
+
     dep = _deployment()
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
@@ -559,6 +598,8 @@ def segments_compute(
 @segments_app.command("status")
 def segments_status(as_json: JsonOpt = False) -> None:
     """The latest snapshot and whether it is stale."""
+    from privseg.segments import engine
+
     dep = _deployment()
     snap = engine.latest(dep.store.conn)
     reasons = engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
