@@ -39,6 +39,24 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
 app.add_typer(segments_app, name="segments")
 
+
+def _version(show: bool) -> None:
+    if show:
+        from privseg import __version__
+
+        typer.echo(f"privseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """privseg: privacy-preserving customer segmentation. Only differentially private aggregates leave."""
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 Files = Annotated[list[Path], typer.Argument(help="Files to ingest, all or none.", show_default=False)]
 

@@ -380,3 +380,39 @@ def test_no_response_carries_key_material(api: tuple[TestClient, dict[str, str],
         assert needle not in text
     for token in tokens.values():  # API tokens are shown once, at creation, and never again
         assert token not in text
+
+
+def test_every_operation_declares_its_security_and_its_problem_errors(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    doc = create_app(api[2]).openapi()
+    scheme = doc["components"]["securitySchemes"]["apiKey"]
+    assert (
+        scheme
+        == {
+            "type": "http",
+            "scheme": "bearer",
+            "description": scheme["description"],
+        }
+        and "psk_" in scheme["description"]
+    )
+    problem = "#/components/schemas/Problem"
+    for path, ops in doc["paths"].items():
+        if not path.startswith("/v1"):
+            continue
+        for method, op in ops.items():
+            assert op.get("security") == [{"apiKey": []}], (path, method)
+            for status in ("401", "403", "404", "409", "413", "422", "429", "500"):
+                content = op["responses"][status]["content"]
+                assert content["application/problem+json"]["schema"]["$ref"] == problem, (
+                    path,
+                    method,
+                    status,
+                )
+
+
+def test_a_401_says_how_to_authenticate(api: tuple[TestClient, dict[str, str], Deployment]) -> None:
+    client, _tokens, _dep = api
+    for headers in ({}, {"Authorization": "Bearer psk_" + "A" * 43}, {"Authorization": "Basic x"}):
+        r = client.get("/v1/store", headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="privseg"'

@@ -220,3 +220,9 @@ def test_examples_a_deployment_cannot_serve_are_skipped_and_said_so(settings: Se
     assert "segment spring_test_treatment: uses a definition skipped" in skipped  # references it
     applied = {r["id"] for r in out["applied"]}
     assert "frequent_buyers" in applied and "cart_abandoners_7d" not in applied
+
+
+def test_version(settings: Settings) -> None:
+    from privseg import __version__
+
+    assert run_cli(settings, "--version").stdout.strip() == f"privseg {__version__}"

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from privseg import __version__, audit, uploads
 from privseg.api.deps import FailureRecorder
 from privseg.api.limits import BodyLimit
-from privseg.api.routes import router
+from privseg.api.routes import Problem, router
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
 
@@ -30,11 +30,13 @@ JSON_BODY_LIMIT = 1024 * 1024  # every route but uploads takes small JSON bodies
 
 
 def problem(status: int, code: str, title: str, detail: str) -> JSONResponse:
-    """An RFC 9457 problem response with a stable ``type`` per error class."""
+    """An RFC 9457 problem response with a stable ``type`` per error class. A 401 says how to
+    authenticate (RFC 9110: ``WWW-Authenticate``)."""
     return JSONResponse(
         {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail},
         status_code=status,
         media_type="application/problem+json",
+        headers={"WWW-Authenticate": 'Bearer realm="privseg"'} if status == 401 else None,
     )
 
 
@@ -69,6 +71,18 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
     )
     app.state.deployment = dep
     app.include_router(router)
+    openapi = app.openapi
+
+    def openapi_with_problems() -> dict[str, Any]:
+        # Every operation documents its problem+json errors by reference to this one schema.
+        if app.openapi_schema is None:
+            schema = openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
+                Problem.model_json_schema()
+            )
+        return app.openapi_schema or openapi()
+
+    app.openapi = openapi_with_problems  # type: ignore[method-assign]
 
     app.state.auth_failures = FailureRecorder()
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from privseg import apikeys, audit
 from privseg.apikeys import Principal, Role
@@ -68,6 +69,15 @@ class FailureRecorder:
                     audit.append(dep.store.conn, dep.keyset, event, details)
 
 
+# Declared as FastAPI's bearer scheme, so the OpenAPI document states how to authenticate (and Swagger
+# gets its Authorize button); the checks themselves stay ours (prefix, keyed-hash lookup, audit).
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="An API key issued by `privseg apikey create`: `Authorization: Bearer psk_...`.",
+)
+
+
 def bearer_token(header: str) -> str | None:
     """The API key of an ``Authorization: Bearer psk_...`` header, or None if there is none."""
     scheme, _, token = header.partition(" ")
@@ -75,10 +85,14 @@ def bearer_token(header: str) -> str | None:
     return token if scheme.lower() == "bearer" and token.startswith(apikeys.PREFIX) else None
 
 
-def require(*roles: Role) -> Callable[[Request, Deployment], Principal]:
+def require(*roles: Role) -> Callable[..., Principal]:
     """A dependency admitting only API keys of the given roles."""
 
-    def dependency(request: Request, dep: DepDep) -> Principal:
+    def dependency(
+        request: Request,
+        dep: DepDep,
+        _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    ) -> Principal:
         failures: FailureRecorder = request.app.state.auth_failures
         token = bearer_token(request.headers.get("authorization", ""))
         if token is None:

@@ -26,7 +26,35 @@ from privseg.segments import definitions, engine
 from privseg.sources import check_encoding, detect_format
 from privseg.uploads import upload_folder, upload_name
 
-router = APIRouter(prefix="/v1")
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: every error of this API, never with a stack trace or an input value."""
+
+    type: str = Field(description="Stable URI of the error class, e.g. .../problems/budget-exhausted.")
+    title: str
+    status: int
+    detail: str = Field(description="What was wrong and where (file, row, field), never a value.")
+
+
+PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}  # registered by create_app's openapi()
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": PROBLEM_SCHEMA}}}
+
+
+# Documented on every operation (the middleware and role checks can answer any /v1 route with these).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _problem("No valid API key (the response carries WWW-Authenticate)."),
+    403: _problem("The key's role or identity may not do this (policy, recipient, owner)."),
+    404: _problem("No such segment, snapshot, release or route."),
+    409: _problem("A conflicting state: a stale snapshot, a concurrent identical release, a change in use."),
+    413: _problem("The body is larger than allowed (JSON 1 MiB; uploads PRIVSEG_MAX_UPLOAD_BYTES)."),
+    422: _problem("The request is invalid; the detail names the field, never the value."),
+    429: _problem("The release budget is exhausted; the detail states what remains."),
+    500: _problem("An unexpected error; nothing about it is shown."),
+}
+router = APIRouter(prefix="/v1", responses=ERRORS)
 # SQLite integers are 64-bit signed: larger ids are refused as invalid instead of overflowing.
 MAX_ID = 2**62
 IdParam = Annotated[int, PathParam(ge=1, le=MAX_ID)]
