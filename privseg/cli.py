@@ -811,7 +811,12 @@ def serve(
 
     dep = _deployment()
     # Refuse to start on a bad policy set, a missing keyset or an unreadable store.
-    dep.keyset, dep.ingest_policy, dep.categories  # noqa: B018
+    dep.keyset, dep.ingest_policy  # noqa: B018
+    typer.echo(
+        f"privseg serving on http://{host}:{port} (OpenAPI at /docs); policy hash "
+        f"{dep.categories.content_hash}, store key version {dep.store.key_version()}",
+        err=True,
+    )
     uvicorn.run(create_app(dep), host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
 
 

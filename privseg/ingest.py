@@ -20,6 +20,7 @@ from typing import Literal
 
 import polars as pl
 
+from privseg import metrics
 from privseg.errors import InvalidInput
 from privseg.ingest_policy import (
     AgeBandRule,
@@ -531,6 +532,7 @@ def ingest_files(
         )
     for (i, item), batch in zip(staged, batches, strict=True):
         results[i] = _with_batch(results[i], batch, tuple(b.id for b in item.replaces))
+        metrics.INGEST_ROWS.labels(kind).inc(batch.rows)
     for r in results:
         log.info("ingest: %s", r.message)
     return results

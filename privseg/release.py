@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from privseg import audit, ledger
+from privseg import audit, ledger, metrics
 from privseg.db import transaction
 from privseg.deployment import Deployment
 from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
@@ -200,10 +201,12 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
     # charges. (Checked again under the lock below, where it decides.)
     done = conn.execute(lookup, (key,)).fetchone()
     if done is not None and done[1] == "done":
+        metrics.CACHE_HITS.labels(plan.kind).inc()
         return {**json.loads(done[2]), "cached": True, "charged_epsilon": 0.0}
     with transaction(conn):
         row = conn.execute(lookup, (key,)).fetchone()
         if row is not None and row[1] == "done":
+            metrics.CACHE_HITS.labels(plan.kind).inc()
             return {**json.loads(row[2]), "cached": True, "charged_epsilon": 0.0}
         if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
             raise Conflict("an identical release is being computed; retry in a moment")
@@ -255,9 +258,13 @@ def release(dep: Deployment, plan: ReleasePlan, *, now: datetime | None = None) 
             },
         )
     # Committed: from here on the budget is spent whatever happens.
+    for member in plan.charged:
+        metrics.EPSILON_CHARGED.labels(member.name).inc(plan.epsilon)
+    started = time.perf_counter()
     noisy = [int(v) for v in plan.measurement()(exact(dep, plan))]
     noisy_spend = [int(v) for v in plan.spend_measurement()(exact_spend(dep, plan))] if plan.spend else None
     result = _result(plan, noisy, release_id, noisy_spend)
+    metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
     with transaction(conn):
         conn.execute(
             "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)

@@ -416,3 +416,24 @@ def test_a_401_says_how_to_authenticate(api: tuple[TestClient, dict[str, str], D
     for headers in ({}, {"Authorization": "Bearer psk_" + "A" * 43}, {"Authorization": "Basic x"}):
         r = client.get("/v1/store", headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="privseg"'
+
+
+def test_metrics_are_for_admins_and_count_without_naming_anyone(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    client, tokens, _dep = api
+    h = {role: {"Authorization": f"Bearer {tokens[role]}"} for role in ROLES}
+    body = {"segments": ["cart_abandoners_7d"], "breakdown": ["age_band"]}
+    assert client.post("/v1/reports/cohort", json=body, headers=h["marketer"]).status_code == 200
+    assert client.post("/v1/reports/cohort", json=body, headers=h["marketer"]).json()["cached"]
+    client.get("/v1/releases/999999", headers=h["compliance"])
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=h["marketer"]).status_code == 403
+    r = client.get("/metrics", headers=h["admin"])
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'privseg_epsilon_charged_total{category="general"}' in text
+    assert 'privseg_release_cache_hits_total{kind="cohort_report"}' in text
+    assert 'privseg_release_seconds_count{kind="cohort_report"}' in text
+    assert 'route="/v1/releases/{release_id}"' in text and "999999" not in text  # templates, not paths
+    assert "k1." not in text and "psk_" not in text

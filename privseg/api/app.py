@@ -8,19 +8,19 @@ name the field and what is wrong with it, never what was sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privseg import __version__, audit, uploads
-from privseg.api.deps import FailureRecorder
+from privseg import __version__, audit, metrics, uploads
+from privseg.api.deps import Admin, FailureRecorder
 from privseg.api.limits import BodyLimit
-from privseg.api.routes import Problem, router
+from privseg.api.routes import ERRORS, Problem, router
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
 
@@ -86,6 +86,21 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
 
     app.state.auth_failures = FailureRecorder()
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
+
+    @app.middleware("http")
+    async def _count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        # The route template (/v1/releases/{release_id}), never the path itself: paths can carry anything.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=ERRORS)
+    def prometheus_metrics(_who: Admin) -> PlainTextResponse:
+        """Prometheus metrics (admin key; scrape with `authorization: {credentials: psk_...}`)."""
+        return PlainTextResponse(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(PrivsegError)
     async def _privseg_error(_request: Request, exc: PrivsegError) -> JSONResponse:

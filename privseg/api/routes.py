@@ -437,9 +437,16 @@ def grants(dep: DepDep, who: Partner) -> list[dict[str, Any]]:
 
 
 class AudienceBody(_Body):
-    segment: str
-    breakdown: list[str] = Field(default_factory=lambda: ["region"], min_length=1, max_length=4)
-    dry_run: bool = False
+    segment: str = Field(description="A segment the partner is granted (see GET /v1/audiences).")
+    breakdown: list[str] = Field(
+        default_factory=lambda: ["region"],
+        min_length=1,
+        max_length=4,
+        description="Profile dimensions of the cells, within the category's allowed ones. "
+        "Default: ['region'].",
+        json_schema_extra={"default": ["region"]},
+    )
+    dry_run: bool = Field(False, description="Price and plan only; spend nothing.")
 
 
 @router.post("/audiences", tags=["partner"])
