@@ -6,6 +6,7 @@ the same service functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from functools import cached_property
@@ -87,15 +88,33 @@ class Deployment:
             del self.__dict__["store"]
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (``PRIVSEG_LOG_FORMAT=json``), with the request id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "method", "route", "status", "ms"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        return json.dumps(doc)
+
+
 def configure_logging(settings: Settings) -> None:
     """Log to stderr (and a file when configured). Nothing privseg logs carries a raw identifier."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.log_file is not None:
         settings.log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(settings.log_file, encoding="utf-8"))
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
+    formatter = (
+        JsonFormatter()
+        if settings.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=handlers, force=True)

@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
         description="Largest accepted upload; bodies are streamed to disk, never held in memory.",
     )
     log_level: str = Field("WARNING", description="Python logging level name (INFO shows each batch).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line."
+    )
     audit_anchor_file: Path | None = Field(
         None,
         description="`privseg serve` appends a signed head of the audit log here at start, every "

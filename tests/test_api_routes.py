@@ -437,3 +437,32 @@ def test_metrics_are_for_admins_and_count_without_naming_anyone(
     assert 'privseg_release_seconds_count{kind="cohort_report"}' in text
     assert 'route="/v1/releases/{release_id}"' in text and "999999" not in text  # templates, not paths
     assert "k1." not in text and "psk_" not in text
+
+
+def test_requests_carry_an_id_and_an_access_line_without_the_raw_path(
+    api: tuple[TestClient, dict[str, str], Deployment], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    client, tokens, _dep = api
+    h = {"Authorization": f"Bearer {tokens['compliance']}"}
+    with caplog.at_level(logging.INFO, logger="privseg.access"):
+        kept = client.get("/v1/releases/424242", headers={**h, "X-Request-ID": "trace-7.a_b"})
+        replaced = client.get("/v1/budget", headers={**h, "X-Request-ID": "jane@example.com"})
+    assert kept.headers["x-request-id"] == "trace-7.a_b"
+    assert len(replaced.headers["x-request-id"]) == 32 and "jane" not in replaced.headers["x-request-id"]
+    lines = [r for r in caplog.records if r.name == "privseg.access"]
+    assert [(r.route, r.status) for r in lines] == [("/v1/releases/{release_id}", 404), ("/v1/budget", 200)]
+    assert not any("424242" in r.getMessage() or "jane" in r.getMessage() for r in lines)
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    import json
+    import logging
+
+    from privseg.deployment import JsonFormatter
+
+    record = logging.LogRecord("privseg.access", logging.INFO, __file__, 1, "GET %s", ("/v1/x",), None)
+    record.request_id = "abc"
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["message"] == "GET /v1/x" and doc["request_id"] == "abc" and doc["level"] == "INFO"

@@ -8,6 +8,9 @@ name the field and what is wrong with it, never what was sent.
 from __future__ import annotations
 
 import logging
+import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +28,8 @@ from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("privseg.access")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PROBLEM_BASE = "https://privseg.dev/problems/"
 JSON_BODY_LIMIT = 1024 * 1024  # every route but uploads takes small JSON bodies
 
@@ -88,13 +93,33 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
 
     @app.middleware("http")
-    async def _count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+    async def _access(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # A caller's request id is kept if it is a plain token, else one is made: it ties the access log
+        # line, the response and the caller's own logs together.
+        given = request.headers.get("x-request-id", "")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        started = time.perf_counter()
         response = await call_next(request)
         # The route template (/v1/releases/{release_id}), never the path itself: paths can carry anything.
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        access.info(
+            "%s %s %d %.1f ms [%s]",
+            request.method,
+            route,
+            response.status_code,
+            ms,
+            request_id,
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "route": route,
+                "status": response.status_code,
+                "ms": ms,
+            },
+        )
+        response.headers["X-Request-ID"] = request_id
         return response
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=ERRORS)
