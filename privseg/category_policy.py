@@ -318,6 +318,23 @@ def findings(cats: CategorySet, schema: Schema | None = None) -> list[str]:
     return out
 
 
+def candidate_findings(documents: dict[str, dict[str, Any]], schema: Schema) -> list[str]:
+    """Everything wrong with a candidate policy set given as documents (name -> YAML as JSON), without
+    loading it: each document's validation errors, then :func:`findings`."""
+    parsed: dict[str, CategoryPolicy] = {}
+    problems: list[str] = []
+    for name, doc in documents.items():
+        try:
+            parsed[name] = CategoryPolicy.model_validate(doc)
+        except ValidationError as exc:
+            problems.append(f"{name}: {describe_validation_error(exc)}")
+    if problems:
+        return problems
+    if "general" not in parsed:
+        return ["the 'general' category is required"]
+    return findings(CategorySet(parsed, "candidate"), schema)
+
+
 def load_categories(policy_dir: Path, schema: Schema | None = None) -> CategorySet:
     """Load the category set, refusing it if :func:`findings` reports anything."""
     cats = read_categories(policy_dir)

@@ -118,3 +118,22 @@ def status(conn: sqlite3.Connection, categories: CategorySet, now: datetime) -> 
             }
         )
     return out
+
+
+def budget_of(
+    conn: sqlite3.Connection, categories: CategorySet, recipient: str, now: datetime
+) -> list[dict[str, object]]:
+    """What one marketer may still spend, per category it receives releases for."""
+    out: list[dict[str, object]] = []
+    for name, policy in sorted(categories.categories.items()):
+        if recipient in policy.recipients.marketers:
+            left = remaining(conn, policy, recipient, now)
+            out.append(
+                {
+                    "category": name,
+                    "remaining_epsilon": from_micro(max(left.micro, 0)),
+                    "per_recipient": policy.budget.per_recipient,
+                    "period_days": policy.budget.period_days,
+                }
+            )
+    return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 from privseg import audit, ledger, metrics
 from privseg.db import transaction
 from privseg.deployment import Deployment
-from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
+from privseg.errors import BudgetExhausted, Conflict, NotFound, NotPermitted, PolicyViolation
 from privseg.release_data import exact, exact_spend
 from privseg.release_plan import (
     ALPHA,
@@ -52,8 +53,10 @@ __all__ = [
     "cohort_report",
     "dry_run",
     "lift",
+    "metadata",
     "movement",
     "partner_audience",
+    "partner_grants",
     "plan_cohort_report",
     "plan_lift",
     "plan_movement",
@@ -311,6 +314,33 @@ def cohort_report(dep: Deployment, req: CohortReportRequest) -> dict[str, Any]:
 
 def partner_audience(dep: Deployment, req: PartnerAudienceRequest) -> dict[str, Any]:
     return _run(dep, "partner_audience", req.partner, plan_partner_audience, req)
+
+
+def metadata(conn: sqlite3.Connection, release_id: int) -> dict[str, Any]:
+    """What was released to whom, at what cost and under which policy; never the released values."""
+    row = conn.execute(
+        "SELECT id, at, kind, recipient, category, status, request, snapshot_id, policy_hash, epsilon_micro "
+        "FROM releases WHERE id = ?",
+        (release_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no release {release_id}")
+    keys = ("id", "at", "kind", "recipient", "category", "status", "request", "snapshot", "policy_hash")
+    out: dict[str, Any] = dict(zip(keys, row[:-1], strict=True))
+    out["request"] = json.loads(out["request"])
+    out["epsilon"] = ledger.from_micro(int(row[-1]))
+    return out
+
+
+def partner_grants(dep: Deployment, partner: str) -> list[dict[str, Any]]:
+    """The active segments a partner may receive audiences for, under their effective categories."""
+    out = []
+    compiler = dep.compiler()
+    for sid in sorted(compiler.defs):
+        policy = dep.categories.effective(compiler.effective(sid).categories)
+        if policy.partner_audiences and partner in policy.recipients.partners:
+            out.append({"segment": sid, "category": policy.name, "dimensions": policy.allowed_dimensions()})
+    return out
 
 
 def release_text(r: dict[str, Any]) -> str:

@@ -466,3 +466,11 @@ def test_json_logs_are_one_object_per_line() -> None:
     record.request_id = "abc"
     doc = json.loads(JsonFormatter().format(record))
     assert doc["message"] == "GET /v1/x" and doc["request_id"] == "abc" and doc["level"] == "INFO"
+
+
+def test_routes_hold_no_sql() -> None:
+    from pathlib import Path
+
+    api_dir = Path(__file__).resolve().parent.parent / "privseg" / "api"
+    offenders = [p.name for p in api_dir.glob("*.py") if ".execute(" in p.read_text()]
+    assert offenders == []  # SQL lives in the domain modules the routes call

@@ -16,9 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from privseg import apikeys, audit, ledger, release
 from privseg.api.deps import Admin, AdminOrMarketer, Compliance, DepDep, Marketer, Partner
-from privseg.category_policy import CategoryPolicy, CategorySet, findings
+from privseg.category_policy import candidate_findings
 from privseg.deployment import Deployment
-from privseg.errors import InvalidInput, NotFound, PayloadTooLarge, PolicyError
+from privseg.errors import InvalidInput, NotFound, PayloadTooLarge
 from privseg.ingest import ingest_files
 from privseg.maintenance import erase_subject
 from privseg.release_plan import Measure
@@ -312,20 +312,7 @@ def movement_report(body: MovementBody, dep: DepDep, who: Marketer) -> Response:
 
 @router.get("/budget/me", tags=["marketer"])
 def my_budget(dep: DepDep, who: Marketer) -> list[dict[str, Any]]:
-    now = datetime.now(UTC)
-    out = []
-    for name, policy in sorted(dep.categories.categories.items()):
-        if who.principal in policy.recipients.marketers:
-            left = ledger.remaining(dep.store.conn, policy, who.principal, now)
-            out.append(
-                {
-                    "category": name,
-                    "remaining_epsilon": ledger.from_micro(max(left.micro, 0)),
-                    "per_recipient": policy.budget.per_recipient,
-                    "period_days": policy.budget.period_days,
-                }
-            )
-    return out
+    return ledger.budget_of(dep.store.conn, dep.categories, who.principal, datetime.now(UTC))
 
 
 # -- compliance ------------------------------------------------------------------------------------------
@@ -346,24 +333,7 @@ class PolicyCandidate(_Body):
 @router.post("/policies/validate", tags=["compliance"])
 def validate_policies(body: PolicyCandidate, dep: DepDep, _who: Compliance) -> dict[str, Any]:
     """Check a candidate policy set without loading it."""
-    from pydantic import ValidationError
-
-    from privseg.errors import describe_validation_error
-
-    parsed: dict[str, CategoryPolicy] = {}
-    problems: list[str] = []
-    for name, doc in body.categories.items():
-        try:
-            parsed[name] = CategoryPolicy.model_validate(doc)
-        except ValidationError as exc:
-            problems.append(f"{name}: {describe_validation_error(exc)}")
-    if "general" not in parsed and not problems:
-        problems.append("the 'general' category is required")
-    if not problems:
-        try:
-            problems = findings(CategorySet(parsed, "candidate"), dep.schema)
-        except PolicyError as exc:
-            problems = [exc.message]
+    problems = candidate_findings(body.categories, dep.schema)
     return {"valid": not problems, "findings": problems}
 
 
@@ -398,42 +368,14 @@ def audit_anchor(dep: DepDep, _who: Compliance) -> dict[str, Any]:
 @router.get("/releases/{release_id}", tags=["compliance"])
 def release_metadata(release_id: IdParam, dep: DepDep, _who: Compliance) -> dict[str, Any]:
     """What was released to whom, at what cost and under which policy; not the released values."""
-    row = dep.store.conn.execute(
-        "SELECT id, at, kind, recipient, category, status, request, snapshot_id, policy_hash, epsilon_micro "
-        "FROM releases WHERE id = ?",
-        (release_id,),
-    ).fetchone()
-    if row is None:
-        raise NotFound(f"no release {release_id}")
-    keys = (
-        "id",
-        "at",
-        "kind",
-        "recipient",
-        "category",
-        "status",
-        "request",
-        "snapshot",
-        "policy_hash",
-        "epsilon",
-    )
-    out = dict(zip(keys, row, strict=True))
-    out["request"] = json.loads(out["request"])
-    out["epsilon"] = ledger.from_micro(out["epsilon"])
-    return out
+    return release.metadata(dep.store.conn, release_id)
 
 
 # -- partner ----------------------------------------------------------------------------------------------
 @router.get("/audiences", tags=["partner"])
 def grants(dep: DepDep, who: Partner) -> list[dict[str, Any]]:
     """The segments this partner may receive audiences for (its own grants only)."""
-    out = []
-    compiler = dep.compiler()
-    for sid in sorted(compiler.defs):
-        policy = dep.categories.effective(compiler.effective(sid).categories)
-        if policy.partner_audiences and who.principal in policy.recipients.partners:
-            out.append({"segment": sid, "category": policy.name, "dimensions": policy.allowed_dimensions()})
-    return out
+    return release.partner_grants(dep, who.principal)
 
 
 class AudienceBody(_Body):
