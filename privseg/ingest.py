@@ -8,6 +8,7 @@ the call passes; re-ingesting identical content is a no-op that says so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -39,7 +40,7 @@ from privseg.ingest_policy import (
 from privseg.keyset import Keyset
 from privseg.pseudonym import Pseudonymizer, normalize_expr
 from privseg.sources import DEFAULT_MAX_DECOMPRESSED, check_encoding, column_label, read_source
-from privseg.store import Batch, Kind, NewBatch, Store
+from privseg.store import Kind, NewBatch, Store
 
 log = logging.getLogger(__name__)
 Mode = Literal["patch", "replace"]
@@ -244,12 +245,7 @@ def _age_band(name: str, rule: AgeBandRule, today: date, checks: _Checks) -> pl.
         age = pl.when(outside).then(None).otherwise(age)
     else:
         checks.add(outside, name, "gives an age outside 0-120 years")
-    labels = rule.bands()
-    # The first band is "below edge 0", the last "edge -1 and over"; a null age stays null.
-    band: pl.Expr = pl.lit(None, dtype=pl.String)
-    for edge, label in reversed(list(zip(rule.edges, labels[:-1], strict=True))):
-        band = pl.when(age < edge).then(pl.lit(label)).otherwise(band)
-    return pl.when(age >= rule.edges[-1]).then(pl.lit(labels[-1])).otherwise(band)
+    return _band(age, rule.edges, rule.bands())
 
 
 def _number_band(name: str, rule: NumberBandRule, checks: _Checks) -> pl.Expr:
@@ -257,10 +253,16 @@ def _number_band(name: str, rule: NumberBandRule, checks: _Checks) -> pl.Expr:
     text = _text(name)
     value = text.cast(pl.Float64, strict=False)
     checks.add(text.is_not_null() & (value.is_null() | ~value.is_finite()), name, "not a number")
-    band: pl.Expr = pl.lit(rule.labels[-1])
-    for edge, label in reversed(list(zip(rule.edges, rule.labels[:-1], strict=True))):
+    return _band(value, rule.edges, rule.labels)
+
+
+def _band(value: pl.Expr, edges: Sequence[float], labels: Sequence[str]) -> pl.Expr:
+    """``labels[0]`` below ``edges[0]``, ``labels[i]`` in ``[edges[i-1], edges[i])``, ``labels[-1]`` from
+    ``edges[-1]`` on; an unknown value stays unknown."""
+    band: pl.Expr = pl.lit(labels[-1])
+    for edge, label in reversed(list(zip(edges, labels[:-1], strict=True))):
         band = pl.when(value < edge).then(pl.lit(label)).otherwise(band)
-    return pl.when(value.is_null()).then(None).otherwise(band)
+    return pl.when(value.is_null()).then(pl.lit(None, dtype=pl.String)).otherwise(band)
 
 
 def _region(name: str, rule: RegionRule, checks: _Checks) -> pl.Expr:
@@ -531,27 +533,18 @@ def ingest_files(
             kind=kind, items=[item for _i, item in staged], key_version=version, keyset=keyset
         )
     for (i, item), batch in zip(staged, batches, strict=True):
-        results[i] = _with_batch(results[i], batch, tuple(b.id for b in item.replaces))
+        results[i] = dataclasses.replace(
+            results[i],
+            stored=True,
+            batch_id=batch.id,
+            rows=batch.rows,
+            people=batch.people,
+            replaced_batches=tuple(b.id for b in item.replaces),
+        )
         metrics.INGEST_ROWS.labels(kind).inc(batch.rows)
     for r in results:
         log.info("ingest: %s", r.message)
     return results
-
-
-def _with_batch(r: IngestResult, b: Batch, replaced: tuple[int, ...]) -> IngestResult:
-    return IngestResult(
-        r.kind,
-        r.source,
-        True,
-        b.id,
-        b.rows,
-        b.people,
-        r.dropped_columns,
-        r.generalized_columns,
-        r.expired_events,
-        r.mode,
-        replaced,
-    )
 
 
 def _refuse_replay_after_erasure(store: Store, kind: Kind, source: str, name: str) -> None:
