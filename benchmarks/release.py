@@ -61,10 +61,12 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
     import opendp.prelude as dp
     import polars as pl
 
-    from privseg import release, release_data
+    from privseg import release
+    from privseg.release import data as release_data
     from privseg.segments import engine
 
     dep, seg_ids = _prepare(customers)
+    rctx = dep.release_context()
     snap = engine.latest(dep.store.conn)
     assert snap is not None
     path = engine.snapshot_path(dep.store, snap)
@@ -88,7 +90,7 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
         floor(segs)
         t_a.append(time.perf_counter() - t)
 
-    dims_frame = release_data.dimensions(dep, snap)  # warm privseg's per-snapshot cache (built once)
+    dims_frame = release_data.dimensions(rctx, snap)  # warm privseg's per-snapshot cache (built once)
     t_a2 = []
     for segs in requests:
         t = time.perf_counter()
@@ -100,26 +102,25 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
 
     t_c, t_d, stages = [], [], []
     for i, segs in enumerate(requests):
-        req = release.CohortReportRequest(
-            segments=segs, breakdown=DIMS, recipient=RECIPIENTS[i % len(RECIPIENTS)]
-        )
+        req = release.CohortReportRequest(segments=segs, breakdown=DIMS)
+        recipient = RECIPIENTS[i % len(RECIPIENTS)]
         t = time.perf_counter()
-        out = release.cohort_report(dep, req)
+        out = release.run(rctx, req, recipient)
         t_c.append(time.perf_counter() - t)
         assert not out["cached"], "a benchmark request hit the cache; use a fresh store"
         t = time.perf_counter()
-        again = release.cohort_report(dep, req)
+        again = release.run(rctx, req, recipient)
         t_d.append(time.perf_counter() - t)
         assert again["cached"]
         # where the time goes, for one request
         if i == 0:
-            plan = release.plan_cohort_report(dep, req)
+            plan = release.plan(rctx, req, recipient)
             t0 = time.perf_counter()
-            release.plan_cohort_report(dep, req)
+            release.plan(rctx, req, recipient)
             t1 = time.perf_counter()
-            exact = release_data.exact(dep, plan)
+            exact = release.KINDS[plan.kind].exact(rctx, plan)["counts"]
             t2 = time.perf_counter()
-            plan.measurement()(exact)
+            plan.counts.measurement()(exact)
             t3 = time.perf_counter()
             stages = [("plan", t1 - t0), ("exact counts", t2 - t1), ("OpenDP noise", t3 - t2)]
 
@@ -130,8 +131,10 @@ def phase_run(customers: int, reps: int, naive_reps: int) -> dict[str, Any]:
         pl.concat(
             [pl.read_parquet(path, columns=seg_ids), dims_frame.select(DIMS)], how="horizontal"
         ).with_columns([pl.col(d).cast(pl.String).fill_null("unknown") for d in DIMS]).write_parquet(flat)
-        plan = release.plan_cohort_report(
-            dep, release.CohortReportRequest(segments=requests[0], breakdown=DIMS, recipient="growth_team")
+        plan = release.plan(
+            dep.release_context(),
+            release.CohortReportRequest(segments=requests[0], breakdown=DIMS),
+            "growth_team",
         )
         keys = pl.DataFrame([list(k) for k in plan.keys], schema=DIMS, orient="row")
         t_b = []

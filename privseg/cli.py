@@ -70,6 +70,14 @@ def _deployment() -> Deployment:
     return Deployment(settings)
 
 
+def _governed() -> Deployment:
+    """A deployment for a command that acts under the policies: they are loaded first, and a policy
+    set not seen before is recorded in the audit log."""
+    dep = _deployment()
+    dep.record_policies()
+    return dep
+
+
 @contextmanager
 def _progress(as_json: bool) -> Iterator[Callable[[str], None]]:
     """A status line on a terminal (stderr) for long work; nothing when not a TTY or with --json."""
@@ -464,7 +472,7 @@ def segments_apply(
     """Validate and store definitions; each change becomes a new version. Nothing is applied on error."""
     from privseg.segments import definitions
 
-    dep = _deployment()
+    dep = _governed()
     results = definitions.apply(
         dep.store.conn,
         dep.keyset,
@@ -485,7 +493,7 @@ def segments_retire(
     """Retire a definition (a new, retired version; its history is kept). Refused while in use."""
     from privseg.segments import definitions
 
-    dep = _deployment()
+    dep = _governed()
     r = definitions.retire(
         dep.store.conn,
         dep.keyset,
@@ -513,7 +521,7 @@ def segments_examples(
     if not apply:
         typer.echo(" ".join(str(f) for f in files))
         return
-    dep = _deployment()
+    dep = _governed()
     # Examples that read what this deployment's ingest policy lacks are skipped and said so.
     docs, skipped = definitions.fitting(
         definitions.read_documents(files), schema=dep.schema, categories=dep.categories
@@ -597,7 +605,7 @@ def segments_compute(
     counts leave only as differentially private releases."""
     from privseg.segments import engine
 
-    dep = _deployment()
+    dep = _governed()
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
     with _progress(as_json) as progress:
@@ -660,18 +668,17 @@ def report(
         raise InvalidInput("--spend-where is not valid JSON") from None
     if not isinstance(where, dict):
         raise InvalidInput("--spend-where must be a JSON object: event field -> condition")
-    dep = _deployment()
+    dep = _governed()
     req = release.CohortReportRequest(
         segments=segment,
         breakdown=by or [],
-        recipient=recipient,
         measures=["count", "spend"] if spend else ["count"],
         spend_event=spend_event,
         spend_where=where,
         dry_run=dry_run,
     )
-    result = release.cohort_report(dep, req)
-    _emit(result, as_json, release.release_text(result))
+    result = release.run(dep.release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
 
 
 @app.command("audience")
@@ -685,12 +692,10 @@ def audience(
     """A thresholded partner audience: DP counts per cell and the segment's share of each cell."""
     from privseg import release
 
-    dep = _deployment()
-    req = release.PartnerAudienceRequest(
-        segment=segment, breakdown=by or ["region"], partner=partner, dry_run=dry_run
-    )
-    result = release.partner_audience(dep, req)
-    _emit(result, as_json, release.release_text(result))
+    dep = _governed()
+    req = release.PartnerAudienceRequest(segment=segment, breakdown=by or ["region"], dry_run=dry_run)
+    result = release.run(dep.release_context(), req, partner)
+    _emit(result, as_json, release.text(result))
 
 
 @app.command("movement")
@@ -709,11 +714,10 @@ def movement_cmd(
         segments=segment,
         from_snapshot=from_snapshot,
         to_snapshot=to_snapshot,
-        recipient=recipient,
         dry_run=dry_run,
     )
-    result = release.movement(_deployment(), req)
-    _emit(result, as_json, release.release_text(result))
+    result = release.run(_governed().release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
 
 
 @app.command("lift")
@@ -728,11 +732,9 @@ def lift_cmd(
     """A DP A/B lift report: conversions per arm and the lift, with an interval that includes the noise."""
     from privseg import release
 
-    req = release.LiftRequest(
-        treatment=treatment, control=control, conversion=conversion, recipient=recipient, dry_run=dry_run
-    )
-    result = release.lift(_deployment(), req)
-    _emit(result, as_json, release.release_text(result))
+    req = release.LiftRequest(treatment=treatment, control=control, conversion=conversion, dry_run=dry_run)
+    result = release.run(_governed().release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
 
 
 @app.command("budget")
@@ -809,7 +811,7 @@ def serve(
 
     from privseg.api.app import create_app
 
-    dep = _deployment()
+    dep = _governed()
     # Refuse to start on a bad policy set, a missing keyset or an unreadable store.
     dep.keyset, dep.ingest_policy  # noqa: B018
     typer.echo(

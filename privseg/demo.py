@@ -12,7 +12,6 @@ from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
 from privseg.ingest import ingest_files
 from privseg.keyset import create_keyset
-from privseg.release import release_text
 from privseg.segments import definitions, engine
 from privseg.store import Kind
 
@@ -71,6 +70,7 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
     if profiles is not None:
         yield "  profile columns: " + ", ".join(profiles.collect_schema().names())
     yield f"  pseudonym key version: k{status['key_version']}, namespace {status['namespace']!r}"
+    dep.record_policies()
     results = definitions.apply(
         dep.store.conn,
         dep.keyset,
@@ -94,24 +94,23 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
         yield f"snapshot {latest.id} is current (rerunning the demo spends no budget: releases are cached)"
     yield "  try: privseg segments explain hearing_aid_interest_55plus"
     # The only way numbers leave: differentially private, thresholded, charged to the ledger.
-    report = release.cohort_report(
-        dep,
+    ctx = dep.release_context()
+    report = release.run(
+        ctx,
         release.CohortReportRequest(
-            segments=["cart_abandoners_7d", "engaged_not_ready"],
-            breakdown=["age_band"],
-            recipient="growth_team",
+            segments=["cart_abandoners_7d", "engaged_not_ready"], breakdown=["age_band"]
         ),
+        "growth_team",
     )
     yield "cohort report (marketer growth_team):"
-    yield from ("  " + line for line in release_text(report).splitlines())
-    audience = release.partner_audience(
-        dep,
-        release.PartnerAudienceRequest(
-            segment="hearing_aid_interest_55plus", breakdown=["age_band"], partner="adnet_alpha"
-        ),
+    yield from ("  " + line for line in release.text(report).splitlines())
+    audience = release.run(
+        ctx,
+        release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus", breakdown=["age_band"]),
+        "adnet_alpha",
     )
     yield "partner audience (ad partner adnet_alpha, stigmatized category hearing_aids):"
-    yield from ("  " + line for line in release_text(audience).splitlines())
+    yield from ("  " + line for line in release.text(audience).splitlines())
     verdict = audit.verify(dep.store.conn, dep.keyset)
     yield f"audit log: {verdict.entries} entries, chain {'verified' if verdict.ok else 'BROKEN'}"
     yield "next: `privseg budget`, `privseg audit show`, `privseg report --help`, `privseg serve`"

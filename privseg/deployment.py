@@ -16,6 +16,7 @@ from privseg.category_policy import CategorySet, load_categories
 from privseg.db import connect, get_meta, set_meta, transaction
 from privseg.ingest_policy import IngestPolicy, load_ingest_policy
 from privseg.keyset import Keyset, load_keyset
+from privseg.release.context import ReleaseContext
 from privseg.schema import Schema
 from privseg.segments.compiler import Compiler
 from privseg.segments.definitions import active, build_compiler
@@ -41,9 +42,14 @@ class Deployment:
 
     @cached_property
     def categories(self) -> CategorySet:
-        """The category policies, refused (PolicyError) if any finding stands against them. A policy
-        set not seen before is recorded in the audit log with its hash."""
-        cats = load_categories(self.settings.policy_dir, self.schema)
+        """The category policies, refused (PolicyError) if any finding stands against them. Reading
+        them writes nothing; :meth:`record_policies` audits a set not seen before."""
+        return load_categories(self.settings.policy_dir, self.schema)
+
+    def record_policies(self) -> CategorySet:
+        """Load the policies at start-up and record a set not seen before in the audit log, with its
+        hash (the server and every CLI command that acts under policies call this once)."""
+        cats = self.categories
         conn = self.store.conn
         with transaction(conn):
             if get_meta(conn, "policy_hash") != cats.content_hash:
@@ -68,6 +74,16 @@ class Deployment:
     def compiler(self) -> Compiler:
         """A compiler over the currently active definitions (they change as segments are applied)."""
         return build_compiler(active(self.store.conn), schema=self.schema, categories=self.categories)
+
+    def release_context(self) -> ReleaseContext:
+        """What release code needs, and nothing else."""
+        return ReleaseContext(
+            store=self.store,
+            keyset=self.keyset,
+            categories=self.categories,
+            schema=self.schema,
+            sensitivity=self.sensitivity,
+        )
 
     @cached_property
     def store(self) -> Store:

@@ -37,15 +37,20 @@ def main() -> None:
     elif point == "before_commit":  # manifest rows inserted inside the open transaction
         store.audit.append = _die  # type: ignore[attr-defined]
     elif point == "after_charge":  # the ledger charge has committed, no noise drawn yet
-        from privseg import release
+        import dataclasses
 
-        release.exact = _die  # type: ignore[assignment]  # the name release() calls
+        from privseg.release import KINDS
+
+        # The engine reaches the kind's exact aggregation through the registry, after the charge.
+        KINDS["cohort_report"] = dataclasses.replace(KINDS["cohort_report"], exact=_die)
     dep = Deployment()
     if operation == "release":
         from privseg import release
 
-        release.cohort_report(
-            dep, release.CohortReportRequest(segments=[file], breakdown=["age_band"], recipient="growth_team")
+        release.run(
+            dep.release_context(),
+            release.CohortReportRequest(segments=[file], breakdown=["age_band"]),
+            "growth_team",
         )
         return
     if operation == "rotate":

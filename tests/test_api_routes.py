@@ -382,7 +382,19 @@ def test_no_response_carries_key_material(api: tuple[TestClient, dict[str, str],
         assert token not in text
 
 
-def test_every_operation_declares_its_security_and_its_problem_errors(
+def _typed(schema: dict[str, Any], doc: dict[str, Any]) -> bool:
+    """A schema that says something: a named model, a typed array of them, or a union of such."""
+    if "$ref" in schema:
+        target = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+        return bool(target.get("properties")) and target.get("type") == "object"
+    if schema.get("type") == "array":
+        return _typed(schema["items"], doc)
+    if "anyOf" in schema or "oneOf" in schema:
+        return all(_typed(s, doc) for s in schema.get("anyOf", schema.get("oneOf")))
+    return False
+
+
+def test_every_operation_declares_its_security_its_response_and_its_problem_errors(
     api: tuple[TestClient, dict[str, str], Deployment],
 ) -> None:
     doc = create_app(api[2]).openapi()
@@ -402,6 +414,16 @@ def test_every_operation_declares_its_security_and_its_problem_errors(
             continue
         for method, op in ops.items():
             assert op.get("security") == [{"apiKey": []}], (path, method)
+            ok = {k: v for k, v in op["responses"].items() if k.startswith("2")}
+            assert len(ok) == 1, (path, method)
+            ((status, answer),) = ok.items()
+            if status != "204":  # no content
+                assert _typed(answer["content"]["application/json"]["schema"], doc), (path, method)
+            if "requestBody" in op:
+                body = op["requestBody"]["content"]
+                schema = body.get("application/json", {}).get("schema")
+                # A JSON body is a typed model (uploads are raw files, streamed).
+                assert schema is None or _typed(schema, doc), (path, method)
             for status in ("401", "403", "404", "409", "413", "422", "429", "500"):
                 content = op["responses"][status]["content"]
                 assert content["application/problem+json"]["schema"]["$ref"] == problem, (

@@ -1,4 +1,5 @@
-"""Schemathesis against the app's own OpenAPI schema: no 5xx anywhere, every error is problem+json."""
+"""Schemathesis against the app's own OpenAPI schema: no 5xx anywhere, every error is problem+json,
+and every response matches the schema the API publishes for it (its typed response model)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import response_schema_conformance
 
 from privseg import apikeys
 from privseg.api.app import create_app
@@ -49,6 +51,8 @@ def _fuzz(operation: Any, headers: dict[str, str]) -> Any:
         if response.status_code >= 400:
             content_type = (response.headers.get("content-type") or [""])[0]
             assert content_type.startswith("application/problem+json"), where
+        # The body matches the declared schema (2xx: the response model; errors: Problem).
+        case.validate_response(response, checks=[response_schema_conformance])
 
     return check
 

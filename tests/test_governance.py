@@ -232,18 +232,21 @@ def test_a_release_over_several_categories_takes_the_strictest_rule_and_charges_
     with pytest.raises(
         PolicyViolation, match="'cannabis\\+hearing_aids' does not allow breaking down by 'age_band'"
     ):
-        release.cohort_report(
-            ready, release.CohortReportRequest(segments=segs, breakdown=["age_band"], recipient="growth_team")
+        release.run(
+            ready.release_context(),
+            release.CohortReportRequest(segments=segs, breakdown=["age_band"]),
+            "growth_team",
         )
-    dry = release.cohort_report(
-        ready,
-        release.CohortReportRequest(
-            segments=segs, breakdown=["region"], recipient="growth_team", dry_run=True
-        ),
+    dry = release.run(
+        ready.release_context(),
+        release.CohortReportRequest(segments=segs, breakdown=["region"], dry_run=True),
+        "growth_team",
     )
     assert dry["charged_categories"] == ["cannabis", "hearing_aids"] and dry["remaining_epsilon"] == 2.0
-    out = release.cohort_report(
-        ready, release.CohortReportRequest(segments=segs, breakdown=["region"], recipient="growth_team")
+    out = release.run(
+        ready.release_context(),
+        release.CohortReportRequest(segments=segs, breakdown=["region"]),
+        "growth_team",
     )
     assert out["category"] == "cannabis+hearing_aids" and out["min_cohort_size"] == 100
     rows = ready.store.conn.execute("SELECT category, epsilon_micro FROM ledger ORDER BY category").fetchall()
@@ -263,8 +266,8 @@ def test_a_release_over_several_categories_takes_the_strictest_rule_and_charges_
             now=datetime.now(UTC),
         )
     with pytest.raises(BudgetExhausted, match="'cannabis' has 0 left"):
-        release.cohort_report(
-            ready, release.CohortReportRequest(segments=segs, breakdown=[], recipient="growth_team")
+        release.run(
+            ready.release_context(), release.CohortReportRequest(segments=segs, breakdown=[]), "growth_team"
         )
     hearing = ready.store.conn.execute(
         "SELECT SUM(epsilon_micro) FROM ledger WHERE category = 'hearing_aids'"
@@ -284,11 +287,10 @@ def test_a_breakdown_by_a_tagged_attribute_is_released_under_its_category(
     d = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
     prepare(d, demo_files.customers, demo_files.events)
     with pytest.raises(PolicyViolation, match="'hearing_aids' forbids breaking down by 'income_band'"):
-        release.cohort_report(
-            d,
-            release.CohortReportRequest(
-                segments=["frequent_buyers"], breakdown=["income_band"], recipient="growth_team"
-            ),
+        release.run(
+            d.release_context(),
+            release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["income_band"]),
+            "growth_team",
         )
     d.close()
 
@@ -385,8 +387,8 @@ def test_a_snapshot_from_another_policy_set_is_not_released(
         in engine.staleness(d.store, engine.latest(d.store.conn), policy_hash=d.categories.content_hash)[0]
     )
     with pytest.raises(Conflict, match="computed under another policy set"):
-        release.cohort_report(
-            d, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+        release.run(
+            d.release_context(), release.CohortReportRequest(segments=["frequent_buyers"]), "growth_team"
         )
     d.close()
 
@@ -415,8 +417,6 @@ def _rotate(dep: Deployment) -> Deployment:
 
 
 def test_a_movement_across_a_rotation_keeps_each_person_in_one_cell(ready: Deployment) -> None:
-    from privseg.release_data import exact
-
     first = engine.latest(ready.store.conn)
     assert first is not None and first.key_version == 1
     dep = _rotate(ready)
@@ -425,10 +425,10 @@ def test_a_movement_across_a_rotation_keeps_each_person_in_one_cell(ready: Deplo
     assert not (dep.store.data_dir / "snapshots" / first.file).exists()  # type: ignore[operator]
     later = _recompute(dep)
     req = release.MovementRequest(
-        segments=["engaged_not_ready", "cart_abandoners_7d"], from_snapshot=first.id, recipient="growth_team"
+        segments=["engaged_not_ready", "cart_abandoners_7d"], from_snapshot=first.id
     )
-    plan = release.plan_movement(dep, req)
-    assert plan.sensitivity == 1
+    plan = release.plan(dep.release_context(), req, "growth_team")
+    assert plan.counts.sensitivity == 1
     before, after = (
         set(pl.read_parquet(engine.snapshot_path(dep.store, s), columns=["pid"]).get_column("pid"))
         for s in (rekeyed, later)
@@ -437,7 +437,7 @@ def test_a_movement_across_a_rotation_keeps_each_person_in_one_cell(ready: Deplo
     assert before == after and all(p.startswith("k2.") for p in after)
     # Every person is in exactly one (from, to) cell: the L1 bound d_in = 1 holds after the rotation
     # (with the old snapshot left under k1, everybody would be counted twice).
-    assert sum(exact(dep, plan)) == len(after)
+    assert sum(release.KINDS[plan.kind].exact(dep.release_context(), plan)["counts"]) == len(after)
     dep.close()
 
 
@@ -445,8 +445,8 @@ def test_a_snapshot_under_another_key_version_is_not_released(ready: Deployment)
     with transaction(ready.store.conn):
         ready.store.conn.execute("UPDATE snapshots SET key_version = NULL")
     with pytest.raises(Conflict, match="another pseudonym key version"):
-        release.cohort_report(
-            ready, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+        release.run(
+            ready.release_context(), release.CohortReportRequest(segments=["frequent_buyers"]), "growth_team"
         )
 
 
@@ -499,8 +499,8 @@ def test_cutting_the_newest_audit_entries_is_detected_against_an_anchor(
 ) -> None:
     from tests.conftest import run_cli
 
-    release.cohort_report(
-        ready, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+    release.run(
+        ready.release_context(), release.CohortReportRequest(segments=["frequent_buyers"]), "growth_team"
     )
     anchors = tmp_path / "outside" / "anchors.jsonl"
     assert "anchored" in run_cli(ready.settings, "audit", "anchor", "--out", str(anchors)).stdout
@@ -517,8 +517,8 @@ def test_cutting_the_newest_audit_entries_is_detected_against_an_anchor(
 
 
 def test_a_deleted_ledger_charge_is_found(ready: Deployment) -> None:
-    release.cohort_report(
-        ready, release.CohortReportRequest(segments=["frequent_buyers"], recipient="growth_team")
+    release.run(
+        ready.release_context(), release.CohortReportRequest(segments=["frequent_buyers"]), "growth_team"
     )
     assert audit.verify_all(ready.store.conn, ready.keyset).ok
     _cut(ready, "DELETE FROM ledger", "ledger_no_delete")

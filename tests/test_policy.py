@@ -124,19 +124,25 @@ def test_the_server_refuses_to_start_on_a_refused_policy_set(tmp_path: Path) -> 
     )
 
 
-def test_each_new_policy_set_is_audited_once(dep: Deployment, tmp_path: Path) -> None:
+def test_each_new_policy_set_is_audited_once_at_start_up_and_reading_writes_nothing(
+    dep: Deployment, tmp_path: Path
+) -> None:
     from privseg import audit
 
-    dep.categories  # noqa: B018  (first load)
-    Deployment(dep.settings).categories  # noqa: B018  (same set again: no new entry)
-    loads = [e for e in audit.entries(dep.store.conn, limit=1000) if e.event == "policy_load"]
-    assert len(loads) == 1 and loads[0].details["policy_hash"] == dep.categories.content_hash
+    def loads() -> list[audit.AuditEntry]:
+        return [e for e in audit.entries(dep.store.conn, limit=1000) if e.event == "policy_load"]
+
+    before = [(e.seq, e.event) for e in audit.entries(dep.store.conn, limit=1000)]
+    dep.categories  # noqa: B018  (reading the policies is not an audited event)
+    assert [(e.seq, e.event) for e in audit.entries(dep.store.conn, limit=1000)] == before
+    dep.record_policies()  # start-up: a set not seen before is recorded
+    Deployment(dep.settings).record_policies()  # same set again: no new entry
+    assert len(loads()) == 1 and loads()[0].details["policy_hash"] == dep.categories.content_hash
     folder = _copy(tmp_path)
     _edit(folder, "general", "epsilon_per_release", 0.4)
     changed = Deployment(dep.settings.model_copy(update={"policy_dir": folder}))
-    changed.categories  # noqa: B018
-    loads = [e for e in audit.entries(dep.store.conn, limit=1000) if e.event == "policy_load"]
-    assert len(loads) == 2 and loads[1].details["policy_hash"] == changed.categories.content_hash
+    changed.record_policies()
+    assert len(loads()) == 2 and loads()[1].details["policy_hash"] == changed.categories.content_hash
     changed.close()
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from opendp.accuracy import discrete_laplacian_scale_to_accuracy
 
-from privseg import audit, ledger, release, release_data
+from privseg import audit, ledger, release
 from privseg.deployment import Deployment
 from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
+from privseg.release import data as release_data
 from privseg.segments import engine
 from tests.conftest import AS_OF, REPO, prepare
 from tests.test_store import _env
@@ -47,42 +48,48 @@ def spent(dep: Deployment) -> int:
 
 
 def report(dep: Deployment, segments: list[str], by: list[str] = (), recipient: str = "growth_team", **kw):  # type: ignore[no-untyped-def,assignment]
-    return release.cohort_report(
-        dep, release.CohortReportRequest(segments=segments, breakdown=list(by), recipient=recipient, **kw)
+    return release.run(
+        dep.release_context(),
+        release.CohortReportRequest(segments=segments, breakdown=list(by), **kw),
+        recipient,
     )
 
 
 # -- the noise ---------------------------------------------------------------------------------------
 def test_noise_has_the_scale_opendp_states(ready: Deployment) -> None:
-    plan = release.plan_cohort_report(
-        ready, release.CohortReportRequest(segments=GENERAL[:2], recipient="growth_team")
+    plan = release.plan(
+        ready.release_context(), release.CohortReportRequest(segments=GENERAL[:2]), "growth_team"
     )
-    assert plan.sensitivity == 2 and plan.scale == pytest.approx(4.0)  # d_in 2 at epsilon 0.5
-    m = plan.measurement()
+    assert plan.counts.sensitivity == 2 and plan.counts.scale == pytest.approx(4.0)  # d_in 2 at epsilon 0.5
+    m = plan.counts.measurement()
     assert m.map(2) <= 0.5 + 1e-9
     draws = [v - 1000 for _ in range(5) for v in m([1000] * 2000)]
-    p = math.exp(-1 / plan.scale)
+    p = math.exp(-1 / plan.counts.scale)
     variance = 2 * p / (1 - p) ** 2  # discrete Laplace with scale t: 2e^{-1/t} / (1 - e^{-1/t})^2
     mean = sum(draws) / len(draws)
     emp = sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)
     assert abs(mean) < 0.25
     assert emp == pytest.approx(variance, rel=0.08)
     # The stated 95% interval covers about 95% of draws.
-    covered = sum(abs(d) <= plan.half_width for d in draws) / len(draws)
+    covered = sum(abs(d) <= plan.counts.half_width for d in draws) / len(draws)
     assert 0.94 <= covered <= 0.975
-    assert plan.half_width == pytest.approx(discrete_laplacian_scale_to_accuracy(plan.scale, 0.05))
+    assert plan.counts.half_width == pytest.approx(
+        discrete_laplacian_scale_to_accuracy(plan.counts.scale, 0.05)
+    )
 
 
 def test_an_empty_cell_is_almost_never_released(ready: Deployment) -> None:
-    plan = release.plan_partner_audience(
-        ready, release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus", partner="adnet_alpha")
+    plan = release.plan(
+        ready.release_context(),
+        release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus"),
+        "adnet_alpha",
     )
-    m = plan.measurement()
+    m = plan.counts.measurement()
     floor = plan.policy.min_cohort_size
     draws = [v for _ in range(10) for v in m([0] * 2000)]
     released = sum(v >= floor for v in draws)
     # P(noise >= 100) at scale 8 is about 3e-6: 20,000 draws should release none; 3 would be 1e-6 rare.
-    bound = math.exp(-floor / plan.scale) * len(draws)
+    bound = math.exp(-floor / plan.counts.scale) * len(draws)
     assert bound < 0.1 and released <= 3
 
 
@@ -143,11 +150,10 @@ def test_a_kill_during_a_release_leaves_the_charge_recorded(ready: Deployment) -
         report(ready, ["frequent_buyers"], ["age_band"])
     # Once the dead release times out, asking again draws fresh noise and pays for it again:
     # a crash must never become a free second sample.
-    later = release.plan_cohort_report(
-        ready,
-        release.CohortReportRequest(
-            segments=["frequent_buyers"], breakdown=["age_band"], recipient="growth_team"
-        ),
+    later = release.plan(
+        ready.release_context(),
+        release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"]),
+        "growth_team",
     )
     from datetime import UTC, datetime
 
@@ -188,15 +194,17 @@ def test_a_kill_during_a_release_leaves_the_charge_recorded(ready: Deployment) -
             "category 'cannabis' does not allow breaking down by 'age_band'",
         ),
         (
-            lambda d: release.partner_audience(
-                d, release.PartnerAudienceRequest(segment="cannabis_curious", partner="adnet_alpha")
+            lambda d: release.run(
+                d.release_context(), release.PartnerAudienceRequest(segment="cannabis_curious"), "adnet_alpha"
             ),
             NotPermitted,
             "does not allow partner audiences",
         ),
         (
-            lambda d: release.partner_audience(
-                d, release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus", partner="adnet_beta")
+            lambda d: release.run(
+                d.release_context(),
+                release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus"),
+                "adnet_beta",
             ),
             NotPermitted,
             "'adnet_beta' is not granted",
@@ -241,11 +249,10 @@ def test_dry_run_states_cost_and_accuracy_and_spends_nothing(ready: Deployment) 
 
 def test_releases_hold_no_person_level_data_and_audit_holds_no_values(ready: Deployment) -> None:
     out = report(ready, GENERAL[:3], ["age_band"])
-    aud = release.partner_audience(
-        ready,
-        release.PartnerAudienceRequest(
-            segment="hearing_aid_interest_55plus", partner="adnet_alpha", breakdown=["age_band"]
-        ),
+    aud = release.run(
+        ready.release_context(),
+        release.PartnerAudienceRequest(segment="hearing_aid_interest_55plus", breakdown=["age_band"]),
+        "adnet_alpha",
     )
     text = json.dumps(out) + json.dumps(aud)
     assert re.search(r"k\d+\.[A-Za-z0-9_-]{20,}", text) is None
@@ -283,10 +290,10 @@ def test_segment_movement_between_two_snapshots(ready: Deployment) -> None:
         store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF + timedelta(days=10)
     )
     stages = ["engaged_not_ready", "cart_abandoners_7d"]
-    req = release.MovementRequest(segments=stages, from_snapshot=first.id, recipient="growth_team")
-    plan = release.plan_movement(ready, req)
-    assert plan.sensitivity == 1 and len(plan.keys) == 9  # (2 stages + none) squared
-    out = release.movement(ready, req)
+    req = release.MovementRequest(segments=stages, from_snapshot=first.id)
+    plan = release.plan(ready.release_context(), req, "growth_team")
+    assert plan.counts.sensitivity == 1 and len(plan.keys) == 9  # (2 stages + none) squared
+    out = release.run(ready.release_context(), req, "growth_team")
     assert out["from_snapshot"] == first.id and out["snapshot"] == later.id and out["charged_epsilon"] == 0.5
 
     def state(snap: engine.Snapshot) -> pl.DataFrame:
@@ -311,11 +318,10 @@ def test_segment_movement_between_two_snapshots(ready: Deployment) -> None:
             <= 10 * out["interval_95_half_width"]
         )
     with pytest.raises(InvalidInput, match="earlier"):
-        release.movement(
-            ready,
-            release.MovementRequest(
-                segments=stages, from_snapshot=later.id, to_snapshot=first.id, recipient="growth_team"
-            ),
+        release.run(
+            ready.release_context(),
+            release.MovementRequest(segments=stages, from_snapshot=later.id, to_snapshot=first.id),
+            "growth_team",
         )
 
 
@@ -337,10 +343,9 @@ def test_ab_lift_report(ready_20k: Deployment) -> None:
         treatment="spring_test_treatment",
         control="control_group_10pct",
         conversion="cart_abandoners_7d",
-        recipient="growth_team",
     )
-    assert release.plan_lift(ready, req).sensitivity == 4
-    out = release.lift(ready, req)
+    assert release.plan(ready.release_context(), req, "growth_team").counts.sensitivity == 4
+    out = release.run(ready.release_context(), req, "growth_team")
     assert out["charged_epsilon"] == 0.5 and not out["suppressed"]
     t, c = out["treatment"], out["control"]
     assert 0 <= t["rate"] <= 1 and 0 <= c["rate"] <= 1
@@ -348,22 +353,23 @@ def test_ab_lift_report(ready_20k: Deployment) -> None:
     lo, hi = out["lift_interval_95"]
     assert out["lift"] == pytest.approx(t["rate"] / c["rate"] - 1)
     assert 0 < lo <= out["lift"] <= hi  # clearly positive, and the interval brackets the estimate
-    assert release.lift(ready, req)["cached"]
+    assert release.run(ready.release_context(), req, "growth_team")["cached"]
     # Counting cannabis conversions makes the whole release cannabis's: crm_team is no recipient of it.
     with pytest.raises(NotPermitted, match="'crm_team' may not receive releases for category 'cannabis'"):
-        release.lift(
-            ready,
+        release.run(
+            ready.release_context(),
             release.LiftRequest(
                 treatment="spring_test_treatment",
                 control="control_group_10pct",
                 conversion="cannabis_curious",
-                recipient="crm_team",
             ),
+            "crm_team",
         )
     with pytest.raises(InvalidInput, match="three different"):
-        release.lift(
-            ready,
-            release.LiftRequest(treatment="a_b", control="a_b", conversion="c", recipient="growth_team"),
+        release.run(
+            ready.release_context(),
+            release.LiftRequest(treatment="a_b", control="a_b", conversion="c"),
+            "growth_team",
         )
 
 
@@ -387,7 +393,7 @@ def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None
     after = pl.read_parquet(engine.snapshot_path(ready.store, snap_after))
     assert after.height == before.height - 1 and member not in set(after.get_column("pid"))
     # A new release on the rewritten snapshot uses dimensions aligned to its new rows.
-    dims = release_data.dimensions(ready, snap_after)
+    dims = release_data.dimensions(ready.release_context(), snap_after)
     assert dims.height == after.height
     out = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
     assert not out["cached"]
@@ -402,23 +408,21 @@ def test_spend_measure_is_clipped_noisy_and_close_to_the_truth(ready_20k: Deploy
 
     ready = ready_20k
     stigmatized = ["hearing_aids", "cannabis", "sexual_health"]
-    unfiltered = release.CohortReportRequest(
-        segments=["frequent_buyers"], recipient="growth_team", measures=["count", "spend"]
-    )
+    unfiltered = release.CohortReportRequest(segments=["frequent_buyers"], measures=["count", "spend"])
     # Spend over every purchase reads every stigmatized category's purchases: their rules, each charged.
-    mixed = release.plan_cohort_report(ready, unfiltered)
+    mixed = release.plan(ready.release_context(), unfiltered, "growth_team")
     assert sorted(p.name for p in mixed.charged) == sorted(stigmatized)
     assert mixed.policy.min_cohort_size == 100 and mixed.epsilon == 0.25
     req = unfiltered.model_copy(
         update={"spend_where": {"product_category": {"not_in_or_unknown": stigmatized}}}
     )
-    plan = release.plan_cohort_report(ready, req)
+    plan = release.plan(ready.release_context(), req, "growth_team")
     assert [p.name for p in plan.charged] == ["general"]
-    assert (
-        plan.count_epsilon == 0.25 and plan.spend_sensitivity == 500 * 100
-    )  # one segment x clip 500 in cents
-    assert plan.spend_measurement().map(plan.spend_sensitivity) <= 0.25 + 1e-9
-    out = release.cohort_report(ready, req)
+    spend = plan.vector("spend")
+    # Half the epsilon each; spend's d_in is one segment x the clip of 500, in cents.
+    assert plan.counts.epsilon == spend.epsilon == 0.25 and spend.sensitivity == 500 * 100
+    assert spend.measurement().map(spend.sensitivity) <= 0.25 + 1e-9
+    out = release.run(ready.release_context(), req, "growth_team")
     assert out["charged_epsilon"] == 0.5 and spent(ready) == ledger.to_micro(0.5)
     (cell,) = out["results"][0]["cells"]
     snap = engine.latest(ready.store.conn)
@@ -446,11 +450,10 @@ def test_spend_measure_is_clipped_noisy_and_close_to_the_truth(ready_20k: Deploy
     assert abs(cell["spend"] - truth) <= 10 * out["spend_interval_95_half_width"]
     assert cell["mean_spend"] == pytest.approx(min(cell["spend"] / cell["count"], 500))
     with pytest.raises(InvalidInput, match="add the count measure"):
-        release.cohort_report(
-            ready,
-            release.CohortReportRequest(
-                segments=["frequent_buyers"], recipient="growth_team", measures=["spend"]
-            ),
+        release.run(
+            ready.release_context(),
+            release.CohortReportRequest(segments=["frequent_buyers"], measures=["spend"]),
+            "growth_team",
         )
 
 
@@ -464,11 +467,15 @@ def test_movement_from_different_snapshots_are_different_releases(ready: Deploym
         store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF + timedelta(days=10)
     )
     stages = ["engaged_not_ready", "cart_abandoners_7d"]
-    a = release.movement(
-        ready, release.MovementRequest(segments=stages, from_snapshot=first.id, recipient="growth_team")
+    a = release.run(
+        ready.release_context(),
+        release.MovementRequest(segments=stages, from_snapshot=first.id),
+        "growth_team",
     )
-    b = release.movement(
-        ready, release.MovementRequest(segments=stages, from_snapshot=second.id, recipient="growth_team")
+    b = release.run(
+        ready.release_context(),
+        release.MovementRequest(segments=stages, from_snapshot=second.id),
+        "growth_team",
     )
     assert not a["cached"] and not b["cached"] and a["from_snapshot"] != b["from_snapshot"]
     assert spent(ready) == ledger.to_micro(1.0)

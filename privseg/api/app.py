@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from privseg import __version__, audit, metrics, uploads
 from privseg.api.deps import Admin, FailureRecorder
 from privseg.api.limits import BodyLimit
-from privseg.api.routes import ERRORS, Problem, router
+from privseg.api.routes import routers
+from privseg.api.schemas import ERRORS, Problem
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
 
@@ -52,6 +53,8 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Raw uploads a killed server left behind (identifiers included) go before anything else.
         uploads.clear_stale(dep.settings.uploads_path)
+        # Policies are loaded (and a new set audited) once, here: requests only read them.
+        dep.record_policies()
         writer = None
         if dep.settings.audit_anchor_file is not None:
             writer = audit.AnchorWriter(
@@ -75,7 +78,8 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
         title="privseg", version=__version__, openapi_url="/openapi.json", docs_url="/docs", lifespan=lifespan
     )
     app.state.deployment = dep
-    app.include_router(router)
+    for router in routers():
+        app.include_router(router)
     openapi = app.openapi
 
     def openapi_with_problems() -> dict[str, Any]:
