@@ -64,7 +64,7 @@ def phase_naive(data: Path) -> dict[str, float]:
 
 def phase_privseg(data: Path) -> dict[str, float]:
     from privseg.deployment import Deployment
-    from privseg.ingest import ingest_files
+    from privseg.ingest.files import ingest_files
     from privseg.keyset import create_keyset
     from privseg.settings import Settings
 

@@ -213,7 +213,7 @@ def _deployment(customers: int) -> Any:
 
 def phase_setup(customers: int) -> dict[str, Any]:
     from privseg.demo_data import generate
-    from privseg.ingest import ingest_files
+    from privseg.ingest.files import ingest_files
     from privseg.keyset import create_keyset
 
     data = HERE.parent / "results" / f"demo-{customers}"
@@ -242,7 +242,7 @@ def phase_setup(customers: int) -> dict[str, Any]:
 def phase_privseg(customers: int, size: int, as_of: str, out: Path) -> dict[str, Any]:
     from privseg.segments.compiler import Compiler
     from privseg.segments.engine import membership
-    from privseg.segments.language import Parser
+    from privseg.segments.parser import Parser
 
     dep = _deployment(customers)
     t = time.perf_counter()
@@ -266,7 +266,7 @@ def phase_privseg(customers: int, size: int, as_of: str, out: Path) -> dict[str,
 
 def _consents(dep: Any, defs: list[dict[str, Any]]) -> dict[str, list[str]]:
     from privseg.segments.compiler import Compiler
-    from privseg.segments.language import Parser
+    from privseg.segments.parser import Parser
 
     parser = Parser(dep.schema, set(dep.categories.categories))
     segs = {d["id"]: parser.segment(d, d["id"]) for d in defs}

@@ -10,7 +10,7 @@ from privseg import audit, release
 from privseg.demo_data import generate
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
-from privseg.ingest import ingest_files
+from privseg.ingest.files import ingest_files
 from privseg.keyset import create_keyset
 from privseg.segments import definitions, engine
 from privseg.store import Kind

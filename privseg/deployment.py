@@ -12,10 +12,11 @@ import sys
 from functools import cached_property
 
 from privseg import audit
-from privseg.category_policy import CategorySet, load_categories
 from privseg.db import connect, get_meta, set_meta, transaction
-from privseg.ingest_policy import IngestPolicy, load_ingest_policy
 from privseg.keyset import Keyset, load_keyset
+from privseg.policy.categories import CategorySet
+from privseg.policy.checks import load_categories
+from privseg.policy.ingest import IngestPolicy, load_ingest_policy
 from privseg.release.context import ReleaseContext
 from privseg.schema import Schema
 from privseg.segments.compiler import Compiler

@@ -12,8 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from privseg.category_policy import CategoryPolicy, CategorySet
 from privseg.errors import BudgetExhausted
+from privseg.policy.categories import CategoryPolicy, CategorySet
 
 MICRO = 1_000_000
 

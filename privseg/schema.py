@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from privseg.errors import InvalidInput
-from privseg.ingest_policy import (
+from privseg.policy.ingest import (
     AgeBandRule,
     BoolAttr,
     CategoryAttr,

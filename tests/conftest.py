@@ -133,7 +133,7 @@ EXAMPLES = REPO / "privseg" / "segments" / "examples"
 
 def prepare(dep: Deployment, customers: Path, events: Path) -> None:
     """Ingest demo files as of AS_OF, apply the shipped example segments, compute a snapshot."""
-    from privseg.ingest import ingest_files
+    from privseg.ingest.files import ingest_files
     from privseg.segments import definitions, engine
 
     ingest_files(

@@ -15,7 +15,7 @@ from typing import Any
 
 from privseg import audit, fsutil, maintenance, store
 from privseg.deployment import Deployment
-from privseg.ingest import ingest_files
+from privseg.ingest.files import ingest_files
 
 
 def _die(*_args: Any, **_kwargs: Any) -> Any:

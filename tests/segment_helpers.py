@@ -7,12 +7,13 @@ from typing import Any
 
 import polars as pl
 
-from privseg.category_policy import CategorySet, SensitiveData, load_categories
-from privseg.ingest_policy import load_ingest_policy
+from privseg.policy.categories import CategorySet, SensitiveData
+from privseg.policy.checks import load_categories
+from privseg.policy.ingest import load_ingest_policy
 from privseg.schema import Schema
 from privseg.segments.compiler import Compiler
 from privseg.segments.engine import evaluate
-from privseg.segments.language import Parser
+from privseg.segments.parser import Parser
 from tests.conftest import POLICIES
 
 AS_OF = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

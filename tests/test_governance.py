@@ -18,10 +18,12 @@ from fastapi.testclient import TestClient
 
 from privseg import apikeys, audit, ledger, release
 from privseg.api.app import create_app
-from privseg.category_policy import diff, findings, read_categories
 from privseg.db import transaction
 from privseg.deployment import Deployment
 from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
+from privseg.policy.categories import read_categories
+from privseg.policy.checks import findings
+from privseg.policy.diff import diff
 from privseg.schema import FieldType
 from privseg.segments import definitions, engine
 from privseg.segments.language import Cond, DefinitionError
@@ -636,7 +638,7 @@ def test_uploads_left_by_a_killed_server_are_cleared_at_start(ready: Deployment)
     import fcntl
     import os
 
-    from privseg.uploads import upload_folder
+    from privseg.ingest.uploads import upload_folder
 
     root = ready.settings.uploads_path
     assert not root.resolve().is_relative_to(ready.settings.home.resolve())  # outside backed-up state
@@ -673,7 +675,7 @@ def test_a_file_without_a_header_is_refused_without_quoting_its_first_row(
     dep: Deployment, tmp_path: Path
 ) -> None:
     from privseg.errors import InvalidInput
-    from privseg.ingest import ingest_files
+    from privseg.ingest.files import ingest_files
 
     rows = "C000000042,jane.doe@example.com,+1 555 123 4567,Jane,Doe,1961-04-02,02139,female\n" * 3
     for name, content in (("p.csv", rows), ("q.csv", "customer_id,jane.doe@example.com\nC1,x\n")):
@@ -697,7 +699,7 @@ def test_a_gzip_bomb_is_refused_before_it_is_decompressed_whole(
     import gzip
 
     from privseg.errors import InvalidInput
-    from privseg.ingest import ingest_files
+    from privseg.ingest.files import ingest_files
 
     path = tmp_path / f"bomb{suffix}"
     with gzip.open(path, "wb", compresslevel=9) as fh:

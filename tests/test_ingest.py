@@ -11,7 +11,7 @@ import pytest
 
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
-from privseg.ingest import ingest_files
+from privseg.ingest.files import ingest_files
 from privseg.pseudonym import Pseudonymizer
 from tests.conftest import AS_OF, EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, write_csv
 

@@ -14,7 +14,7 @@ import pytest
 from privseg import maintenance
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
-from privseg.ingest import ingest_files
+from privseg.ingest.files import ingest_files
 from privseg.pseudonym import Pseudonymizer
 from tests.conftest import AS_OF, EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, run_cli, write_csv
 
@@ -329,7 +329,7 @@ EXPORT = (
 def test_a_marketing_export_goes_in_with_its_own_policy(dep: Deployment, tmp_path: Path) -> None:
     import yaml
 
-    from privseg.ingest_policy import IngestPolicy
+    from privseg.policy.ingest import IngestPolicy
 
     policy = IngestPolicy.model_validate(yaml.safe_load(EXPORT_POLICY))
     path = tmp_path / "marketing_campaign.csv"
@@ -355,11 +355,11 @@ def test_a_marketing_export_goes_in_with_its_own_policy(dep: Deployment, tmp_pat
 def test_a_derived_attribute_can_be_used_in_a_segment(tmp_path: Path) -> None:
     import yaml
 
-    from privseg.ingest_policy import IngestPolicy
+    from privseg.policy.ingest import IngestPolicy
     from privseg.schema import Schema
     from privseg.segments.compiler import Compiler
     from privseg.segments.engine import evaluate
-    from privseg.segments.language import Parser
+    from privseg.segments.parser import Parser
     from tests.segment_helpers import UNTAGGED
 
     schema = Schema.from_ingest_policy(IngestPolicy.model_validate(yaml.safe_load(EXPORT_POLICY)))
@@ -392,7 +392,7 @@ def test_a_derived_attribute_can_be_used_in_a_segment(tmp_path: Path) -> None:
 def test_out_of_range_still_refuses_by_default(dep: Deployment, tmp_path: Path) -> None:
     import yaml
 
-    from privseg.ingest_policy import IngestPolicy
+    from privseg.policy.ingest import IngestPolicy
 
     doc = yaml.safe_load(EXPORT_POLICY)
     doc["profiles"]["attributes"]["NumWebPurchases"].pop("out_of_range")

@@ -25,23 +25,62 @@ def test_fastapi_is_imported_only_by_the_api_package() -> None:
     assert offenders == []
 
 
-def test_core_modules_do_not_import_the_shells() -> None:
+SHELLS = ("privseg.cli", "privseg.api", "privseg.demo", "privseg.__main__")
+# The small modules everything stands on: they import only each other (and third-party packages).
+CORE = {
+    "privseg",
+    "privseg.errors",
+    "privseg.settings",
+    "privseg.db",
+    "privseg.fsutil",
+    "privseg.keyset",
+    "privseg.pseudonym",
+    "privseg.audit",
+    "privseg.store",
+    "privseg.schema",
+    "privseg.metrics",
+    "privseg.policy",
+    "privseg.policy.categories",
+    "privseg.policy.checks",
+    "privseg.policy.diff",
+    "privseg.policy.ingest",
+}
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every privseg module and the privseg modules it imports (at any depth of its code)."""
+    import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "privseg"
-    core = [
-        "keyset",
-        "pseudonym",
-        "store",
-        "db",
-        "audit",
-        "ingest_policy",
-        "settings",
-        "errors",
-        "fsutil",
-        "sources",
-    ]
-    for name in core:
-        text = (root / f"{name}.py").read_text()
-        for upper in ("privseg.cli", "privseg.api", "import typer", "privseg.ingest ", "privseg.maintenance"):
-            assert upper not in text, f"{name}.py imports {upper}"
+    root = Path(__file__).resolve().parent.parent
+    graph: dict[str, set[str]] = {}
+    for path in (root / "privseg").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        module = ".".join(parts[:-1] if is_package else parts)
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module
+                if node.level:  # relative: resolve against the package
+                    package = module.split(".") if is_package else module.split(".")[:-1]
+                    base = ".".join([*package[: len(package) - node.level + 1], node.module])
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names}
+        graph[module] = {m for m in found if m == "privseg" or m.startswith("privseg.")}
+    return graph
+
+
+def _is(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_dependencies_point_one_way() -> None:
+    graph = _imports()
+    modules = set(graph)
+    upward = sorted((m, d) for m, deps in graph.items() if not _is(m, SHELLS) for d in deps if _is(d, SHELLS))
+    assert upward == [], "services and core must not import the CLI, the API or the demo"
+    core_out = sorted((m, d) for m in CORE for d in graph[m] if d in modules and d not in CORE and d != m)
+    assert core_out == [], "core modules import only core modules"

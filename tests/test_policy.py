@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from privseg.category_policy import diff, findings, load_categories, read_categories
 from privseg.deployment import Deployment
 from privseg.errors import PolicyError
+from privseg.policy.categories import read_categories
+from privseg.policy.checks import findings, load_categories
+from privseg.policy.diff import diff
 from tests.conftest import POLICIES
 
 
@@ -147,7 +149,7 @@ def test_each_new_policy_set_is_audited_once_at_start_up_and_reading_writes_noth
 
 
 def test_a_consent_attribute_that_is_not_a_boolean_is_a_finding(tmp_path: Path) -> None:
-    from privseg.ingest_policy import load_ingest_policy
+    from privseg.policy.ingest import load_ingest_policy
     from privseg.schema import Schema
 
     folder = tmp_path / "policies"

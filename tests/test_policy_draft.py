@@ -10,9 +10,9 @@ import yaml
 
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
-from privseg.ingest import ingest_files
-from privseg.ingest_policy import IngestPolicy
-from privseg.policy_draft import draft
+from privseg.ingest.files import ingest_files
+from privseg.policy.draft import draft
+from privseg.policy.ingest import IngestPolicy
 from tests.conftest import AS_OF, run_cli
 
 

@@ -335,7 +335,7 @@ def test_apply_versions_and_is_all_or_nothing(dep: Deployment, tmp_path: Path) -
 
 
 def test_snapshot_records_inputs_goes_stale_and_prunes(dep: Deployment, demo_files) -> None:  # type: ignore[no-untyped-def]
-    from privseg.ingest import ingest_files
+    from privseg.ingest.files import ingest_files
 
     for kind, path in (("profiles", demo_files.customers), ("events", demo_files.events)):
         ingest_files(

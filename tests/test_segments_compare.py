@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from privseg.schema import FieldType, Schema
 from privseg.segments.compiler import Compiler
 from privseg.segments.engine import evaluate
-from privseg.segments.language import DefinitionError, Parser
+from privseg.segments.language import DefinitionError
+from privseg.segments.parser import Parser
 from tests.segment_helpers import AS_OF, CATEGORIES, UNTAGGED, events
 
 SCHEMA = Schema(

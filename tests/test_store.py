@@ -13,7 +13,7 @@ import pytest
 
 from privseg import audit, maintenance
 from privseg.deployment import Deployment
-from privseg.ingest import ingest_files
+from privseg.ingest.files import ingest_files
 from privseg.keyset import load_keyset
 from privseg.pseudonym import Pseudonymizer
 from privseg.settings import Settings

@@ -20,13 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privseg import __version__, audit, metrics, uploads
+from privseg import __version__, audit, metrics
 from privseg.api.deps import Admin, FailureRecorder
 from privseg.api.limits import BodyLimit
 from privseg.api.routes import routers
 from privseg.api.schemas import ERRORS, Problem
 from privseg.deployment import Deployment
 from privseg.errors import PrivsegError
+from privseg.ingest import uploads
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("privseg.access")

@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from privseg.apikeys import Role
-from privseg.category_policy import CategoryPolicy
-from privseg.ingest_policy import IngestPolicy
+from privseg.policy.categories import CategoryPolicy
+from privseg.policy.ingest import IngestPolicy
 
 
 class Problem(BaseModel):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privseg.category_policy import CategorySet
 from privseg.keyset import Keyset
+from privseg.policy.categories import CategorySet
 from privseg.schema import Schema
 from privseg.segments.sensitivity import SensitivityIndex
 from privseg.store import Store

@@ -17,7 +17,7 @@ from opendp.measurements import make_laplace
 from opendp.metrics import l1_distance
 from opendp.mod import enable_features
 
-from privseg.category_policy import CategoryPolicy
+from privseg.policy.categories import CategoryPolicy
 from privseg.segments import engine
 
 # Specific modules, not opendp.prelude: the prelude imports scikit-learn (0.75 s on every CLI call).

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from privseg import ledger
-from privseg.category_policy import CategorySet
 from privseg.errors import NotFound
+from privseg.policy.categories import CategorySet
 from privseg.segments.compiler import Compiler
 
 

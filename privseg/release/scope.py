@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from privseg.category_policy import CategoryPolicy, strictest
 from privseg.errors import Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
+from privseg.policy.categories import CategoryPolicy, strictest
 from privseg.release.context import ReleaseContext
 from privseg.release.plan import UNKNOWN
 from privseg.segments import engine

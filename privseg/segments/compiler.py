@@ -17,11 +17,10 @@ from typing import assert_never
 
 import polars as pl
 
-from privseg.category_policy import CategorySet
+from privseg.policy.categories import CategorySet
 from privseg.schema import Schema
 from privseg.segments import operators
 from privseg.segments.language import (
-    BUCKETS,
     All,
     AnyOf,
     BucketLeaf,
@@ -40,6 +39,7 @@ from privseg.segments.language import (
     Window,
 )
 from privseg.segments.sensitivity import SensitivityIndex, Taint
+from privseg.segments.words import words
 
 
 # -- features --------------------------------------------------------------------------------------
@@ -279,38 +279,38 @@ class Compiler:
     def _node(
         self, node: Node, plan: Plan, memo: dict[str, pl.Expr], stack: tuple[str, ...], path: str
     ) -> pl.Expr:
-        if isinstance(node, All):
-            return pl.all_horizontal(
-                [self._node(c, plan, memo, stack, f"{path}.all[{i}]") for i, c in enumerate(node.children)]
-            )
-        if isinstance(node, AnyOf):
-            return pl.any_horizontal(
-                [self._node(c, plan, memo, stack, f"{path}.any[{i}]") for i, c in enumerate(node.children)]
-            )
-        if isinstance(node, Not):
-            return ~self._node(node.child, plan, memo, stack, f"{path}.not")
-        if isinstance(node, PropertyLeaf):
-            return operators.build(node.cond.op, pl.col(node.cond.field), node.cond.value)
-        if isinstance(node, EventLeaf):
-            return operators.build(
-                node.op, plan.use(AggFeature(node.step, node.window, node.measure)), node.value
-            )
-        if isinstance(node, RecencyLeaf):
-            recent = (plan.use(LastFeature(node.step)) >= plan.as_of - node.within).fill_null(False)
-            return ~recent if node.negate else recent
-        if isinstance(node, SequenceLeaf):
-            return plan.use(SeqFeature(node.first, node.then, node.within, node.window))
-        if isinstance(node, TraitLeaf):
-            trait = self.traits.get(node.name)
-            if trait is None:
-                raise DefinitionError(_unknown_trait(path, node.name, self.traits))
-            return operators.build(node.op, self.trait_score(trait, plan), node.value)
-        if isinstance(node, SegmentRef):
-            if node.id not in self.defs:
-                raise DefinitionError(f"{path}.segment: unknown segment {node.id!r}")
-            return self._segment(node.id, plan, memo, stack)
-        assert isinstance(node, BucketLeaf)
-        return plan.use(BucketFeature(node.salt)).is_between(node.low, node.high, closed="both")
+        match node:
+            case All() | AnyOf():
+                key = "all" if isinstance(node, All) else "any"
+                children = [
+                    self._node(c, plan, memo, stack, f"{path}.{key}[{i}]")
+                    for i, c in enumerate(node.children)
+                ]
+                return pl.all_horizontal(children) if key == "all" else pl.any_horizontal(children)
+            case Not():
+                return ~self._node(node.child, plan, memo, stack, f"{path}.not")
+            case PropertyLeaf():
+                return operators.build(node.cond.op, pl.col(node.cond.field), node.cond.value)
+            case EventLeaf():
+                feature = plan.use(AggFeature(node.step, node.window, node.measure))
+                return operators.build(node.op, feature, node.value)
+            case RecencyLeaf():
+                recent = (plan.use(LastFeature(node.step)) >= plan.as_of - node.within).fill_null(False)
+                return ~recent if node.negate else recent
+            case SequenceLeaf():
+                return plan.use(SeqFeature(node.first, node.then, node.within, node.window))
+            case TraitLeaf():
+                trait = self.traits.get(node.name)
+                if trait is None:
+                    raise DefinitionError(_unknown_trait(path, node.name, self.traits))
+                return operators.build(node.op, self.trait_score(trait, plan), node.value)
+            case SegmentRef():
+                if node.id not in self.defs:
+                    raise DefinitionError(f"{path}.segment: unknown segment {node.id!r}")
+                return self._segment(node.id, plan, memo, stack)
+            case BucketLeaf():
+                return plan.use(BucketFeature(node.salt)).is_between(node.low, node.high, closed="both")
+        assert_never(node)
 
     @staticmethod
     def trait_score(trait: TraitDef, plan: Plan) -> pl.Expr:
@@ -335,7 +335,7 @@ class Compiler:
         lines.append(f"category {' + '.join(names)}{declared}, objective {seg.objective}")
         lines += [f"  because {t.describe()}" for t in eff.taints]
         lines.append("A person is in this segment when")
-        lines += _words(seg.root, self.traits, 1)
+        lines += words(seg.root, self.traits, 1)
         consents = " and ".join(f"{c} is true" for c in self.consent_attributes(sid))
         lines.append(f"  and has consented: {consents}.")
         return "\n".join(lines)
@@ -369,70 +369,3 @@ def references(node: Node) -> set[str]:
 def traits_used(node: Node) -> set[str]:
     """The traits a tree uses directly."""
     return {leaf.name for leaf in leaves(node) if isinstance(leaf, TraitLeaf)}
-
-
-def _duration(d: timedelta) -> str:
-    seconds = int(d.total_seconds())
-    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
-        if seconds % size == 0:
-            n = seconds // size
-            return f"{n} {unit}{'s' if n != 1 else ''}"
-    return f"{seconds} seconds"
-
-
-def _window_words(w: Window) -> str:
-    if w.kind == "all":
-        return "ever"
-    if w.kind == "last":
-        assert isinstance(w.start, timedelta)
-        return f"in the last {_duration(w.start)}"
-    if w.kind == "between":
-        assert isinstance(w.start, timedelta) and isinstance(w.end, timedelta)
-        return f"between {_duration(w.start)} and {_duration(w.end)} ago"
-    return f"from {w.start} to {w.end}"
-
-
-def _step_words(step: Step) -> str:
-    text = f"{step.type} events"
-    if step.filters:
-        text += " where " + " and ".join(
-            operators.OPERATORS[c.op].words(c.field, c.value) for c in step.filters
-        )
-    return text
-
-
-def _words(node: Node, traits: dict[str, TraitDef], depth: int) -> list[str]:
-    pad = "  " * depth
-    if isinstance(node, All | AnyOf):
-        head = "all of:" if isinstance(node, All) else "any of:"
-        out = [f"{pad}{head}"]
-        for child in node.children:
-            out += _words(child, traits, depth + 1)
-        return out
-    if isinstance(node, Not):
-        return [f"{pad}NOT:", *_words(node.child, traits, depth + 1)]
-    if isinstance(node, PropertyLeaf):
-        c = node.cond
-        return [f"{pad}- {operators.OPERATORS[c.op].words(c.field, c.value)}"]
-    if isinstance(node, EventLeaf):
-        what = "number of" if node.measure == "count" else f"{node.measure} of value over"
-        subject = f"the {what} {_step_words(node.step)} {_window_words(node.window)}"
-        return [f"{pad}- {operators.OPERATORS[node.op].words(subject, node.value)}"]
-    if isinstance(node, RecencyLeaf):
-        verb = "no" if node.negate else "some"
-        return [f"{pad}- {verb} {_step_words(node.step)} in the last {_duration(node.within)}"]
-    if isinstance(node, SequenceLeaf):
-        return [
-            f"{pad}- {_step_words(node.first)} followed within {_duration(node.within)} by "
-            f"{_step_words(node.then)}, {_window_words(node.window)}"
-        ]
-    if isinstance(node, TraitLeaf):
-        t = traits.get(node.name)
-        label = f"trait {node.name}" + (f" ({t.description})" if t and t.description else "")
-        return [f"{pad}- {operators.OPERATORS[node.op].words(label, node.value)}"]
-    if isinstance(node, SegmentRef):
-        return [f"{pad}- is in segment {node.id}"]
-    assert isinstance(node, BucketLeaf)
-    share = (node.high - node.low + 1) / BUCKETS
-    buckets = f"random buckets {node.low}-{node.high} of {BUCKETS} for salt {node.salt!r}"
-    return [f"{pad}- falls in {buckets} ({share:.1%} of people)"]

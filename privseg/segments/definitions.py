@@ -17,13 +17,14 @@ from typing import Any, Literal
 import yaml
 
 from privseg import audit
-from privseg.category_policy import CategorySet
 from privseg.db import transaction
 from privseg.errors import Conflict, NotFound, NotPermitted
 from privseg.keyset import Keyset
+from privseg.policy.categories import CategorySet
 from privseg.schema import Schema
 from privseg.segments.compiler import Compiler, references, traits_used
-from privseg.segments.language import DefinitionError, Parser, SegmentDef, TraitDef
+from privseg.segments.language import DefinitionError, SegmentDef, TraitDef
+from privseg.segments.parser import Parser
 
 DefKind = Literal["segment", "trait"]
 ADMIN_CLI = "admin:cli"  # the actor of definitions applied from the command line

@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from privseg.category_policy import CategorySet
+from privseg.policy.categories import CategorySet
 from privseg.schema import FieldType, Schema
 from privseg.segments import operators
 from privseg.segments.language import Cond, Step

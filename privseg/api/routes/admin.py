@@ -30,11 +30,11 @@ from privseg.api.schemas import (
 )
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput, PayloadTooLarge
-from privseg.ingest import ingest_files
+from privseg.ingest.files import ingest_files
+from privseg.ingest.sources import check_encoding, detect_format
+from privseg.ingest.uploads import upload_folder, upload_name
 from privseg.maintenance import erase_subject
 from privseg.segments import definitions, engine
-from privseg.sources import check_encoding, detect_format
-from privseg.uploads import upload_folder, upload_name
 
 router = APIRouter(prefix=V1, responses=ERRORS, tags=["admin"])
 

@@ -20,7 +20,7 @@ from privseg.api.schemas import (
     Validation,
     Verification,
 )
-from privseg.category_policy import candidate_findings
+from privseg.policy.checks import candidate_findings
 from privseg.release.records import ReleaseRecord
 
 router = APIRouter(prefix=V1, responses=ERRORS, tags=["compliance"])

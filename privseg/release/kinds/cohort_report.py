@@ -26,8 +26,9 @@ from privseg.release.models import Released, SegmentCells
 from privseg.release.plan import ReleasePlan, Vector
 from privseg.release.registry import Noisy, ReleaseKind, ReleaseRequest, register
 from privseg.segments import operators
-from privseg.segments.language import Parser, Step
+from privseg.segments.language import Step
 from privseg.segments.operators import OPERATORS
+from privseg.segments.parser import Parser
 
 Measure = Literal["count", "spend"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from privseg.errors import InvalidInput
-from privseg.sources import read_source
+from privseg.ingest.sources import read_source
 
 SAMPLE_ROWS = 100_000
 MIN_VALUE_ROWS = 10  # a category value is listed only if at least this many rows have it
