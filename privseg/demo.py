@@ -41,7 +41,13 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
         yield f"keys: created {settings.keyset} (mode 0600, namespace {ks.namespace!r})"
     else:
         yield f"keys: using {settings.keyset}"
+    yield from _load(dep, customers=customers, seed=seed, data_dir=data_dir)
+    yield from _summary(dep)
+    yield from _segments(dep)
+    yield from _releases(dep)
 
+
+def _load(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) -> Iterator[str]:
     if data_dir is not None:
         yield from _ingest_files(dep, data_dir)
     elif dep.store.batches():
@@ -58,6 +64,8 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
             yield from _ingest_files(dep, Path(tmp))
         yield "demo data: the raw files were deleted after ingestion (only pseudonymized data is kept)"
 
+
+def _summary(dep: Deployment) -> Iterator[str]:
     status = dep.store.status()
     yield "store (pseudonymized; raw identifiers are not stored):"
     for kind in ("profiles", "events"):
@@ -70,6 +78,9 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
     if profiles is not None:
         yield "  profile columns: " + ", ".join(profiles.collect_schema().names())
     yield f"  pseudonym key version: k{status['key_version']}, namespace {status['namespace']!r}"
+
+
+def _segments(dep: Deployment) -> Iterator[str]:
     dep.record_policies()
     results = definitions.apply(
         dep.store.conn,
@@ -93,6 +104,9 @@ def run(dep: Deployment, *, customers: int, seed: int, data_dir: Path | None) ->
         assert latest is not None
         yield f"snapshot {latest.id} is current (rerunning the demo spends no budget: releases are cached)"
     yield "  try: privseg segments explain hearing_aid_interest_55plus"
+
+
+def _releases(dep: Deployment) -> Iterator[str]:
     # The only way numbers leave: differentially private, thresholded, charged to the ledger.
     ctx = dep.release_context()
     report = release.run(

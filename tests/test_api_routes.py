@@ -496,3 +496,21 @@ def test_routes_hold_no_sql() -> None:
     api_dir = Path(__file__).resolve().parent.parent / "privseg" / "api"
     offenders = [p.name for p in api_dir.glob("*.py") if ".execute(" in p.read_text()]
     assert offenders == []  # SQL lives in the domain modules the routes call
+
+
+def test_a_deeply_nested_definition_is_refused_without_a_server_error(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    # A hostile marketer nests `not` until the parsers' recursion gives up: every depth is a problem
+    # response (4xx), nothing is stored, and the server keeps answering.
+    client, tokens, dep = api
+    headers = {"Authorization": f"Bearer {tokens['marketer']}", "content-type": "application/json"}
+    before = dep.store.conn.execute("SELECT COUNT(*) FROM definitions").fetchone()[0]
+    for depth in (150, 1_000, 50_000):
+        where = '{"not": ' * depth + '{"segment": "no_such_segment"}' + "}" * depth
+        body = '{"id": "deep", "objective": "brand", "where": ' + where + "}"
+        r = client.post("/v1/segments", content=body.encode(), headers=headers)
+        assert r.status_code in (400, 422), (depth, r.status_code)
+        assert _problem(r)["status"] == r.status_code
+    assert dep.store.conn.execute("SELECT COUNT(*) FROM definitions").fetchone()[0] == before
+    assert client.get("/v1/segments", headers={"Authorization": headers["Authorization"]}).status_code == 200

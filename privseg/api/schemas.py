@@ -104,8 +104,8 @@ class SnapshotInfo(BaseModel):
     as_of: str
     computed_at: str
     pruned: bool
-    segments: dict[str, int] = Field(description="Segment -> its index in the snapshot, never a size.")
-    traits: dict[str, int]
+    segments: dict[str, int] = Field(description="Segment -> the definition version used (never a size).")
+    traits: dict[str, int] = Field(description="Trait -> the definition version used.")
     batches: list[int]
     policy_hash: str | None
     key_version: int | None

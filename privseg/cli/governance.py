@@ -16,6 +16,7 @@ from privseg.cli.shell import (
     _deployment,
     _emit,
     _governed,
+    _table,
     app,
     audit_app,
     policy_app,
@@ -178,10 +179,9 @@ def apikey_list(as_json: JsonOpt = False) -> None:
     from privseg import apikeys
 
     rows = apikeys.listing(_deployment().store.conn)
-    text = "\n".join(
-        f"{r['id']:>4} {r['role']:<10} {r['principal']:<20} {r['name']:<20} revoked={r['revoked_at']}"
-        for r in rows
-    )
+    columns = ["id", "role", "principal", "name", "created", "revoked"]
+    table = [[r[c] for c in ("id", "role", "principal", "name", "created_at", "revoked_at")] for r in rows]
+    text = _table(columns, table) if rows else ""
     _emit(rows, as_json, text or "(no keys)")
 
 

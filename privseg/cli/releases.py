@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,7 @@ from privseg.cli.shell import (
     _deployment,
     _emit,
     _governed,
+    _table,
     app,
 )
 from privseg.errors import InvalidInput
@@ -126,15 +127,19 @@ def budget(as_json: JsonOpt = False) -> None:
 
     dep = _deployment()
     rows = ledger.status(dep.store.conn, dep.categories, datetime.now(UTC))
-    lines = []
+    table: list[list[Any]] = []
     for c in rows:
-        lines.append(
-            f"{c['category']:<14} spent {c['category_spent']:g} of {c['category_cap']:g} "
-            f"(last {c['period_days']} days)"
+        table.append(
+            [
+                c["category"],
+                "(all)",
+                f"{c['category_spent']:g}",
+                f"{c['category_remaining']:g}",
+                "",
+                c["period_days"],
+            ]
         )
         for r in c["recipients"]:  # type: ignore[attr-defined]
-            lines.append(
-                f"  {r['recipient']:<20} spent {r['spent']:g} in {r['releases']} release(s), "
-                f"{r['remaining']:g} left"
-            )
-    _emit(rows, as_json, "\n".join(lines))
+            table.append(["", r["recipient"], f"{r['spent']:g}", f"{r['remaining']:g}", r["releases"], ""])
+    columns = ["category", "recipient", "epsilon spent", "epsilon left", "releases", "period (days)"]
+    _emit(rows, as_json, _table(columns, table))

@@ -16,6 +16,7 @@ from privseg.cli.shell import (
     _emit,
     _governed,
     _progress,
+    _table,
     segments_app,
 )
 from privseg.errors import NotFound
@@ -114,9 +115,8 @@ def segments_list(as_json: JsonOpt = False) -> None:
         (s.kind, s.id): "+".join(compiler.effective(s.id).categories) if s.kind == "segment" else ""
         for s in rows
     }
-    text = "\n".join(
-        f"{s.kind:<8} {s.id:<32} v{s.version:<3} {cats[(s.kind, s.id)]:<24} owner {s.owner}" for s in rows
-    )
+    table = [[s.kind, s.id, s.version, cats[(s.kind, s.id)], s.owner] for s in rows]
+    text = _table(["kind", "id", "version", "category", "owner"], table) if rows else ""
     _emit(
         [asdict(s) | {"category": cats[(s.kind, s.id)] or None} for s in rows],
         as_json,

@@ -90,6 +90,22 @@ def _progress(as_json: bool) -> Iterator[Callable[[str], None]]:
         yield lambda message: status.update(message)
 
 
+def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> str:
+    """Rows as a plain-text table (rich, no colour: the output is often piped)."""
+    import io
+    import shutil
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, title=title, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out = io.StringIO()
+    Console(file=out, width=max(100, shutil.get_terminal_size().columns), no_color=True).print(table)
+    return out.getvalue().rstrip("\n")
+
+
 def _emit(data: Any, as_json: bool, text: str | None = None) -> None:
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))

@@ -27,7 +27,7 @@ from privseg.policy.ingest import (
     ListAttr,
 )
 from privseg.pseudonym import Pseudonymizer
-from privseg.store import Kind, NewBatch, Store
+from privseg.store import Batch, Kind, NewBatch, Store
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +85,9 @@ def ingest_files(
     seen: set[str] = set()
     with store.writer_lock():
         for path in paths:
-            source = content_id(keyset, kind, path) if path.is_file() else ""
-            # Events: what was kept of a file depends on the policy (retention), so the same bytes under
-            # a changed policy are ingested again, replacing what they stored before (no duplicates).
-            # Profiles: the bytes alone, so a replayed old export can never overwrite newer values.
-            cid = policy_content_id(keyset, source, policy) if source and kind == "events" else source
-            existing = store.find_content(kind, cid) if cid else None
-            if existing is None and cid != source and source:
-                # Recorded by a privseg that keyed events on their bytes alone: still a no-op.
-                existing = store.find_content(kind, source)
+            source, cid, existing = _identify(store, keyset, policy, kind, path)
             if existing is not None or cid in seen:
-                batch_id = existing or 0
-                results.append(IngestResult(kind, path.name, False, batch_id, 0, 0))
+                results.append(IngestResult(kind, path.name, False, existing or 0, 0, 0))
                 continue
             replaces = tuple(store.lineage(kind, source)) if kind == "events" and source else ()
             if replaces:
@@ -126,14 +117,22 @@ def ingest_files(
                     "(load a historical export with --as-of, or change retention_days)"
                 )
             seen.add(cid)
-            item = NewBatch(df, cid, source, result.people, _audit_details(result), replaces)
-            staged.append((len(results), item))
+            staged.append(
+                (len(results), NewBatch(df, cid, source, result.people, _audit_details(result), replaces))
+            )
             results.append(result)
         if staged:
             progress(f"writing {len(staged)} batch(es) of {sum(i.frame.height for _j, i in staged):,} rows")
         batches = store.add_batches(
             kind=kind, items=[item for _i, item in staged], key_version=version, keyset=keyset
         )
+    return _stored(kind, results, staged, batches)
+
+
+def _stored(
+    kind: Kind, results: list[IngestResult], staged: list[tuple[int, NewBatch]], batches: list[Batch]
+) -> list[IngestResult]:
+    """The results, with what the store recorded for each staged file."""
     for (i, item), batch in zip(staged, batches, strict=True):
         results[i] = dataclasses.replace(
             results[i],
@@ -147,6 +146,23 @@ def ingest_files(
     for r in results:
         log.info("ingest: %s", r.message)
     return results
+
+
+def _identify(
+    store: Store, keyset: Keyset, policy: IngestPolicy, kind: Kind, path: Path
+) -> tuple[str, str, int | None]:
+    """A file's source id (keyed hash of its bytes), its content id, and the batch that already
+    stored that content (None: new)."""
+    source = content_id(keyset, kind, path) if path.is_file() else ""
+    # Events: what was kept of a file depends on the policy (retention), so the same bytes under a
+    # changed policy are ingested again, replacing what they stored before (no duplicates).
+    # Profiles: the bytes alone, so a replayed old export can never overwrite newer values.
+    cid = policy_content_id(keyset, source, policy) if source and kind == "events" else source
+    existing = store.find_content(kind, cid) if cid else None
+    if existing is None and cid != source and source:
+        # Recorded by a privseg that keyed events on their bytes alone: still a no-op.
+        existing = store.find_content(kind, source)
+    return source, cid, existing
 
 
 def _refuse_replay_after_erasure(store: Store, kind: Kind, source: str, name: str) -> None:

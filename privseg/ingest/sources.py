@@ -185,18 +185,12 @@ def _read_csv(path: Path, separator: str | None, encoding: str) -> pl.DataFrame:
     utf8 = codecs.lookup(encoding).name == "utf-8"
     try:
         if utf8:
-            return pl.read_csv(
-                path, separator=separator, infer_schema=False, missing_utf8_is_empty_string=False
-            )
+            # An empty field is missing (null); a quoted "" is an empty string (Polars' default).
+            return pl.read_csv(path, separator=separator, infer_schema=False)
         # Another encoding: decode strictly here (Polars' own decoding would not say where it failed).
         with _open_text(path, encoding) as fh:
             text = fh.read()
-        return pl.read_csv(
-            io.BytesIO(text.encode("utf-8")),
-            separator=separator,
-            infer_schema=False,
-            missing_utf8_is_empty_string=False,
-        )
+        return pl.read_csv(io.BytesIO(text.encode("utf-8")), separator=separator, infer_schema=False)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError):
         raise InvalidInput(f"{path.name}: {_first_problem_csv(path, separator, encoding)}") from None
 

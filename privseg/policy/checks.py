@@ -42,13 +42,84 @@ def _tag_findings(name: str, tags: SensitiveData, schema: Schema) -> list[str]:
     return out
 
 
+def _schema_findings(name: str, c: CategoryPolicy, schema: Schema) -> list[str]:
+    """Tags, consent and breakdowns that name nothing usable in the ingest schema."""
+    out = _tag_findings(name, c.sensitive_data, schema)
+    consent = schema.profile.get(c.consent_attribute)
+    if consent is None or consent.type != "bool":
+        out.append(
+            f"{name}: consent_attribute {c.consent_attribute!r} is not a boolean profile attribute "
+            "of the ingest policy (nobody could ever be counted)"
+        )
+    profile_dimensions = schema.breakdown_dimensions()
+    for dim in c.breakdowns.allowed:
+        if dim not in profile_dimensions:
+            out.append(f"{name}: breakdown {dim!r} is not a profile attribute")
+        elif not profile_dimensions[dim]:
+            # A breakdown without a public, single-valued domain could not use public keys.
+            out.append(
+                f"{name}: breakdown {dim!r} has no public single-valued domain "
+                "(lists and free text cannot be keys)"
+            )
+    return out
+
+
+def _looser_than_general(name: str, c: CategoryPolicy, g: CategoryPolicy) -> list[str]:
+    """Every axis on which a stigmatized category is looser than general."""
+    out: list[str] = []
+    # (field, this category's value, general's, why a larger value is looser)
+    numeric = [
+        ("epsilon_per_release", c.epsilon_per_release, g.epsilon_per_release, "each release reveals more"),
+        ("delta", c.delta, g.delta, "a larger chance of failure"),
+        (
+            "budget.per_recipient",
+            c.budget.per_recipient,
+            g.budget.per_recipient,
+            "a recipient may learn more",
+        ),
+        (
+            "budget.category_cap",
+            c.budget.category_cap,
+            g.budget.category_cap,
+            "all recipients may learn more",
+        ),
+        (
+            "breakdowns.max_dimensions",
+            c.breakdowns.max_dimensions,
+            g.breakdowns.max_dimensions,
+            "finer cells",
+        ),
+        ("value_clip", c.value_clip, g.value_clip, "one person's spend weighs more"),
+        # For these two a smaller value is the looser one: compare them negated.
+        ("budget.period_days", -c.budget.period_days, -g.budget.period_days, "the budget refills sooner"),
+        ("min_cohort_size", -c.min_cohort_size, -g.min_cohort_size, "smaller groups are released"),
+    ]
+    for what, mine, general, why in numeric:
+        if mine > general:
+            out.append(f"{name}: {what} is {abs(mine)}, looser than general's {abs(general)} ({why})")
+    extra = sorted(set(c.allowed_dimensions()) - set(g.allowed_dimensions()))
+    if extra:
+        out.append(f"{name}: allows breakdowns {extra} that general does not")
+    unforbidden = sorted(set(g.breakdowns.forbidden) - set(c.breakdowns.forbidden))
+    if unforbidden:
+        out.append(f"{name}: does not forbid {unforbidden}, which general forbids")
+    for kind in ("marketers", "partners"):
+        more = sorted(set(getattr(c.recipients, kind)) - set(getattr(g.recipients, kind)))
+        if more:
+            out.append(f"{name}: grants {kind} {more} that general does not")
+    if c.partner_audiences and not g.partner_audiences:
+        out.append(f"{name}: allows partner audiences, which general does not")
+    if c.consent_attribute == g.consent_attribute:
+        out.append(
+            f"{name}: uses general's consent attribute {c.consent_attribute!r}; a stigmatized category "
+            "needs its own, explicit consent"
+        )
+    return out
+
+
 def findings(cats: CategorySet, schema: Schema | None = None) -> list[str]:
     """Every way a stigmatized category is looser than general, dimensions that cannot be keys, and
-    sensitivity tags that are misplaced or name nothing in the ingest ``schema``.
-
-    A breakdown over a dimension without a public, single-valued domain could not use public keys,
-    so it is refused here.
-    """
+    sensitivity tags that are misplaced or name nothing in the ingest ``schema``."""
     g = cats.get("general")
     out: list[str] = []
     for name, c in sorted(cats.categories.items()):
@@ -58,77 +129,9 @@ def findings(cats: CategorySet, schema: Schema | None = None) -> list[str]:
                 "(its rules must be stricter than general's)"
             )
         if schema is not None:
-            out += _tag_findings(name, c.sensitive_data, schema)
-            consent = schema.profile.get(c.consent_attribute)
-            if consent is None or consent.type != "bool":
-                out.append(
-                    f"{name}: consent_attribute {c.consent_attribute!r} is not a boolean profile attribute "
-                    "of the ingest policy (nobody could ever be counted)"
-                )
-            profile_dimensions = schema.breakdown_dimensions()
-            for dim in c.breakdowns.allowed:
-                if dim not in profile_dimensions:
-                    out.append(f"{name}: breakdown {dim!r} is not a profile attribute")
-                elif not profile_dimensions[dim]:
-                    out.append(
-                        f"{name}: breakdown {dim!r} has no public single-valued domain "
-                        "(lists and free text cannot be keys)"
-                    )
-        if not c.stigmatized or name == "general":
-            continue
-
-        # (field, this category's value, general's, why a larger value is looser)
-        numeric = [
-            (
-                "epsilon_per_release",
-                c.epsilon_per_release,
-                g.epsilon_per_release,
-                "each release reveals more",
-            ),
-            ("delta", c.delta, g.delta, "a larger chance of failure"),
-            (
-                "budget.per_recipient",
-                c.budget.per_recipient,
-                g.budget.per_recipient,
-                "a recipient may learn more",
-            ),
-            (
-                "budget.category_cap",
-                c.budget.category_cap,
-                g.budget.category_cap,
-                "all recipients may learn more",
-            ),
-            (
-                "breakdowns.max_dimensions",
-                c.breakdowns.max_dimensions,
-                g.breakdowns.max_dimensions,
-                "finer cells",
-            ),
-            ("value_clip", c.value_clip, g.value_clip, "one person's spend weighs more"),
-            # For these two a smaller value is the looser one: compare them negated.
-            ("budget.period_days", -c.budget.period_days, -g.budget.period_days, "the budget refills sooner"),
-            ("min_cohort_size", -c.min_cohort_size, -g.min_cohort_size, "smaller groups are released"),
-        ]
-        for what, mine, general, why in numeric:
-            if mine > general:
-                out.append(f"{name}: {what} is {abs(mine)}, looser than general's {abs(general)} ({why})")
-        extra = sorted(set(c.allowed_dimensions()) - set(g.allowed_dimensions()))
-        if extra:
-            out.append(f"{name}: allows breakdowns {extra} that general does not")
-        unforbidden = sorted(set(g.breakdowns.forbidden) - set(c.breakdowns.forbidden))
-        if unforbidden:
-            out.append(f"{name}: does not forbid {unforbidden}, which general forbids")
-        for kind in ("marketers", "partners"):
-            more = sorted(set(getattr(c.recipients, kind)) - set(getattr(g.recipients, kind)))
-            if more:
-                out.append(f"{name}: grants {kind} {more} that general does not")
-        if c.partner_audiences and not g.partner_audiences:
-            out.append(f"{name}: allows partner audiences, which general does not")
-        if c.consent_attribute == g.consent_attribute:
-            out.append(
-                f"{name}: uses general's consent attribute {c.consent_attribute!r}; a stigmatized category "
-                "needs its own, explicit consent"
-            )
+            out += _schema_findings(name, c, schema)
+        if c.stigmatized and name != "general":
+            out += _looser_than_general(name, c, g)
     return out
 
 
