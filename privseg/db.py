@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,6 +154,36 @@ def connect(path: Path) -> sqlite3.Connection:
     _migrate(conn)
     private_files(path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
     return conn
+
+
+class ConnectionPool:
+    """Connections to one database, each lent to one request at a time. Opening one (pragmas, the
+    migration check, file modes) costs more than serving a cached release, so the server keeps a few
+    open. A connection handed back inside a transaction is closed, never lent again."""
+
+    def __init__(self, path: Path, keep: int = 16) -> None:
+        self.path, self.keep = path, keep
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return connect(self.path)
+
+    def release(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if not conn.in_transaction and len(self._idle) < self.keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

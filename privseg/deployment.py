@@ -12,7 +12,7 @@ import sys
 from functools import cached_property
 
 from privseg import audit
-from privseg.db import connect, get_meta, set_meta, transaction
+from privseg.db import ConnectionPool, connect, get_meta, set_meta, transaction
 from privseg.keyset import Keyset, load_keyset
 from privseg.policy.categories import CategorySet
 from privseg.policy.checks import load_categories
@@ -27,8 +27,12 @@ from privseg.store import Store
 
 
 class Deployment:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, pool: ConnectionPool | None = None) -> None:
         self.settings = settings or Settings()
+        # Set for a request's deployment: its connection is borrowed from the server's pool.
+        self._pool = pool
+        # A deployment that serves requests lends them connections from here (see for_request).
+        self._root_pool = ConnectionPool(self.settings.db_path) if pool is None else None
 
     @cached_property
     def keyset(self) -> Keyset:
@@ -88,12 +92,15 @@ class Deployment:
 
     @cached_property
     def store(self) -> Store:
-        return Store(connect(self.settings.db_path), self.settings.data_dir)
+        conn = self._pool.acquire() if self._pool is not None else connect(self.settings.db_path)
+        return Store(conn, self.settings.data_dir)
 
     def for_request(self) -> Deployment:
         """A deployment sharing what is already loaded (keyset, policies) but with its own database
-        connection: SQLite connections must not be shared by concurrent requests."""
-        fork = Deployment(self.settings)
+        connection, borrowed from the pool until :meth:`close`: SQLite connections must not be shared
+        by concurrent requests."""
+        assert self._root_pool is not None, "fork the server's deployment, not a request's"
+        fork = Deployment(self.settings, self._root_pool)
         for name in ("keyset", "ingest_policy", "schema", "categories", "sensitivity"):
             if name in self.__dict__:
                 fork.__dict__[name] = self.__dict__[name]
@@ -101,8 +108,13 @@ class Deployment:
 
     def close(self) -> None:
         if "store" in self.__dict__:
-            self.store.conn.close()
+            if self._pool is not None:
+                self._pool.release(self.store.conn)
+            else:
+                self.store.conn.close()
             del self.__dict__["store"]
+        if self._root_pool is not None:
+            self._root_pool.close()
 
 
 class JsonFormatter(logging.Formatter):

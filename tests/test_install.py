@@ -45,6 +45,7 @@ CORE = {
     "privseg.fsutil",
     "privseg.keyset",
     "privseg.pseudonym",
+    "privseg.siv",
     "privseg.audit",
     "privseg.store",
     "privseg.schema",

@@ -279,3 +279,19 @@ def test_audit_table_rejects_updates_and_deletes(dep: Deployment, tmp_path: Path
         dep.store.conn.execute("UPDATE audit SET event = 'x'")
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         dep.store.conn.execute("DELETE FROM audit")
+
+
+def test_request_connections_are_pooled_and_a_dirty_one_is_not_lent_again(dep) -> None:  # type: ignore[no-untyped-def]
+    first = dep.for_request()
+    conn = first.store.conn
+    first.close()
+    second = dep.for_request()
+    assert second.store.conn is conn  # reused: no new connection per request
+    # A request that ends inside an open transaction hands back a connection nobody may reuse.
+    second.store.conn.execute("BEGIN IMMEDIATE")
+    second.close()
+    third = dep.for_request()
+    assert third.store.conn is not conn
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        conn.execute("SELECT 1")
+    third.close()

@@ -11,14 +11,15 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privseg import __version__, audit, metrics
 from privseg.api.deps import FailureRecorder
@@ -91,34 +92,41 @@ def _document_problems(app: FastAPI) -> None:
     app.openapi = openapi_with_problems  # type: ignore[method-assign]
 
 
-async def _access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    # A caller's request id is kept if it is a plain token, else one is made: it ties the access log
-    # line, the response and the caller's own logs together.
-    given = request.headers.get("x-request-id", "")
-    request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    started = time.perf_counter()
-    response = await call_next(request)
-    # The route template (/v1/releases/{release_id}), never the path itself: paths can carry anything.
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-    ms = round((time.perf_counter() - started) * 1000, 1)
-    extra = {
-        "request_id": request_id,
-        "method": request.method,
-        "route": route,
-        "status": response.status_code,
-    }
-    access.info(
-        "%s %s %d %.1f ms [%s]",
-        request.method,
-        route,
-        response.status_code,
-        ms,
-        request_id,
-        extra=extra | {"ms": ms},
-    )
-    response.headers["X-Request-ID"] = request_id
-    return response
+class AccessLog:
+    """One access-log line and one metrics count per request, with a request id in the response.
+
+    Plain ASGI (not Starlette's BaseHTTPMiddleware, which costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # A caller's request id is kept if it is a plain token, else one is made: it ties the access
+        # log line, the response and the caller's own logs together.
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        started, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # The route template (/v1/releases/{release_id}), never the path: paths can carry anything.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            metrics.REQUESTS.labels(route, method, str(status)).inc()
+            ms = round((time.perf_counter() - started) * 1000, 1)
+            extra = {"request_id": request_id, "method": method, "route": route, "status": status, "ms": ms}
+            access.info("%s %s %d %.1f ms [%s]", method, route, status, ms, request_id, extra=extra)
 
 
 async def _privseg_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -157,7 +165,7 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
         app.include_router(router)
     _document_problems(app)
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
-    app.middleware("http")(_access_log)
+    app.add_middleware(AccessLog)  # added last: the outermost, so it sees every answer
     app.add_exception_handler(PrivsegError, _privseg_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

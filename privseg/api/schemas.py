@@ -133,9 +133,18 @@ class ApiKeyRow(BaseModel):
 
 
 class ApiKeyBody(Body):
-    role: Role
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
-    partner: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$")
+    role: Role = Field(description="admin, marketer, compliance or partner.")
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="The key's name; for a marketer, the recipient id its releases go to.",
+    )
+    partner: str | None = Field(
+        None, pattern=r"^[a-z][a-z0-9_]*$", description="Partner keys only: the partner id the key acts as."
+    )
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"role": "marketer", "name": "growth_team"}]})
 
 
 class CreatedKey(BaseModel):
@@ -149,6 +158,8 @@ class CreatedKey(BaseModel):
 
 class ErasureBody(Body):
     id: str = Field(min_length=1, description="The data subject's raw identifier (never logged or stored).")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "C-000123"}]})
 
 
 # -- marketer ----------------------------------------------------------------------------------------------
@@ -192,6 +203,34 @@ class PolicySet(BaseModel):
 
 class PolicyCandidate(Body):
     categories: dict[str, dict[str, Any]] = Field(description="Category name -> the YAML document, as JSON.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "categories": {
+                        "general": {
+                            "name": "general",
+                            "stigmatized": False,
+                            "consent_attribute": "consent_marketing",
+                            "epsilon_per_release": 0.5,
+                            "delta": 0.0,
+                            "budget": {"period_days": 30, "per_recipient": 10.0, "category_cap": 40.0},
+                            "min_cohort_size": 50,
+                            "breakdowns": {
+                                "allowed": ["age_band", "region"],
+                                "forbidden": [],
+                                "max_dimensions": 2,
+                            },
+                            "recipients": {"marketers": ["growth_team"], "partners": []},
+                            "partner_audiences": False,
+                            "value_clip": 500.0,
+                        }
+                    }
+                }
+            ]
+        }
+    )
 
 
 class Validation(BaseModel):

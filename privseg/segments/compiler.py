@@ -10,7 +10,7 @@ plus feature columns), and every segment is evaluated in one lazy ``select``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
@@ -101,13 +101,35 @@ def window_mask(window: Window, as_of: datetime, ts: pl.Expr) -> pl.Expr:
 # -- compilation -------------------------------------------------------------------------------
 @dataclass
 class Plan:
+    """What a compilation needs computed, in order: the features (per person, from events), then the
+    derived columns (each distinct property condition and trait score, computed once however many
+    segments use it), then the referenced segments level by level (a level reads only earlier
+    ones), then every segment."""
+
     as_of: datetime
     features: dict[str, Feature] = field(default_factory=dict)
+    derived: dict[str, pl.Expr] = field(default_factory=dict)
+    shared: list[dict[str, pl.Expr]] = field(default_factory=list)
     segments: dict[str, pl.Expr] = field(default_factory=dict)
 
     def use(self, feature: Feature) -> pl.Expr:
         name = feature_name(feature)
         self.features.setdefault(name, feature)
+        return pl.col(name)
+
+    def derive(self, key: object, build: Callable[[], pl.Expr]) -> pl.Expr:
+        """A column computed once for ``key`` (a frozen, deterministic value), by ``build``."""
+        name = "\x00d:" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        if name not in self.derived:
+            self.derived[name] = build()
+        return pl.col(name)
+
+    def share(self, sid: str, level: int, expr: pl.Expr) -> pl.Expr:
+        """A referenced segment as a column of its level, so every reference reads it."""
+        while len(self.shared) <= level:
+            self.shared.append({})
+        name = f"\x00s:{sid}"
+        self.shared[level][name] = expr
         return pl.col(name)
 
     def event_columns(self) -> list[str]:
@@ -127,10 +149,12 @@ class Plan:
         return sorted(needed)
 
     def profile_columns(self) -> list[str]:
-        """The profile columns the segment expressions read (plus pid)."""
+        """The profile columns the expressions read (plus pid)."""
+        computed = set(self.features) | set(self.derived) | {n for level in self.shared for n in level}
+        exprs = [*self.derived.values(), *(e for level in self.shared for e in level.values())]
         names = {"pid"}
-        for expr in self.segments.values():
-            names.update(n for n in expr.meta.root_names() if n not in self.features)
+        for expr in [*exprs, *self.segments.values()]:
+            names.update(n for n in expr.meta.root_names() if n not in computed)
         return sorted(names)
 
 
@@ -250,18 +274,30 @@ class Compiler:
 
     def compile(self, as_of: datetime, only: set[str] | None = None) -> Plan:
         plan = Plan(as_of)
-        memo: dict[str, pl.Expr] = {}
+        memo: dict[str, tuple[pl.Expr, int]] = {}
+        referenced = {r for seg in self.defs.values() for r in references(seg.root)}
         for sid in sorted(self.defs if only is None else only):
-            plan.segments[sid] = self._segment(sid, plan, memo, ())
+            plan.segments[sid] = self._segment(sid, plan, memo, (), referenced)[0]
         return plan
 
-    def _segment(self, sid: str, plan: Plan, memo: dict[str, pl.Expr], stack: tuple[str, ...]) -> pl.Expr:
+    def _segment(
+        self,
+        sid: str,
+        plan: Plan,
+        memo: dict[str, tuple[pl.Expr, int]],
+        stack: tuple[str, ...],
+        referenced: set[str],
+    ) -> tuple[pl.Expr, int]:
+        """The segment's expression and its level (1 + the highest level it references; 0: none)."""
         if sid in stack:
             cycle = " -> ".join([*stack[stack.index(sid) :], sid])
             raise DefinitionError(f"segment {stack[-1]!r}: reference cycle {cycle}")
         if sid not in memo:
             seg = self.defs[sid]
-            body = self._node(seg.root, plan, memo, (*stack, sid), f"segment {sid!r}: where")
+            levels: list[int] = []
+            body = self._node(
+                seg.root, plan, memo, (*stack, sid), f"segment {sid!r}: where", (referenced, levels)
+            )
             consents = self.consent_attributes(sid)
             for consent in consents:
                 ft = self.schema.profile.get(consent)
@@ -273,24 +309,34 @@ class Compiler:
                     )
             # People without the consent of every category the segment reads are never counted,
             # whatever the definition says.
-            memo[sid] = pl.all_horizontal([body, *(pl.col(c).fill_null(False) for c in consents)])
+            expr = pl.all_horizontal([body, *(pl.col(c).fill_null(False) for c in consents)])
+            level = 1 + max(levels) if levels else 0
+            # Referenced by another segment: computed once, as a column of its level.
+            memo[sid] = (plan.share(sid, level, expr) if sid in referenced else expr, level)
         return memo[sid]
 
     def _node(
-        self, node: Node, plan: Plan, memo: dict[str, pl.Expr], stack: tuple[str, ...], path: str
+        self,
+        node: Node,
+        plan: Plan,
+        memo: dict[str, tuple[pl.Expr, int]],
+        stack: tuple[str, ...],
+        path: str,
+        refs: tuple[set[str], list[int]],
     ) -> pl.Expr:
         match node:
             case All() | AnyOf():
                 key = "all" if isinstance(node, All) else "any"
                 children = [
-                    self._node(c, plan, memo, stack, f"{path}.{key}[{i}]")
+                    self._node(c, plan, memo, stack, f"{path}.{key}[{i}]", refs)
                     for i, c in enumerate(node.children)
                 ]
                 return pl.all_horizontal(children) if key == "all" else pl.any_horizontal(children)
             case Not():
-                return ~self._node(node.child, plan, memo, stack, f"{path}.not")
+                return ~self._node(node.child, plan, memo, stack, f"{path}.not", refs)
             case PropertyLeaf():
-                return operators.build(node.cond.op, pl.col(node.cond.field), node.cond.value)
+                cond = node.cond
+                return plan.derive(cond, lambda: operators.build(cond.op, pl.col(cond.field), cond.value))
             case EventLeaf():
                 feature = plan.use(AggFeature(node.step, node.window, node.measure))
                 return operators.build(node.op, feature, node.value)
@@ -303,11 +349,14 @@ class Compiler:
                 trait = self.traits.get(node.name)
                 if trait is None:
                     raise DefinitionError(_unknown_trait(path, node.name, self.traits))
-                return operators.build(node.op, self.trait_score(trait, plan), node.value)
+                score = plan.derive(("trait", trait), lambda: self.trait_score(trait, plan))
+                return operators.build(node.op, score, node.value)
             case SegmentRef():
                 if node.id not in self.defs:
                     raise DefinitionError(f"{path}.segment: unknown segment {node.id!r}")
-                return self._segment(node.id, plan, memo, stack)
+                expr, level = self._segment(node.id, plan, memo, stack, refs[0])
+                refs[1].append(level)
+                return expr
             case BucketLeaf():
                 return plan.use(BucketFeature(node.salt)).is_between(node.low, node.high, closed="both")
         assert_never(node)

@@ -132,12 +132,13 @@ def evaluate(
     timings["features"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    frame = person.with_columns(list(columns.values()))
-    members = (
-        frame.lazy()
-        .select(pl.col("pid"), *[expr.alias(sid) for sid, expr in plan.segments.items()])
-        .collect()
-    )
+    frame = person.with_columns(list(columns.values())).lazy()
+    # Shared columns first (each distinct property condition and trait score, then referenced
+    # segments level by level), so no segment recomputes what another already did.
+    for stage in [plan.derived, *plan.shared]:
+        if stage:
+            frame = frame.with_columns(expr.alias(name) for name, expr in stage.items())
+    members = frame.select(pl.col("pid"), *[expr.alias(sid) for sid, expr in plan.segments.items()]).collect()
     timings["evaluate"] = time.perf_counter() - t
     timings["features_count"] = len(plan.features)
     return members, timings
