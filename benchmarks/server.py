@@ -93,10 +93,14 @@ def main() -> None:
     ap.add_argument("--customers", type=int, default=1_000_000)
     ap.add_argument("--fresh", type=int, default=40, help="fresh requests per concurrency level")
     ap.add_argument("--cached", type=int, default=200, help="cached requests per concurrency level")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="server worker processes (default: the server's, 1)"
+    )
     args = ap.parse_args()
 
     from privseg import apikeys, release
     from privseg.deployment import Deployment
+    from privseg.segments import engine
     from privseg.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +109,11 @@ def main() -> None:
         dep, seg_ids = _prepare(args.customers)  # 20 applied segments and a current snapshot
         dep.close()
         dep = Deployment(settings)
+        # Under these policies (larger budgets) the snapshot must be computed again: a release refuses
+        # a snapshot computed under another policy set.
+        snap = engine.latest(dep.store.conn)
+        if engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash):
+            engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
         token = apikeys.create(dep.store.conn, dep.keyset, role="marketer", name="growth_team")[1]
         # Random 10-segment sets, never repeated in a run: a "fresh" request must not hit the cache that
         # an earlier run left in the same store (the benchmark also counts any cached reply as an error).
@@ -144,7 +153,8 @@ def main() -> None:
             "PRIVSEG_LOG_LEVEL": "WARNING",
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
+            [sys.executable, "-m", "privseg", "serve", "--port", str(port)]
+            + ([] if args.workers is None else ["--workers", str(args.workers)]),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -195,7 +205,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
         print(
-            f"\nserver benchmark: {args.customers} customers, 10 segments x {dims} per report, loopback HTTP"
+            f"\nserver benchmark: {args.customers} customers, 10 segments x {dims} per report, "
+            f"loopback HTTP, {args.workers or 1} worker(s)"
         )
         print_table(
             [
@@ -210,7 +221,8 @@ def main() -> None:
             ],
             rows,
         )
-        print(f"results: {write_results('server', {'customers': args.customers, 'results': results})}")
+        summary = {"customers": args.customers, "workers": args.workers or 1, "results": results}
+        print(f"results: {write_results('server', summary)}")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,28 @@ _B64URL = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 def _b64url(rows: np.ndarray) -> np.ndarray:
     """base64url without padding of every row of an (N, W) uint8 array, as (N, ceil(4W/3)) ASCII."""
     count, width = rows.shape
-    groups = np.zeros((count, -(-width // 3) * 3), dtype=np.uint32)
-    groups[:, :width] = rows
-    g = groups.reshape(count, -1, 3)
-    v = (g[..., 0] << 16) | (g[..., 1] << 8) | g[..., 2]
-    sextets = np.stack([v >> 18, (v >> 12) & 63, (v >> 6) & 63, v & 63], axis=-1).reshape(count, -1)
-    return _B64URL[sextets[:, : (4 * width + 2) // 3]]
+    groups = np.zeros((count, -(-width // 3), 3), dtype=np.uint8)
+    groups.reshape(count, -1)[:, :width] = rows
+    a, b, c = groups[..., 0], groups[..., 1], groups[..., 2]
+    out = np.empty((count, groups.shape[1], 4), dtype=np.uint8)
+    out[..., 0] = _B64URL[a >> 2]
+    out[..., 1] = _B64URL[((a & 3) << 4) | (b >> 4)]
+    out[..., 2] = _B64URL[((b & 15) << 2) | (c >> 6)]
+    out[..., 3] = _B64URL[c & 63]
+    return out.reshape(count, -1)[:, : (4 * width + 2) // 3]
+
+
+def _padded(values: list[bytes], size: int) -> np.ndarray:
+    """Each value padded (ISO/IEC 7816-4: 0x80, then zeros) to ``size`` bytes, as an (N, size) array
+    (every value is shorter than ``size``)."""
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    flat = np.frombuffer(b"".join(values), dtype=np.uint8)
+    out = np.zeros((len(values), size), dtype=np.uint8)
+    starts = np.arange(len(values), dtype=np.int64) * size
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    out.reshape(-1)[np.repeat(starts - offsets, lengths) + np.arange(flat.size)] = flat
+    out[np.arange(len(values)), lengths] = 0x80
+    return out
 
 
 # ISO/IEC 7816-4 suffixes indexed by len % 16: 0x80 then zeros up to the next multiple of 16.
@@ -187,8 +203,7 @@ class Pseudonymizer:
         for size in padded.unique().sort().to_list():
             where = (padded == size).arg_true()
             group = values.gather(where).cast(pl.Binary).to_list()
-            blob = b"".join([b + _PADS[len(b) & 15] for b in group])
-            sealed = siv.encrypt_fixed(np.frombuffer(blob, dtype=np.uint8).reshape(len(group), size))
+            sealed = siv.encrypt_fixed(_padded(group, size))
             chars = _b64url(sealed)
             tokens = np.empty((len(group), len(prefix) + chars.shape[1]), dtype=np.uint8)
             tokens[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)

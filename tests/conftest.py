@@ -160,7 +160,7 @@ def prepare(dep: Deployment, customers: Path, events: Path) -> None:
 
 @contextmanager
 def running_server(
-    settings: Settings, log_level: str = "WARNING"
+    settings: Settings, log_level: str = "WARNING", workers: int = 1
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`privseg serve` on a free loopback port for the duration of the block; yields (base URL, process)."""
     import signal
@@ -181,7 +181,7 @@ def running_server(
         "PRIVSEG_LOG_LEVEL": log_level,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "privseg", "serve", "--port", str(port)],
+        [sys.executable, "-m", "privseg", "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,6 +1,7 @@
-"""End to end against a real `privseg serve` process on 127.0.0.1 (a free port), started and stopped
-here: ingest over HTTP, define segments, report as a marketer, fetch an audience as a partner, verify
-the audit log as compliance; then 64 concurrent report requests against one budget."""
+"""End to end against a real `privseg serve` on 127.0.0.1 (a free port) with two worker processes,
+started and stopped here: ingest over HTTP, define segments, report as a marketer, fetch an audience as
+a partner, verify the audit log as compliance; then 64 concurrent report requests against one budget,
+served by both processes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ EXAMPLES = REPO / "privseg" / "segments" / "examples"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str], Settings, Path]]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, dict[str, str], Settings, Path, int]]:
     root = tmp_path_factory.mktemp("e2e")
     settings = make_settings(root)
     run_cli(settings, "keys", "init", "--namespace", "e2e")
@@ -37,16 +40,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
         tokens[role] = out[-1]
     data = root / "data"
     run_cli(settings, "demo-data", "--customers", "3000", "--seed", "4", "--out", str(data))
-    with running_server(settings, log_level="INFO") as (base, _proc):
-        yield base, tokens, settings, data
+    with running_server(settings, log_level="INFO", workers=2) as (base, proc):
+        yield base, tokens, settings, data, proc.pid
 
 
 def _h(tokens: dict[str, str], role: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens[role]}"}
 
 
-def test_end_to_end_over_http(server: tuple[str, dict[str, str], Settings, Path]) -> None:
-    base, tokens, settings, data = server
+def test_end_to_end_over_http(server: tuple[str, dict[str, str], Settings, Path, int]) -> None:
+    base, tokens, settings, data, _pid = server
     with httpx2.Client(base_url=base, timeout=120) as c:
         # Segments first, so that ingestion triggers the background recompute.
         docs = {
@@ -99,8 +102,25 @@ def test_end_to_end_over_http(server: tuple[str, dict[str, str], Settings, Path]
     assert "C000000001" not in log and "@example" not in log
 
 
-def test_concurrent_reports_never_overspend(server: tuple[str, dict[str, str], Settings, Path]) -> None:
-    base, tokens, _settings, _data = server
+def _workers(supervisor: int) -> list[int]:
+    """The worker processes (multiprocessing spawns, not e.g. a resource tracker) under the server's
+    supervisor, from Linux /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == supervisor and b"spawn_main" in command and b"resource_tracker" not in command:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_concurrent_reports_never_overspend(server: tuple[str, dict[str, str], Settings, Path, int]) -> None:
+    base, tokens, _settings, _data, supervisor = server
+    # Two worker processes answer: the ledger's guarantees must hold across processes, not threads.
+    assert len(_workers(supervisor)) == 2, _workers(supervisor)
     import itertools
 
     general = [
@@ -171,7 +191,7 @@ def test_graceful_shutdown_finishes_the_request_in_flight(tmp_path: Path) -> Non
             time.sleep(0.01)
             yield payload[i : i + 4096]
 
-    with running_server(settings) as (base, proc):
+    with running_server(settings, workers=2) as (base, proc):
 
         def upload() -> None:
             r = httpx2.post(

@@ -26,9 +26,10 @@ from privseg.api.deps import FailureRecorder
 from privseg.api.limits import BodyLimit
 from privseg.api.routes import ops, routers
 from privseg.api.schemas import Problem
-from privseg.deployment import Deployment
+from privseg.deployment import Deployment, configure_logging
 from privseg.errors import PrivsegError
 from privseg.ingest import uploads
+from privseg.settings import Settings
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("privseg.access")
@@ -48,7 +49,11 @@ def problem(status: int, code: str, title: str, detail: str) -> JSONResponse:
     )
 
 
-def _lifespan(dep: Deployment) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def anchor_writer(dep: Deployment) -> audit.AnchorWriter | None:
+    """The periodic signed audit heads of a server (PRIVSEG_AUDIT_ANCHOR_FILE), or None if unset."""
+    if dep.settings.audit_anchor_file is None:
+        return None
+
     def head() -> dict[str, Any]:
         fork = dep.for_request()
         try:
@@ -56,17 +61,20 @@ def _lifespan(dep: Deployment) -> Callable[[FastAPI], AbstractAsyncContextManage
         finally:
             fork.close()
 
+    return audit.AnchorWriter(
+        dep.settings.audit_anchor_file, dep.settings.audit_anchor_interval_seconds, head
+    )
+
+
+def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Raw uploads a killed server left behind (identifiers included) go before anything else.
         uploads.clear_stale(dep.settings.uploads_path)
         # Policies are loaded (and a new set audited) once, here: requests only read them.
         dep.record_policies()
-        writer = None
-        if dep.settings.audit_anchor_file is not None:
-            writer = audit.AnchorWriter(
-                dep.settings.audit_anchor_file, dep.settings.audit_anchor_interval_seconds, head
-            )
+        writer = anchor_writer(dep) if anchors else None
+        if writer is not None:
             writer.start()
         try:
             yield
@@ -150,14 +158,16 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return problem(500, "internal", "Internal error", "the server could not complete the request")
 
 
-def create_app(deployment: Deployment | None = None) -> FastAPI:
+def create_app(deployment: Deployment | None = None, *, anchors: bool = True) -> FastAPI:
+    """The app over ``deployment``. ``anchors``: write the periodic audit anchors from this process
+    (a multi-worker server writes them once, from the supervisor)."""
     dep = deployment or Deployment()
     app = FastAPI(
         title="privseg",
         version=__version__,
         openapi_url="/openapi.json",
         docs_url="/docs",
-        lifespan=_lifespan(dep),
+        lifespan=_lifespan(dep, anchors),
     )
     app.state.deployment = dep
     app.state.auth_failures = FailureRecorder()
@@ -171,3 +181,12 @@ def create_app(deployment: Deployment | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``privseg serve --workers N`` (uvicorn's factory): settings
+    from the environment, like the supervisor's. Workers share nothing but the database and the store,
+    whose transactions and locks already serialize charges, releases and batches across processes."""
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(Deployment(settings), anchors=False)
