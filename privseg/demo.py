@@ -7,13 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from privseg import audit, release
+from privseg.batches import Kind
 from privseg.demo_data import generate
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
 from privseg.ingest.files import ingest_files
 from privseg.keyset import create_keyset
 from privseg.segments import definitions, engine
-from privseg.store import Kind
 
 EXAMPLES = Path(__file__).resolve().parent / "segments" / "examples"
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import polars as pl
 
 from privseg import audit
+from privseg.batches import Rewrite
 from privseg.db import get_meta, transaction
 from privseg.errors import Conflict, InvalidInput
 from privseg.keyset import Keyset, add_pseudonym_version, load_keyset, remove_pseudonym_versions
 from privseg.policy.ingest import IngestPolicy
 from privseg.pseudonym import Pseudonymizer, normalize
 from privseg.segments import engine
-from privseg.store import Rewrite, Store
+from privseg.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -20,66 +20,19 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 
 from privseg import audit, fsutil
+from privseg.batches import BATCH_COLUMNS, KINDS, Batch, Kind, NewBatch, Rewrite, batch_from_row
 from privseg.db import get_meta, set_meta, transaction
 from privseg.errors import Conflict, KeysetError, StoreError
 from privseg.keyset import Keyset
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["profiles", "events"]
-KINDS: tuple[Kind, ...] = ("profiles", "events")
-
-
-@dataclass(frozen=True)
-class Batch:
-    id: int
-    kind: Kind
-    file: str
-    rows: int
-    people: int
-    min_ts: str | None
-    max_ts: str | None
-    key_version: int
-    written_at: str
-    seq: int  # ingestion order; a rewrite keeps it
-    source: str | None = None  # keyed hash of the source bytes; a rewrite keeps it
-
-
-@dataclass(frozen=True)
-class NewBatch:
-    """A batch to store: its frame, the keyed hashes of what was ingested (content_id: the bytes and,
-    for events, the policy applied; source: the bytes alone), its people count, its audit details,
-    and the batches of the same source it replaces."""
-
-    frame: pl.DataFrame
-    content_id: str
-    source: str
-    people: int
-    details: dict[str, Any]
-    replaces: tuple[Batch, ...] = ()
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """Replace ``old`` with ``new`` (None: the batch becomes empty and is removed)."""
-
-    old: Batch
-    new: pl.DataFrame | None
-
-
-def _batch_from_row(row: Sequence[Any]) -> Batch:
-    return Batch(*row)
-
-
-_BATCH_COLUMNS = "id, kind, file, rows, people, min_ts, max_ts, key_version, written_at, seq, source"
 
 
 class Store:
@@ -160,12 +113,12 @@ class Store:
     # -- reading -----------------------------------------------------------------------------
     def batches(self, kind: Kind | None = None) -> list[Batch]:
         if kind is None:
-            rows = self.conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY seq, id").fetchall()
+            rows = self.conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY seq, id").fetchall()
         else:
             rows = self.conn.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE kind = ? ORDER BY seq, id", (kind,)
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE kind = ? ORDER BY seq, id", (kind,)
             ).fetchall()
-        return [_batch_from_row(r) for r in rows]
+        return [batch_from_row(r) for r in rows]
 
     def find_content(self, kind: Kind, content_id: str) -> int | None:
         """The batch id under which this content was first ingested, or None if it never was."""

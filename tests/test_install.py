@@ -48,6 +48,7 @@ CORE = {
     "privseg.siv",
     "privseg.audit",
     "privseg.store",
+    "privseg.batches",
     "privseg.schema",
     "privseg.metrics",
     "privseg.policy",

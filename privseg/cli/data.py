@@ -26,8 +26,8 @@ from privseg.cli.shell import (
 from privseg.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from privseg.batches import Kind
     from privseg.ingest.result import Mode
-    from privseg.store import Kind
 
 
 @keys_app.command("init")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from privseg import metrics
+from privseg.batches import Batch, Kind, NewBatch
 from privseg.errors import InvalidInput
 from privseg.ingest.result import IngestResult, Mode
 from privseg.ingest.sources import DEFAULT_MAX_DECOMPRESSED, check_encoding, read_source
@@ -27,7 +28,7 @@ from privseg.policy.ingest import (
     ListAttr,
 )
 from privseg.pseudonym import Pseudonymizer
-from privseg.store import Batch, Kind, NewBatch, Store
+from privseg.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from privseg.store import Kind
+from privseg.batches import Kind
 
 Mode = Literal["patch", "replace"]
 

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
+from privseg.batches import Kind
 from privseg.errors import InvalidInput
 from privseg.ingest.checks import ROW, Checks, source_text, typed_column
 from privseg.ingest.generalize import age_band, number_band, region
@@ -30,7 +31,6 @@ from privseg.policy.ingest import (
     StringAttr,
 )
 from privseg.pseudonym import Pseudonymizer, normalize_expr
-from privseg.store import Kind
 
 log = logging.getLogger(__name__)
 
