@@ -15,7 +15,14 @@ from datetime import datetime
 import polars as pl
 
 from privseg.segments import operators
-from privseg.segments.compiler import AggFeature, BucketFeature, Feature, LastFeature, SeqFeature, window_mask
+from privseg.segments.feature_kinds import (
+    AggFeature,
+    BucketFeature,
+    Feature,
+    LastFeature,
+    SeqFeature,
+    window_mask,
+)
 from privseg.segments.language import BUCKETS, Step
 
 TS_DTYPE = pl.Datetime("us", "UTC")
