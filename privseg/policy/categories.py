@@ -134,7 +134,7 @@ class CategorySet:
 def strictest(policies: list[CategoryPolicy]) -> CategoryPolicy:
     """One policy holding the strictest rule of ``policies`` on every axis (a release over data of
     several categories). Its name joins theirs with '+'; each category's budget is still charged on
-    its own (the ledger charges every member, see release.py)."""
+    its own (the ledger charges every member, see release/engine.py)."""
     if len(policies) == 1:
         return policies[0]
     ps = sorted(policies, key=lambda p: p.name)
