@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -204,41 +204,19 @@ def serve(
         typer.Option(
             min=1,
             max=64,
-            help="Worker processes. More than one is supported (every budget and cache guarantee holds "
-            "across processes) but not yet faster here: see benchmarks/server.py.",
+            help="Worker processes (every budget and cache guarantee holds across processes).",
         ),
     ] = 1,
 ) -> None:
     """Run the HTTP API (uvicorn) on embedded defaults."""
-    import uvicorn
-
-    from privseg.api.app import anchor_writer, create_app
+    from privseg.api import serving
 
     dep = _governed()
     # Refuse to start on a bad policy set, a missing keyset or an unreadable store.
     dep.keyset, dep.ingest_policy  # noqa: B018
-    count = workers
     typer.echo(
-        f"privseg serving on http://{host}:{port} (OpenAPI at /docs) with {count} worker(s); policy hash "
+        f"privseg serving on http://{host}:{port} (OpenAPI at /docs) with {workers} worker(s); policy hash "
         f"{dep.categories.content_hash}, store key version {dep.store.key_version()}",
         err=True,
     )
-    options: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "log_config": None,
-        "timeout_graceful_shutdown": 30,
-    }
-    if count == 1:
-        uvicorn.run(create_app(dep), **options)
-        return
-    # Several processes: each builds its app from the same environment; the anchors are written once,
-    # from here.
-    writer = anchor_writer(dep)
-    if writer is not None:
-        writer.start()
-    try:
-        uvicorn.run("privseg.api.app:worker_app", factory=True, workers=count, **options)
-    finally:
-        if writer is not None:
-            writer.stop()
+    serving.serve(dep, host=host, port=port, workers=workers)
