@@ -140,6 +140,11 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 
+# SQLite integers are 64-bit signed: ids above this are refused as invalid input (API paths and
+# bodies) instead of overflowing in a query.
+MAX_ID = 2**62
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open the database (creating and migrating it if needed) in autocommit mode.
 

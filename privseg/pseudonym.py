@@ -192,13 +192,14 @@ class Pseudonymizer:
     def _seal_batched(self, values: pl.Series) -> pl.Series:
         """:meth:`encrypt` for many values with :class:`~privseg.siv.BatchSIV` (byte-identical to the
         stock path, tests/test_siv.py): values of one padded length are encrypted as one array."""
-        if values.is_null().any() or (values.str.len_bytes() == 0).any():
+        lengths = values.str.len_bytes()
+        if values.is_null().any() or (lengths == 0).any():
             raise InvalidInput("an identifier is empty after normalization")
         if self.version not in self._batches:
             key = self._keyset.pseudonym_key(self.version).reveal()
             self._batches[self.version] = BatchSIV(key, self._ad(self.version))
         siv, prefix = self._batches[self.version], f"k{self.version}.".encode()
-        padded = (values.str.len_bytes() // _BLOCK + 1) * _BLOCK
+        padded = (lengths // _BLOCK + 1) * _BLOCK
         parts, positions = [], []
         for size in padded.unique().sort().to_list():
             where = (padded == size).arg_true()

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Path as PathParam
 
+from privseg.db import MAX_ID
+
 V1 = "/v1"
-# SQLite integers are 64-bit signed: larger ids are refused as invalid instead of overflowing.
-MAX_ID = 2**62
 IdParam = Annotated[int, PathParam(ge=1, le=MAX_ID)]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 
 from privseg import audit, ledger, release
 from privseg.api.deps import Compliance, DepDep
-from privseg.api.routes.common import MAX_ID, V1, IdParam
+from privseg.api.routes.common import V1, IdParam
 from privseg.api.schemas import (
     ERRORS,
     Anchor,
@@ -20,6 +20,7 @@ from privseg.api.schemas import (
     Validation,
     Verification,
 )
+from privseg.db import MAX_ID
 from privseg.policy.checks import candidate_findings
 from privseg.release.records import ReleaseRecord
 

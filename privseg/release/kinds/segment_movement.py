@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 from pydantic import ConfigDict, Field
 
+from privseg.db import MAX_ID
 from privseg.errors import InvalidInput
 from privseg.release import data, scope
 from privseg.release.context import ReleaseContext
@@ -22,7 +23,6 @@ from privseg.release.registry import Noisy, ReleaseKind, ReleaseRequest, registe
 from privseg.segments import engine
 
 NONE_STATE = "none"
-MAX_ID = 2**62  # SQLite integers are 64-bit signed
 
 
 class MovementRequest(ReleaseRequest):
