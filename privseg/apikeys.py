@@ -12,6 +12,9 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -95,3 +98,44 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, object]]:
         dict(zip(("id", "name", "role", "principal", "created_at", "revoked_at"), r, strict=True))
         for r in rows
     ]
+
+
+MAX_AUDITED_PATH = 128  # characters of a failed request's path kept in the audit entry
+
+
+class FailureRecorder:
+    """Failed authentications, recorded in the audit log without letting an outsider write to it at
+    will: at most ``per_window`` entries per window (each with a truncated path, never the token);
+    past that, one summary entry per window says how many more were seen."""
+
+    def __init__(
+        self, per_window: int = 20, window_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_window, self.window_seconds, self._clock = per_window, window_seconds, clock
+        self._lock = threading.Lock()
+        self._window_start = clock()
+        self._recorded = 0
+        self._suppressed = 0
+
+    def record(self, conn: sqlite3.Connection, keyset: Keyset, reason: str, path: str) -> None:
+        with self._lock:
+            now = self._clock()
+            entries: list[tuple[str, dict[str, object]]] = []
+            if now - self._window_start >= self.window_seconds:
+                if self._suppressed:
+                    entries.append(
+                        (
+                            "auth_failed_suppressed",
+                            {"count": self._suppressed, "window_seconds": self.window_seconds},
+                        )
+                    )
+                self._window_start, self._recorded, self._suppressed = now, 0, 0
+            if self._recorded < self.per_window:
+                self._recorded += 1
+                entries.append(("auth_failed", {"reason": reason, "path": path[:MAX_AUDITED_PATH]}))
+            else:
+                self._suppressed += 1
+        if entries:
+            with transaction(conn):
+                for event, details in entries:
+                    audit.append(conn, keyset, event, details)

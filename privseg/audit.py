@@ -244,3 +244,37 @@ def entries(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100) -> li
         "SELECT seq, at, event, details, mac FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
     ).fetchall()
     return [AuditEntry(int(s), str(a), str(e), json.loads(d), str(m)) for s, a, e, d, m in rows]
+
+
+def search(
+    conn: sqlite3.Connection,
+    *,
+    event: str | None = None,
+    mentions: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    before: int | None = None,
+    limit: int = 100,
+) -> list[AuditEntry]:
+    """Entries newest first, filtered by event kind, by a name their details mention (an actor, a
+    recipient, a category: matched as a whole JSON string value) and by time (ISO 8601)."""
+    query = "SELECT seq, at, event, details, mac FROM audit WHERE seq < ?"
+    args: list[object] = [before or 2**62]
+    if event:
+        query += " AND event = ?"
+        args.append(event)
+    if mentions:
+        query += " AND instr(details, ?) > 0"
+        args.append(json.dumps(mentions))
+    if since:
+        query += " AND at >= ?"
+        args.append(since)
+    if until:
+        query += " AND at < ?"
+        args.append(until)
+    rows = conn.execute(query + " ORDER BY seq DESC LIMIT ?", [*args, limit]).fetchall()
+    return [AuditEntry(int(s), str(a), str(e), json.loads(d), str(m)) for s, a, e, d, m in rows]
+
+
+def event_kinds(conn: sqlite3.Connection) -> list[str]:
+    return [str(r[0]) for r in conn.execute("SELECT DISTINCT event FROM audit ORDER BY event")]

@@ -137,6 +137,17 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batches ADD COLUMN source TEXT;
     ALTER TABLE contents ADD COLUMN source TEXT;
     """,
+    """
+    -- Web console sessions: only a keyed hash of each session token is stored. A session acts as the
+    -- API key it was opened with, and ends with it (revocation), after idleness or at its expiry.
+    CREATE TABLE console_sessions (
+        token_hash TEXT PRIMARY KEY,
+        key_id INTEGER NOT NULL REFERENCES api_keys (id),
+        created_at TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    """,
 )
 
 

@@ -19,6 +19,7 @@ from privseg.policy.checks import load_categories
 from privseg.policy.ingest import IngestPolicy, load_ingest_policy
 from privseg.release.context import ReleaseContext
 from privseg.schema import Schema
+from privseg.segments import engine
 from privseg.segments.compiler import Compiler
 from privseg.segments.definitions import active, build_compiler
 from privseg.segments.sensitivity import SensitivityIndex
@@ -75,6 +76,15 @@ class Deployment:
     def sensitivity(self) -> SensitivityIndex:
         """The category policies' sensitivity tags, indexed."""
         return SensitivityIndex(self.categories, self.schema)
+
+    def recompute_if_stale(self) -> None:
+        """Recompute the membership snapshot if data or policies changed since the latest one (after
+        an upload; run after the response has gone out)."""
+        stale = engine.staleness(
+            self.store, engine.latest(self.store.conn), policy_hash=self.categories.content_hash
+        )
+        if stale and active(self.store.conn):
+            engine.compute_snapshot(store=self.store, compiler=self.compiler(), keyset=self.keyset)
 
     def compiler(self) -> Compiler:
         """A compiler over the currently active definitions (they change as segments are applied)."""

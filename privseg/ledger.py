@@ -120,6 +120,55 @@ def status(conn: sqlite3.Connection, categories: CategorySet, now: datetime) -> 
     return out
 
 
+def next_credit(
+    conn: sqlite3.Connection, policy: CategoryPolicy, now: datetime, recipient: str | None = None
+) -> datetime | None:
+    """When budget next comes back: the oldest charge still in the rolling period leaves it then.
+    None when nothing is spent."""
+    since = now - timedelta(days=policy.budget.period_days)
+    query, args = (
+        "SELECT MIN(at) FROM ledger WHERE category = ? AND at >= ?",
+        [policy.name, since.isoformat()],
+    )
+    if recipient is not None:
+        query += " AND recipient = ?"
+        args.append(recipient)
+    oldest = conn.execute(query, args).fetchone()[0]
+    return (
+        None if oldest is None else datetime.fromisoformat(oldest) + timedelta(days=policy.budget.period_days)
+    )
+
+
+@dataclass(frozen=True)
+class Charge:
+    at: str
+    category: str
+    recipient: str
+    epsilon: float
+    release_id: int
+
+
+def charges(
+    conn: sqlite3.Connection,
+    *,
+    category: str | None = None,
+    recipient: str | None = None,
+    since: datetime | None = None,
+    limit: int = 500,
+) -> list[Charge]:
+    """Ledger rows, newest first (who spent what, on which category, for which release)."""
+    query, args = "SELECT at, category, recipient, epsilon_micro, release_id FROM ledger WHERE 1 = 1", []
+    for column, value in (("category", category), ("recipient", recipient)):
+        if value is not None:
+            query += f" AND {column} = ?"
+            args.append(value)
+    if since is not None:
+        query += " AND at >= ?"
+        args.append(since.isoformat())
+    rows = conn.execute(query + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+    return [Charge(r[0], r[1], r[2], from_micro(int(r[3])), int(r[4])) for r in rows]
+
+
 def budget_of(
     conn: sqlite3.Connection, categories: CategorySet, recipient: str, now: datetime
 ) -> list[dict[str, object]]:

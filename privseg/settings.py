@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         description="Largest decompressed size of a .gz source; a file past it is refused (gzip bombs).",
     )
 
+    console_idle_minutes: float = Field(
+        30.0, gt=0, description="A console session ends after this many minutes without a request."
+    )
+    console_max_hours: float = Field(
+        8.0, gt=0, description="A console session ends this many hours after sign-in, in use or not."
+    )
+
     @property
     def uploads_path(self) -> Path:
         if self.upload_dir is not None:

@@ -557,7 +557,7 @@ def test_the_server_writes_anchors_periodically_and_at_shutdown(ready: Deploymen
 
 # -- 4. outsiders and hostile uploads -------------------------------------------------------------------
 def test_failed_authentications_cannot_flood_the_audit_log(ready: Deployment) -> None:
-    from privseg.api.deps import FailureRecorder
+    from privseg.apikeys import FailureRecorder
 
     now = [0.0]
     app = create_app(ready)

@@ -22,20 +22,20 @@ def test_the_installed_versions_are_the_tested_ones() -> None:
         raise AssertionError(f"{extra} is installed; nothing privseg declares needs it")
 
 
-def test_fastapi_is_imported_only_by_the_api_package() -> None:
+def test_fastapi_is_imported_only_by_the_http_shells() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "privseg"
     offenders = [
         p.relative_to(root).as_posix()
         for p in root.rglob("*.py")
-        if "api" not in p.relative_to(root).parts
+        if not {"api", "console"} & set(p.relative_to(root).parts)
         and ("import fastapi" in p.read_text() or "from fastapi" in p.read_text())
     ]
     assert offenders == []
 
 
-SHELLS = ("privseg.cli", "privseg.api", "privseg.demo", "privseg.__main__")
+SHELLS = ("privseg.cli", "privseg.api", "privseg.console", "privseg.demo", "privseg.__main__")
 # The small modules everything stands on: they import only each other (and third-party packages).
 CORE = {
     "privseg",
@@ -96,3 +96,12 @@ def test_dependencies_point_one_way() -> None:
     assert upward == [], "services and core must not import the CLI, the API or the demo"
     core_out = sorted((m, d) for m in CORE for d in graph[m] if d in modules and d not in CORE and d != m)
     assert core_out == [], "core modules import only core modules"
+    # The console stands beside the API (the app mounts it), not on it: it calls the services.
+    console_on_api = sorted(
+        (m, d)
+        for m, deps in graph.items()
+        if _is(m, ("privseg.console",))
+        for d in deps
+        if _is(d, ("privseg.api",))
+    )
+    assert console_on_api == []

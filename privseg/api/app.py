@@ -17,15 +17,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from privseg import __version__, audit, metrics
-from privseg.api.deps import FailureRecorder
+from privseg import __version__, audit, console, metrics
 from privseg.api.limits import BodyLimit
 from privseg.api.routes import ops, routers
 from privseg.api.schemas import Problem
+from privseg.apikeys import FailureRecorder
 from privseg.deployment import Deployment, configure_logging
 from privseg.errors import PrivsegError
 from privseg.ingest import uploads
@@ -137,19 +137,31 @@ class AccessLog:
             access.info("%s %s %d %.1f ms [%s]", method, route, status, ms, request_id, extra=extra)
 
 
-async def _privseg_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _privseg_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, PrivsegError)
+    if (page := console.handle(request, exc)) is not None:
+        return page
     return problem(exc.status, exc.code, exc.title, exc.message)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _sign_in_required(request: Request, exc: Exception) -> Response:
+    page = console.handle(request, exc)
+    assert page is not None  # only console pages raise it
+    return page
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    if (page := console.handle(request, exc)) is not None:
+        return page
     parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
     return problem(422, "invalid-request", "Invalid request", "; ".join(parts))
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and console.is_console(request):
+        return console.not_found(request)
     return problem(exc.status_code, f"http-{exc.status_code}", "HTTP error", str(exc.detail))
 
 
@@ -173,10 +185,12 @@ def create_app(deployment: Deployment | None = None, *, anchors: bool = True) ->
     app.state.auth_failures = FailureRecorder()
     for router in (*routers(), ops.router):
         app.include_router(router)
+    console.install(app)
     _document_problems(app)
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
     app.add_middleware(AccessLog)  # added last: the outermost, so it sees every answer
     app.add_exception_handler(PrivsegError, _privseg_error)
+    app.add_exception_handler(console.web.SignInRequired, _sign_in_required)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

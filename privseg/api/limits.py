@@ -4,8 +4,8 @@ An ASGI middleware (not an ``@app.middleware("http")`` function, which only sees
 take at most ``limit`` bytes, counted while the body streams in, so a chunked body with no
 Content-Length is cut off at the limit too (413) instead of being buffered whole. A /v1 request that
 carries no bearer API key gets an empty body: it will be refused (401) by its route's role check, and
-its body is never read at all. Uploads (``/v1/ingest/``) stream to disk in their route, under their
-own limit, after the role check.
+its body is never read at all. Uploads (``/v1/ingest/``, and the console's ``/ui/admin/upload/``)
+stream to disk in their route, under their own limit, after the role check.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privseg.api.deps import bearer_token
 
-UPLOAD_PREFIX = "/v1/ingest/"
+# Streamed to disk by their routes, after the role check, under the upload limit: the API's and the
+# console's (an admin's browser upload).
+UPLOAD_PREFIXES = ("/v1/ingest/", "/ui/admin/upload/")
 
 
 def _problem_bytes(status: int, code: str, title: str, detail: str) -> bytes:
@@ -56,7 +58,7 @@ class BodyLimit:
         if path.startswith("/v1") and token is None:
             await self.app(scope, _empty_body_then(receive), send)  # refused by the role check
             return
-        if path.startswith(UPLOAD_PREFIX):
+        if path.startswith(UPLOAD_PREFIXES):
             await self.app(scope, receive, send)
             return
         length = headers.get(b"content-length")

@@ -10,11 +10,11 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from privseg.errors import InvalidInput
+from privseg.errors import InvalidInput, PayloadTooLarge
 from privseg.fsutil import private_dir
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,23 @@ def upload_name(filename: str) -> str:
     if any(ord(c) < 32 or c in "/\\\x7f" for c in filename) or filename in (".", ".."):
         raise InvalidInput("filename: control characters, NUL and path separators are not allowed")
     return filename
+
+
+async def receive(chunks: AsyncIterator[bytes], path: Path, limit: int) -> int:
+    """Stream a request body to a new private file (never held in memory); refused past ``limit``
+    bytes or when empty. Returns the size."""
+    size = 0
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"the upload exceeds the limit of {limit} bytes (PRIVSEG_MAX_UPLOAD_BYTES)"
+                )
+            fh.write(chunk)
+    if size == 0:
+        raise InvalidInput(f"{path.name}: the upload is empty")
+    return size
 
 
 @contextmanager

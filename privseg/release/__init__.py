@@ -12,7 +12,7 @@ from privseg.release.kinds.cohort_report import CohortReportRequest, Measure
 from privseg.release.kinds.partner_audience import PartnerAudienceRequest
 from privseg.release.kinds.segment_movement import MovementRequest
 from privseg.release.plan import ALPHA, ReleasePlan, Vector
-from privseg.release.records import metadata, partner_grants
+from privseg.release.records import listing, metadata, partner_grants, released
 from privseg.release.registry import KINDS, ReleaseKind, ReleaseRequest
 
 __all__ = [
@@ -31,10 +31,12 @@ __all__ = [
     "Vector",
     "cache_key",
     "dry_run",
+    "listing",
     "metadata",
     "partner_grants",
     "plan",
     "release",
+    "released",
     "run",
     "text",
 ]

@@ -35,14 +35,44 @@ class Grant(BaseModel):
     dimensions: list[str] = Field(description="Dimensions an audience of it may be broken down by.")
 
 
+_RECORD = "id, at, kind, recipient, category, status, request, snapshot_id, policy_hash, epsilon_micro"
+
+
 def metadata(conn: sqlite3.Connection, release_id: int) -> ReleaseRecord:
-    row = conn.execute(
-        "SELECT id, at, kind, recipient, category, status, request, snapshot_id, policy_hash, epsilon_micro "
-        "FROM releases WHERE id = ?",
-        (release_id,),
-    ).fetchone()
+    row = conn.execute(f"SELECT {_RECORD} FROM releases WHERE id = ?", (release_id,)).fetchone()
     if row is None:
         raise NotFound(f"no release {release_id}")
+    return _record(row)
+
+
+def listing(
+    conn: sqlite3.Connection, *, recipient: str | None = None, before: int | None = None, limit: int = 100
+) -> list[ReleaseRecord]:
+    """Release records, newest first: every recipient's (compliance) or one recipient's own."""
+    query = f"SELECT {_RECORD} FROM releases WHERE id < ?"
+    args: list[object] = [before if before is not None else 2**62]
+    if recipient is not None:
+        query += " AND recipient = ?"
+        args.append(recipient)
+    rows = conn.execute(query + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+    return [_record(r) for r in rows]
+
+
+def released(conn: sqlite3.Connection, release_id: int, recipient: str) -> dict[str, Any]:
+    """The released document of one of ``recipient``'s own releases, as it was stored when released
+    (already noisy): a recipient may read again what it received, nobody else may. Another
+    recipient's release is "not found", like one that does not exist."""
+    row = conn.execute(
+        "SELECT result FROM releases WHERE id = ? AND recipient = ? AND status = 'done'",
+        (release_id, recipient),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no release {release_id} of yours")
+    result: dict[str, Any] = json.loads(row[0])
+    return result
+
+
+def _record(row: Any) -> ReleaseRecord:
     return ReleaseRecord(
         id=row[0],
         at=row[1],

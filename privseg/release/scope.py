@@ -13,6 +13,7 @@ from privseg.errors import Conflict, InvalidInput, NotFound, NotPermitted, Polic
 from privseg.policy.categories import CategoryPolicy, strictest
 from privseg.release.context import ReleaseContext
 from privseg.release.plan import UNKNOWN
+from privseg.schema import Schema
 from privseg.segments import engine
 from privseg.segments.language import Step
 
@@ -81,9 +82,15 @@ def cells(ctx: ReleaseContext, policy: CategoryPolicy, breakdown: Sequence[str])
             raise PolicyViolation(
                 f"category {policy.name!r} does not allow breaking down by {dim!r}; allowed: {allowed}"
             )
+    return domain(ctx.schema, breakdown)
+
+
+def domain(schema: Schema, breakdown: Sequence[str]) -> list[tuple[str, ...]]:
+    """The public cells of a breakdown, in release order (also how a reader of a release names the
+    cells it suppressed)."""
     domains = []
     for dim in breakdown:
-        ft = ctx.schema.profile[dim]
+        ft = schema.profile[dim]
         values = list(ft.values or ()) if ft.type == "category" else ["true", "false"]
         domains.append([*values, UNKNOWN])
     return [tuple(k) for k in itertools.product(*domains)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,9 +208,11 @@ def apply_documents(
     schema: Schema,
     categories: CategorySet,
     actor: str,
+    dry_run: bool = False,
 ) -> list[Applied]:
     """Validate the documents together with every active definition, then write a new version of
-    each changed one, all in one transaction with its audit entry, or nothing.
+    each changed one, all in one transaction with its audit entry, or nothing. ``dry_run``: validate
+    and say what would change, writing nothing (the console's editor checks as the author types).
 
     ``actor`` (``marketer:<principal>`` or ``admin:<name>``) becomes the owner of new definitions;
     changing an existing one is refused unless the actor owns it or is an admin. A declared category
@@ -223,7 +226,7 @@ def apply_documents(
             raise DefinitionError(f"{where}: {kind} {key[1]!r} is defined twice ({incoming[key][1]})")
         incoming[key] = (doc, where)
 
-    with transaction(conn):
+    with nullcontext() if dry_run else transaction(conn):
         newest = latest(conn)
         merged = active(conn)
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -257,10 +260,11 @@ def apply_documents(
             if key not in changed:
                 results.append(Applied(key[0], key[1], new.version, "unchanged"))
                 continue
-            _insert(conn, new)
+            if not dry_run:
+                _insert(conn, new)
             status: Literal["created", "updated"] = "created" if prev is None or prev.retired else "updated"
             results.append(Applied(key[0], key[1], new.version, status))
-        if changed:
+        if changed and not dry_run:
             audit.append(
                 conn,
                 keyset,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,12 +28,12 @@ from privseg.api.schemas import (
     StoreStatus,
 )
 from privseg.deployment import Deployment
-from privseg.errors import InvalidInput, PayloadTooLarge
+from privseg.errors import InvalidInput
 from privseg.ingest.files import ingest_files
 from privseg.ingest.sources import check_encoding, detect_format
-from privseg.ingest.uploads import upload_folder, upload_name
+from privseg.ingest.uploads import receive, upload_folder, upload_name
 from privseg.maintenance import erase_subject
-from privseg.segments import definitions, engine
+from privseg.segments import engine
 
 router = APIRouter(prefix=V1, responses=ERRORS, tags=["admin"])
 
@@ -43,11 +42,7 @@ def _recompute(dep: Deployment) -> None:
     """Recompute a stale snapshot after ingestion, after the response has gone out."""
     fresh = dep.for_request()
     try:
-        stale = engine.staleness(
-            fresh.store, engine.latest(fresh.store.conn), policy_hash=fresh.categories.content_hash
-        )
-        if stale and definitions.active(fresh.store.conn):
-            engine.compute_snapshot(store=fresh.store, compiler=fresh.compiler(), keyset=fresh.keyset)
+        fresh.recompute_if_stale()
     finally:
         fresh.close()
 
@@ -86,21 +81,10 @@ async def ingest(
     if as_of is not None and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
     detect_format(Path(name))  # refuse an unknown format before reading the body
-    limit = dep.settings.max_upload_bytes
     # A private folder per upload, so the file keeps its own name (errors name it) and nothing clashes.
     with upload_folder(dep.settings.uploads_path) as folder:
         tmp = folder / name
-        size = 0
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(
-                        f"the upload exceeds the limit of {limit} bytes (PRIVSEG_MAX_UPLOAD_BYTES)"
-                    )
-                fh.write(chunk)
-        if size == 0:
-            raise InvalidInput(f"{name}: the upload is empty")
+        await receive(request.stream(), tmp, dep.settings.max_upload_bytes)
         results = await run_in_threadpool(
             ingest_files,
             store=dep.store,
