@@ -131,8 +131,11 @@ def run_cli(
 EXAMPLES = REPO / "privseg" / "segments" / "examples"
 
 
-def prepare(dep: Deployment, customers: Path, events: Path) -> None:
-    """Ingest demo files as of AS_OF, apply the shipped example segments, compute a snapshot."""
+def prepare(
+    dep: Deployment, customers: Path, events: Path, snapshots: tuple[datetime, ...] = (AS_OF,)
+) -> None:
+    """Ingest demo files as of AS_OF, apply the shipped example segments, compute a snapshot as of
+    each of ``snapshots`` (in order: the last is the latest)."""
     from privseg.ingest.files import ingest_files
     from privseg.segments import definitions, engine
 
@@ -155,7 +158,8 @@ def prepare(dep: Deployment, customers: Path, events: Path) -> None:
         categories=dep.categories,
         actor=definitions.ADMIN_CLI,
     )
-    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    for as_of in snapshots:
+        engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of)
 
 
 @contextmanager

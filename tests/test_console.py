@@ -3,6 +3,7 @@ release path. Browser tests of the same pages are in test_console_browser.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -410,3 +411,21 @@ def test_compliance_sees_the_policy_diff_marked_and_the_log_verified(console: Co
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted() -> None:
     assert _cell("=HYPERLINK(1)") == "'=HYPERLINK(1)" and _cell("@x") == "'@x" and _cell("-1+1") == "'-1+1"
     assert _cell(-3) == -3 and _cell("north") == "north"
+
+
+def test_authored_text_is_escaped_wherever_it_is_shown(console: Console) -> None:
+    """A hostile marketer writes markup into a definition; the library, the history and the audit
+    browser show it as text (and the CSP would refuse an inline script anyway)."""
+    client = console.client()
+    csrf = sign_in(client, console.tokens["crm"])
+    payload = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    text = (
+        "id: crm_probe\nobjective: brand\ndescription: " + json.dumps(payload) + "\nwhere:\n"
+        "  event:\n    type: purchase\n    last: 30d\n"
+        "    where: {product_category: {not_in_or_unknown: [hearing_aids, cannabis, sexual_health]}}\n"
+    )
+    assert client.post("/ui/segments/edit", data={"text": text, "csrf": csrf}).status_code == 200
+    for path in ("/ui/segments", "/ui/segments/crm_probe/history"):
+        page = client.get(path).text
+        assert "crm_probe" in page and "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;img src=x" in client.get("/ui/segments/crm_probe/history").text

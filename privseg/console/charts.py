@@ -69,7 +69,7 @@ def cells(released: dict[str, Any], suppressed: dict[str, list[str]]) -> Figure:
         .mark_point(shape="cross", color="#777", size=60)
         .transform_filter("datum.count == null")
         .transform_calculate(zero="0")
-        .encode(x, offset, alt.Y("zero:Q"), color)
+        .encode(x, offset, alt.Y("zero:Q"))
     )
     chart = (bars + whiskers + marks).properties(title=title, width=WIDTH, height=260)
     n_sup = sum(len(v) for v in suppressed.values())

@@ -4,13 +4,14 @@ with filters, its verification and a signed anchor."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from datetime import timedelta
 from typing import Any
 
 import yaml
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from privseg import audit, ledger
 from privseg.console import charts, web
@@ -76,7 +77,9 @@ async def policy_diff(request: Request, dep: Dep, session: Compliance) -> Respon
             str(k): v for k, v in doc.items()
         }
         problems = candidate_findings(documents, dep.schema)
-        if not problems:
+        # The diff is shown beside the findings whenever every document parses: a reviewer wants to
+        # see what got looser even in a candidate that checks refuse.
+        with suppress(ValidationError):
             candidate = CategorySet(
                 {n: CategoryPolicy.model_validate(d) for n, d in documents.items()}, "candidate"
             )

@@ -37,7 +37,9 @@ def _kind(name: str, session: Session) -> ReleaseKind[Any, Any]:
     if kind is None:
         raise NotFound(f"no release kind {name!r}")
     if kind.recipient != session.principal.role:
-        raise NotPermitted(f"{name} releases are for {kind.recipient} users")
+        raise NotPermitted(
+            f"{name} releases are for {kind.recipient} users; you are signed in as {session.principal.role}"
+        )
     return kind
 
 
@@ -200,7 +202,7 @@ def table(released: dict[str, Any], suppressed: dict[str, list[str]]) -> tuple[l
     rows = []
     for seg in released["results"]:
         for c in seg["cells"]:
-            lo, hi = c["interval_95"]
+            lo, hi = (round(v, 1) for v in c["interval_95"])
             rows.append(
                 [
                     seg["segment"],
