@@ -429,3 +429,50 @@ def test_authored_text_is_escaped_wherever_it_is_shown(console: Console) -> None
         page = client.get(path).text
         assert "crm_probe" in page and "<script>alert" not in page and "<img src=x" not in page
     assert "&lt;img src=x" in client.get("/ui/segments/crm_probe/history").text
+
+
+def test_the_audit_page_says_when_the_log_was_tampered_with(dep: Deployment) -> None:
+    _, token = apikeys.create(dep.store.conn, dep.keyset, role="compliance", name="dpo")
+    client = TestClient(create_app(dep), base_url="http://127.0.0.1", follow_redirects=False)
+    sign_in(client, token)
+    assert "The log is intact" in client.get("/ui/audit?verify=true").text
+    with sqlite3.connect(dep.settings.db_path) as conn:  # an insider with the database edits an entry
+        conn.execute("DROP TRIGGER audit_no_update")
+        conn.execute(
+            'UPDATE audit SET details = \'{"key": 99, "role": "admin"}\' WHERE event = \'apikey_created\''
+        )
+    page = client.get("/ui/audit?verify=true").text
+    assert "does not verify" in page and "The log is intact" not in page
+
+
+def test_release_forms_are_made_from_request_models_and_round_trip() -> None:
+    from starlette.datastructures import FormData
+
+    from privseg import release
+    from privseg.console import forms
+    from privseg.errors import InvalidInput
+
+    widgets = {f.name: f.widget for f in forms.fields(release.CohortReportRequest, ["a", "b"], ["age_band"])}
+    assert widgets == {
+        "segments": "multiselect",
+        "breakdown": "checkboxes",
+        "measures": "checkboxes",
+        "spend_event": "text",
+        "spend_where": "json",
+        "spend_window_days": "number",
+    }
+    movement = {f.name: f for f in forms.fields(release.MovementRequest, ["a", "b"], [])}
+    assert movement["segments"].widget == "ordered" and movement["segments"].slots == 6
+    posted = FormData(
+        [("segments", "b"), ("segments", "a"), ("breakdown", "age_band"), ("spend_where", '{"x": 1}')]
+    )
+    req = forms.parse(release.CohortReportRequest, posted, dry_run=True)
+    assert req.segments == ["b", "a"] and req.dry_run and req.spend_where == {"x": 1}
+    again = forms.parse(release.CohortReportRequest, FormData(forms.hidden(req)), dry_run=False)
+    assert again.model_dump(exclude={"dry_run"}) == req.model_dump(exclude={"dry_run"})
+    with pytest.raises(InvalidInput, match="spend_where: not valid JSON"):
+        forms.parse(
+            release.CohortReportRequest, FormData([("segments", "a"), ("spend_where", "{")]), dry_run=True
+        )
+    with pytest.raises(InvalidInput, match="segments"):
+        forms.parse(release.CohortReportRequest, FormData([]), dry_run=True)

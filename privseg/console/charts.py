@@ -159,3 +159,26 @@ def budget(rows: list[dict[str, Any]], title: str) -> Figure:
         f"{r['label']}: spent {r['spent']:g} of {r['spent'] + max(r['remaining'], 0.0):g}" for r in rows
     )
     return _render(chart, title, alt_text)
+
+
+def spend_over_time(points: list[dict[str, Any]], title: str) -> Figure:
+    """Cumulative epsilon per recipient over time (``points``: at, recipient, cumulative)."""
+    import altair as alt
+
+    chart = (
+        alt.Chart({"values": points})
+        .mark_line(point=True, interpolate="step-after")
+        .encode(
+            alt.X("at:T", title="time (UTC)"),
+            alt.Y("cumulative:Q", title="epsilon spent (cumulative)"),
+            alt.Color("recipient:N", title="recipient"),
+        )
+        .properties(title=title, width=WIDTH, height=200)
+    )
+    last: dict[str, float] = {}
+    for p in points:
+        last[p["recipient"]] = p["cumulative"]
+    alt_text = "Step lines of epsilon spent over time: " + "; ".join(
+        f"{r}: {v:g} in all" for r, v in last.items()
+    )
+    return _render(chart, title, alt_text)

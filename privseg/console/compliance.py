@@ -122,6 +122,14 @@ def budget_ledger(
         for s in status
         if picked is None or s["category"] == picked
     ]
+    charges = ledger.charges(dep.store.conn, category=picked, since=now - timedelta(days=days))
+    totals: dict[str, float] = {}
+    points = []
+    for c in reversed(charges):  # oldest first
+        who = c.recipient if picked else f"{c.category} / {c.recipient}"
+        totals[who] = totals.get(who, 0.0) + c.epsilon
+        points.append({"at": c.at, "recipient": who, "cumulative": round(totals[who], 6)})
+    period = f"{picked or 'every category'}, last {days} days"
     credits = {
         name: ledger.next_credit(dep.store.conn, policy, now)
         for name, policy in dep.categories.categories.items()
@@ -134,7 +142,8 @@ def budget_ledger(
         category=picked or "",
         days=days,
         credits=credits,
-        charges=ledger.charges(dep.store.conn, category=picked, since=now - timedelta(days=days)),
+        charges=charges,
+        over_time=charts.spend_over_time(points, f"Epsilon spent over time ({period})") if points else None,
         per_recipient=charts.budget(bars, "Spent and left per category and recipient (epsilon)")
         if bars
         else None,
@@ -155,6 +164,13 @@ def audit_log(
     verify: bool = False,
 ) -> Response:
     conn = dep.store.conn
+    verification, anchors_checked = None, 0
+    if verify:
+        # The server's own anchor file (PRIVSEG_AUDIT_ANCHOR_FILE), when there is one: a log cut at its
+        # end shows there.
+        path = dep.settings.audit_anchor_file
+        anchors = audit.read_anchors(path) if path is not None and path.exists() else []
+        verification, anchors_checked = audit.verify_all(conn, dep.keyset, anchors), len(anchors)
     page = audit.search(
         conn,
         event=event or None,
@@ -170,7 +186,8 @@ def audit_log(
         entries=page,
         events=audit.event_kinds(conn),
         filters={"event": event, "mentions": mentions, "since": since, "until": until},
-        verification=audit.verify_all(conn, dep.keyset) if verify else None,
+        verification=verification,
+        anchors_checked=anchors_checked,
         anchor=audit.anchor(conn, dep.keyset) if verify else None,
         older=page[-1].seq if len(page) == 100 else None,
     )

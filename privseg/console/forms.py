@@ -19,7 +19,7 @@ SEGMENT_FIELDS = {"segment", "segments", "treatment", "control", "conversion"}
 SKIPPED = {"dry_run"}
 
 
-Widget = Literal["select", "multiselect", "checkboxes", "number", "json", "text"]
+Widget = Literal["select", "multiselect", "ordered", "checkboxes", "number", "json", "text"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class FormField:
     choices: list[str] = field(default_factory=list)
     required: bool = False
     default: Any = None
+    slots: int = 0  # "ordered": how many ordered choices (the list's maximum length)
 
 
 def _strip_optional(annotation: Any) -> Any:
@@ -52,7 +53,11 @@ def fields(model: type[BaseModel], segments: list[str], dimensions: list[str]) -
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         widget: Widget = "text"
         choices: list[str] = []
-        if name in SEGMENT_FIELDS:
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        slots = next((int(m.max_length) for m in info.metadata if getattr(m, "max_length", None)), 0)
+        if name in SEGMENT_FIELDS and is_list and extra.get("ordered"):
+            widget, choices = "ordered", segments  # order matters: one choice per position
+        elif name in SEGMENT_FIELDS:
             widget, choices = ("multiselect" if is_list else "select"), segments
         elif name == "breakdown":
             widget, choices = "checkboxes", dimensions
@@ -71,6 +76,7 @@ def fields(model: type[BaseModel], segments: list[str], dimensions: list[str]) -
                 choices=choices,
                 required=info.is_required(),
                 default=default,
+                slots=slots,
             )
         )
     return out

@@ -30,6 +30,7 @@ class MovementRequest(ReleaseRequest):
         min_length=2,
         max_length=6,
         description="Ordered states: a person's state is the first listed segment they are in.",
+        json_schema_extra={"ordered": True},  # forms keep the order (the console: one choice per state)
     )
     from_snapshot: int = Field(ge=1, le=MAX_ID, description="The earlier snapshot id.")
     to_snapshot: int | None = Field(

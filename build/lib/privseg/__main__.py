@@ -1,0 +1,3 @@
+from privseg.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""One POST route per release kind, made from the registry: a new kind gets its route, request body,
+response schema and role check without touching this file."""
+
+# No `from __future__ import annotations`: the endpoints' annotations are set at run time.
+
+import json
+from typing import Any, Union
+
+from fastapi import APIRouter, Response
+
+from privseg import release
+from privseg.api.deps import DepDep, Marketer, Partner
+from privseg.api.routes.common import V1
+from privseg.api.schemas import ERRORS
+from privseg.release.models import DryRun
+
+
+def _json(result: dict[str, Any]) -> Response:
+    # Releases are plain JSON already (as stored): skip FastAPI's generic encoder, which walks every
+    # cell. Their schema is still declared (response_model) and tests check responses against it.
+    return Response(json.dumps(result), media_type="application/json")
+
+
+def _add(router: APIRouter, kind: release.ReleaseKind[Any, Any]) -> None:
+    def endpoint(body: Any, dep: Any, who: Any) -> Response:
+        return _json(release.run(dep.release_context(), body, who.principal))
+
+    endpoint.__name__ = kind.name
+    endpoint.__doc__ = (
+        f"{kind.summary} The recipient is the caller's own identity; `dry_run` prices the release "
+        "without spending. An identical request on the same snapshot returns the stored release "
+        "and spends nothing."
+    )
+    endpoint.__annotations__ = {
+        "body": kind.request,
+        "dep": DepDep,
+        "who": Marketer if kind.recipient == "marketer" else Partner,
+        "return": Response,
+    }
+    router.add_api_route(
+        kind.route,
+        endpoint,
+        methods=["POST"],
+        tags=[kind.recipient],
+        response_model=Union[kind.response, DryRun],  # noqa: UP007  (a run-time union of classes)
+    )
+
+
+def make_router() -> APIRouter:
+    """The release routes of every kind registered now (called when the app is made)."""
+    router = APIRouter(prefix=V1, responses=ERRORS)
+    for kind in release.KINDS.values():
+        _add(router, kind)
+    return router

@@ -1,0 +1,145 @@
+"""Commands that release DP aggregates (reports, audiences, movement, lift) and show the budget."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from privseg.cli.shell import (
+    JsonOpt,
+    _deployment,
+    _emit,
+    _governed,
+    _table,
+    app,
+)
+from privseg.errors import InvalidInput
+
+if TYPE_CHECKING:
+    pass
+
+
+@app.command("report")
+def report(
+    segment: Annotated[list[str], typer.Option("--segment", "-s", help="Segment id (repeatable).")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the report (policy-checked).")],
+    by: Annotated[list[str] | None, typer.Option("--by", help="Breakdown dimension (repeatable).")] = None,
+    spend: Annotated[
+        bool, typer.Option("--spend", help="Also release total and mean clipped spend.")
+    ] = False,
+    spend_event: Annotated[str, typer.Option(help="Event type whose value counts as spend.")] = "purchase",
+    spend_where: Annotated[
+        str | None,
+        typer.Option(
+            help="JSON event-field conditions on spend events, e.g. "
+            '\'{"product_category": {"not_in_or_unknown": ["cannabis"]}}\' (unfiltered spend reads '
+            "every stigmatized category's purchases)."
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A differentially private cohort report: segment sizes (and breakdowns) with 95% intervals."""
+    from privseg import release
+
+    try:
+        where = json.loads(spend_where) if spend_where else {}
+    except json.JSONDecodeError:
+        raise InvalidInput("--spend-where is not valid JSON") from None
+    if not isinstance(where, dict):
+        raise InvalidInput("--spend-where must be a JSON object: event field -> condition")
+    dep = _governed()
+    req = release.CohortReportRequest(
+        segments=segment,
+        breakdown=by or [],
+        measures=["count", "spend"] if spend else ["count"],
+        spend_event=spend_event,
+        spend_where=where,
+        dry_run=dry_run,
+    )
+    result = release.run(dep.release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
+
+
+@app.command("audience")
+def audience(
+    segment: Annotated[str, typer.Option("--segment", "-s", help="Segment id.")],
+    partner: Annotated[str, typer.Option(help="Ad partner receiving the audience (policy-checked).")],
+    by: Annotated[list[str] | None, typer.Option("--by", help="Breakdown dimension (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A thresholded partner audience: DP counts per cell and the segment's share of each cell."""
+    from privseg import release
+
+    dep = _governed()
+    req = release.PartnerAudienceRequest(segment=segment, breakdown=by or ["region"], dry_run=dry_run)
+    result = release.run(dep.release_context(), req, partner)
+    _emit(result, as_json, release.text(result))
+
+
+@app.command("movement")
+def movement_cmd(
+    segment: Annotated[list[str], typer.Option("--segment", "-s", help="Ordered states (repeatable).")],
+    from_snapshot: Annotated[int, typer.Option(help="The earlier snapshot id (see segments status).")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the report.")],
+    to_snapshot: Annotated[int | None, typer.Option(help="The later snapshot (default: latest).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A DP transition table: how many people moved between segments across two snapshots."""
+    from privseg import release
+
+    req = release.MovementRequest(
+        segments=segment,
+        from_snapshot=from_snapshot,
+        to_snapshot=to_snapshot,
+        dry_run=dry_run,
+    )
+    result = release.run(_governed().release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
+
+
+@app.command("lift")
+def lift_cmd(
+    treatment: Annotated[str, typer.Option(help="Segment of the treatment arm.")],
+    control: Annotated[str, typer.Option(help="Segment of the control arm.")],
+    conversion: Annotated[str, typer.Option(help="Segment whose members count as converted.")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the report.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A DP A/B lift report: conversions per arm and the lift, with an interval that includes the noise."""
+    from privseg import release
+
+    req = release.LiftRequest(treatment=treatment, control=control, conversion=conversion, dry_run=dry_run)
+    result = release.run(_governed().release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
+
+
+@app.command("budget")
+def budget(as_json: JsonOpt = False) -> None:
+    """Privacy budget spent and remaining, per category and recipient, in the current periods."""
+    from privseg import ledger
+
+    dep = _deployment()
+    rows = ledger.status(dep.store.conn, dep.categories, datetime.now(UTC))
+    table: list[list[Any]] = []
+    for c in rows:
+        table.append(
+            [
+                c["category"],
+                "(all)",
+                f"{c['category_spent']:g}",
+                f"{c['category_remaining']:g}",
+                "",
+                c["period_days"],
+            ]
+        )
+        for r in c["recipients"]:  # type: ignore[attr-defined]
+            table.append(["", r["recipient"], f"{r['spent']:g}", f"{r['remaining']:g}", r["releases"], ""])
+    columns = ["category", "recipient", "epsilon spent", "epsilon left", "releases", "period (days)"]
+    _emit(rows, as_json, _table(columns, table))

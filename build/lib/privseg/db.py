@@ -1,0 +1,253 @@
+"""The SQLite database: manifest, audit log (and later ledger), with its schema migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from privseg.fsutil import private_dir, private_files
+
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('profiles', 'events')),
+        file TEXT NOT NULL UNIQUE,
+        rows INTEGER NOT NULL,
+        people INTEGER NOT NULL,
+        min_ts TEXT,
+        max_ts TEXT,
+        key_version INTEGER NOT NULL,
+        written_at TEXT NOT NULL
+    );
+    -- Every content ever ingested, kept when its batch is later merged, rewritten or emptied, so a
+    -- replayed old file stays a no-op (and can never overwrite newer profiles).
+    CREATE TABLE contents (
+        kind TEXT NOT NULL,
+        content_id TEXT NOT NULL,
+        first_batch INTEGER NOT NULL,
+        ingested_at TEXT NOT NULL,
+        PRIMARY KEY (kind, content_id)
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        details TEXT NOT NULL,
+        mac TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
+    """
+    -- Segment and trait definitions: every edit is a new version; the highest version is active.
+    CREATE TABLE definitions (
+        kind TEXT NOT NULL CHECK (kind IN ('segment', 'trait')),
+        id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (kind, id, version)
+    );
+    -- Membership snapshots (person x segment, never leaving the server) and what they were built from.
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY,
+        as_of TEXT NOT NULL,
+        computed_at TEXT NOT NULL,
+        file TEXT,
+        people INTEGER NOT NULL,
+        segments TEXT NOT NULL,
+        traits TEXT NOT NULL,
+        batches TEXT NOT NULL
+    );
+    """,
+    """
+    -- Every privacy spend, committed before any noise is drawn and never refunded. Epsilon is held in
+    -- integer micro-units: summed floats drift (ten charges of 0.1 do not fit a budget of 1.0).
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        category TEXT NOT NULL,
+        epsilon_micro INTEGER NOT NULL CHECK (epsilon_micro > 0),
+        delta REAL NOT NULL,
+        release_id INTEGER NOT NULL,
+        policy_hash TEXT NOT NULL
+    );
+    CREATE INDEX ledger_by_category ON ledger (category, at);
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+    -- Releases: the request, what it cost, and (once computed) its noisy result, for the cache.
+    CREATE TABLE releases (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        category TEXT NOT NULL,
+        cache_key TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'done')),
+        request TEXT NOT NULL,
+        result TEXT,
+        snapshot_id INTEGER NOT NULL,
+        policy_hash TEXT NOT NULL,
+        epsilon_micro INTEGER NOT NULL
+    );
+    CREATE INDEX releases_by_key ON releases (cache_key);
+    """,
+    """
+    -- API keys: only a keyed hash of each token is stored; the token is shown once, at creation.
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'marketer', 'compliance', 'partner')),
+        principal TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    """,
+    """
+    -- Who owns a definition (only they or an admin may change or retire it) and who wrote each version;
+    -- a retired definition keeps its history but is no longer active.
+    ALTER TABLE definitions ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin:cli';
+    ALTER TABLE definitions ADD COLUMN editor TEXT NOT NULL DEFAULT 'admin:cli';
+    ALTER TABLE definitions ADD COLUMN retired INTEGER NOT NULL DEFAULT 0;
+    -- The policy set a snapshot was computed under (its consent filters depend on it) and the
+    -- effective categories of its segments under that set.
+    ALTER TABLE snapshots ADD COLUMN policy_hash TEXT;
+    ALTER TABLE snapshots ADD COLUMN categories TEXT;
+    -- The pseudonym key version of a snapshot's pids (a rotation re-keys kept snapshots with the store).
+    ALTER TABLE snapshots ADD COLUMN key_version INTEGER;
+    """,
+    """
+    -- Ingestion order, kept when a batch is rewritten (erasure, rotation) under a new id: profiles are
+    -- "latest wins" per column, so a rewritten old batch must not become the latest.
+    ALTER TABLE batches ADD COLUMN seq INTEGER;
+    UPDATE batches SET seq = id;
+    -- The keyed hash of the source bytes a batch came from (kept through rewrites), and of each
+    -- recorded content: the same events file under a changed policy replaces what it stored before.
+    ALTER TABLE batches ADD COLUMN source TEXT;
+    ALTER TABLE contents ADD COLUMN source TEXT;
+    """,
+    """
+    -- Web console sessions: only a keyed hash of each session token is stored. A session acts as the
+    -- API key it was opened with, and ends with it (revocation), after idleness or at its expiry.
+    CREATE TABLE console_sessions (
+        token_hash TEXT PRIMARY KEY,
+        key_id INTEGER NOT NULL REFERENCES api_keys (id),
+        created_at TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    """,
+)
+
+
+# SQLite integers are 64-bit signed: ids above this are refused as invalid input (API paths and
+# bodies) instead of overflowing in a query.
+MAX_ID = 2**62
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the database (creating and migrating it if needed) in autocommit mode.
+
+    Autocommit (isolation_level=None) so that every write goes through :func:`transaction`, which
+    takes the write lock up front (BEGIN IMMEDIATE): no two writers interleave read-then-write.
+    """
+    private_dir(path.parent)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a committed charge or batch survives power loss
+    conn.execute("PRAGMA foreign_keys=ON")
+    _migrate(conn)
+    private_files(path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return conn
+
+
+class ConnectionPool:
+    """Connections to one database, each lent to one request at a time. Opening one (pragmas, the
+    migration check, file modes) costs more than serving a cached release, so the server keeps a few
+    open. A connection handed back inside a transaction is closed, never lent again."""
+
+    def __init__(self, path: Path, keep: int = 16) -> None:
+        self.path, self.keep = path, keep
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return connect(self.path)
+
+    def release(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if not conn.in_transaction and len(self._idle) < self.keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    # Every request opens a connection: check without the write lock first, so that readers do not
+    # queue behind writers; take the lock (and look again) only when there is something to migrate.
+    (current,) = conn.execute("PRAGMA user_version").fetchone()
+    if current == len(_MIGRATIONS):
+        return
+    with transaction(conn):
+        (current,) = conn.execute("PRAGMA user_version").fetchone()
+        for number, script in enumerate(_MIGRATIONS[current:], start=current + 1):
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf.strip()
+            buf = ""
+    if buf.strip():
+        yield buf.strip()
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, holding the write lock from the start; rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )

@@ -1,0 +1,159 @@
+"""One deployment's moving parts (settings, keyset, ingest policy, store), opened on demand.
+
+The CLI and the HTTP API both start from a :class:`Deployment`, so they see the same state and call
+the same service functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import cached_property
+
+from privseg import audit
+from privseg.db import ConnectionPool, connect, get_meta, set_meta, transaction
+from privseg.keyset import Keyset, load_keyset
+from privseg.policy.categories import CategorySet
+from privseg.policy.checks import load_categories
+from privseg.policy.ingest import IngestPolicy, load_ingest_policy
+from privseg.release.context import ReleaseContext
+from privseg.schema import Schema
+from privseg.segments import engine
+from privseg.segments.compiler import Compiler
+from privseg.segments.definitions import active, build_compiler
+from privseg.segments.sensitivity import SensitivityIndex
+from privseg.settings import Settings
+from privseg.store import Store
+
+
+class Deployment:
+    def __init__(self, settings: Settings | None = None, pool: ConnectionPool | None = None) -> None:
+        self.settings = settings or Settings()
+        # Set for a request's deployment: its connection is borrowed from the server's pool.
+        self._pool = pool
+        # A deployment that serves requests lends them connections from here (see for_request).
+        self._root_pool = ConnectionPool(self.settings.db_path) if pool is None else None
+
+    @cached_property
+    def keyset(self) -> Keyset:
+        """The keyset, refused if its keys are not the ones the store was written with."""
+        keyset = load_keyset(self.settings.keyset)
+        self.store.check_keyset(keyset)
+        return keyset
+
+    @cached_property
+    def ingest_policy(self) -> IngestPolicy:
+        return load_ingest_policy(self.settings.ingest_policy_path)
+
+    @cached_property
+    def categories(self) -> CategorySet:
+        """The category policies, refused (PolicyError) if any finding stands against them. Reading
+        them writes nothing; :meth:`record_policies` audits a set not seen before."""
+        return load_categories(self.settings.policy_dir, self.schema)
+
+    def record_policies(self) -> CategorySet:
+        """Load the policies at start-up and record a set not seen before in the audit log, with its
+        hash (the server and every CLI command that acts under policies call this once)."""
+        cats = self.categories
+        conn = self.store.conn
+        with transaction(conn):
+            if get_meta(conn, "policy_hash") != cats.content_hash:
+                set_meta(conn, "policy_hash", cats.content_hash)
+                audit.append(
+                    conn,
+                    self.keyset,
+                    "policy_load",
+                    {"policy_hash": cats.content_hash, "categories": sorted(cats.categories)},
+                )
+        return cats
+
+    @cached_property
+    def schema(self) -> Schema:
+        return Schema.from_ingest_policy(self.ingest_policy)
+
+    @cached_property
+    def sensitivity(self) -> SensitivityIndex:
+        """The category policies' sensitivity tags, indexed."""
+        return SensitivityIndex(self.categories, self.schema)
+
+    def recompute_if_stale(self) -> None:
+        """Recompute the membership snapshot if data or policies changed since the latest one (after
+        an upload; run after the response has gone out)."""
+        stale = engine.staleness(
+            self.store, engine.latest(self.store.conn), policy_hash=self.categories.content_hash
+        )
+        if stale and active(self.store.conn):
+            engine.compute_snapshot(store=self.store, compiler=self.compiler(), keyset=self.keyset)
+
+    def compiler(self) -> Compiler:
+        """A compiler over the currently active definitions (they change as segments are applied)."""
+        return build_compiler(active(self.store.conn), schema=self.schema, categories=self.categories)
+
+    def release_context(self) -> ReleaseContext:
+        """What release code needs, and nothing else."""
+        return ReleaseContext(
+            store=self.store,
+            keyset=self.keyset,
+            categories=self.categories,
+            schema=self.schema,
+            sensitivity=self.sensitivity,
+        )
+
+    @cached_property
+    def store(self) -> Store:
+        conn = self._pool.acquire() if self._pool is not None else connect(self.settings.db_path)
+        return Store(conn, self.settings.data_dir)
+
+    def for_request(self) -> Deployment:
+        """A deployment sharing what is already loaded (keyset, policies) but with its own database
+        connection, borrowed from the pool until :meth:`close`: SQLite connections must not be shared
+        by concurrent requests."""
+        assert self._root_pool is not None, "fork the server's deployment, not a request's"
+        fork = Deployment(self.settings, self._root_pool)
+        for name in ("keyset", "ingest_policy", "schema", "categories", "sensitivity"):
+            if name in self.__dict__:
+                fork.__dict__[name] = self.__dict__[name]
+        return fork
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            if self._pool is not None:
+                self._pool.release(self.store.conn)
+            else:
+                self.store.conn.close()
+            del self.__dict__["store"]
+        if self._root_pool is not None:
+            self._root_pool.close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (``PRIVSEG_LOG_FORMAT=json``), with the request id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "method", "route", "status", "ms"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        return json.dumps(doc)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log to stderr (and a file when configured). Nothing privseg logs carries a raw identifier."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(settings.log_file, encoding="utf-8"))
+    formatter = (
+        JsonFormatter()
+        if settings.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=handlers, force=True)

@@ -1,0 +1,1 @@
+"""Ingestion: sources read, validated, generalized, pseudonymized at the door and stored."""

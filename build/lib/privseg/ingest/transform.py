@@ -1,0 +1,310 @@
+"""One source file, validated against the ingest policy and transformed: every attribute parsed with
+all problems collected (row and column, never the value), quasi-identifiers generalized, direct
+identifiers dropped. Pseudonymization and storage are files.py's."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from privseg.batches import Kind
+from privseg.errors import InvalidInput
+from privseg.ingest.checks import ROW, Checks, source_text, typed_column
+from privseg.ingest.generalize import age_band, number_band, region
+from privseg.ingest.result import IngestResult, Mode
+from privseg.ingest.sources import column_label
+from privseg.policy.ingest import (
+    AgeBandRule,
+    Attribute,
+    BoolAttr,
+    CategoryAttr,
+    DateAttr,
+    FloatAttr,
+    IngestPolicy,
+    IntAttr,
+    ListAttr,
+    NumberBandRule,
+    StringAttr,
+)
+from privseg.pseudonym import Pseudonymizer, normalize_expr
+
+log = logging.getLogger(__name__)
+
+_TRUE = ["true", "t", "yes", "y", "1"]
+_FALSE = ["false", "f", "no", "n", "0"]
+# Tried in order, each only on the rows the earlier ones missed. The first three are exact forms that
+# hit Polars' fast path (0.6 s per 10M rows against 2.6 s for the general %.f%#z form). Forms
+# without an offset are taken as UTC; "Z" is UTC.
+_TS_FORMATS: tuple[tuple[str, bool], ...] = (
+    ("%Y-%m-%dT%H:%M:%SZ", False),
+    ("%Y-%m-%dT%H:%M:%S", False),
+    ("%Y-%m-%d %H:%M:%S", False),
+    ("%Y-%m-%dT%H:%M:%S%.f%#z", True),
+    ("%Y-%m-%d %H:%M:%S%.f%#z", True),
+    ("%Y-%m-%dT%H:%M:%S%.f", False),
+    ("%Y-%m-%d %H:%M:%S%.f", False),
+)
+_FUTURE_TOLERANCE = timedelta(days=1)
+
+
+def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Checks) -> pl.Expr:
+    """Expression for the parsed column; registers the checks that find invalid rows."""
+    typed = pl.col(typed_column(name))
+    given = pl.col(name).is_not_null() & (pl.col(name).cast(pl.String).str.strip_chars() != "")
+    if isinstance(spec, ListAttr):
+        is_list = schema[name] == pl.List(pl.String)
+        items = pl.col(name) if is_list else source_text(name).str.split(spec.separator)
+        out = items.list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != ""))
+        out = out.list.unique(maintain_order=True)
+        bad = typed.list.eval(~pl.element().is_in(list(spec.values))).list.any()
+        checks.add(bad, name, f"an item is not one of {list(spec.values)}")
+    elif schema[name] != pl.String:
+        checks.add(pl.col(name).is_not_null(), name, "expected a single value, found a list")
+        out = pl.lit(None, dtype=_dtype(spec))
+    elif isinstance(spec, CategoryAttr):
+        folded = {raw: value for value, raws in spec.fold.items() for raw in raws}
+        out = source_text(name).replace(folded) if folded else source_text(name)
+        checks.add(
+            typed.is_not_null() & ~typed.is_in(list(spec.values)), name, f"not one of {list(spec.values)}"
+        )
+    elif isinstance(spec, BoolAttr):
+        low = source_text(name).str.to_lowercase()
+        out = pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False)
+        checks.add(given & typed.is_null(), name, "not a boolean (true/false, yes/no, 1/0)")
+    elif isinstance(spec, DateAttr):
+        out = source_text(name).str.to_date("%Y-%m-%d", strict=False)
+        checks.add(given & typed.is_null(), name, "not a date in YYYY-MM-DD form")
+    elif isinstance(spec, FloatAttr | IntAttr):
+        is_float = isinstance(spec, FloatAttr)
+        out = number = source_text(name).cast(pl.Float64 if is_float else pl.Int64, strict=False)
+        # On the number as read, not the stored value (which out_of_range may have made unknown).
+        unparsed = given & number.is_null()
+        if is_float:
+            unparsed = unparsed | ~number.is_finite()
+        checks.add(unparsed, name, f"not a {'number' if is_float else 'whole number'}")
+        if spec.out_of_range == "clip":
+            out = out.clip(spec.min, spec.max)
+        elif spec.out_of_range == "unknown":
+            outside = pl.lit(False)
+            if spec.min is not None:
+                outside = outside | (out < spec.min)
+            if spec.max is not None:
+                outside = outside | (out > spec.max)
+            out = pl.when(outside.fill_null(False)).then(None).otherwise(out)
+        else:
+            if spec.min is not None:
+                checks.add(typed < spec.min, name, f"below the minimum {spec.min}")
+            if spec.max is not None:
+                checks.add(typed > spec.max, name, f"above the maximum {spec.max}")
+    else:
+        assert isinstance(spec, StringAttr)
+        out = source_text(name)
+        checks.add(typed.str.len_chars() > spec.max_length, name, f"longer than {spec.max_length} characters")
+        # Free text is where identifiers leak in (an e-mail pasted into a campaign name).
+        checks.add(
+            typed.str.contains(r"[^\s@]+@[^\s@]+\.[^\s@]+"),
+            name,
+            "looks like an e-mail address; free-text attributes may not hold identifiers",
+        )
+    if spec.required:
+        checks.add(typed.is_null(), name, "required, but empty")
+    return out
+
+
+def _parse_timestamps(text: pl.Series) -> pl.Series:
+    """ISO 8601 text to UTC datetimes (null where unparsable)."""
+    text = text.str.strip_chars()
+    out: pl.Series | None = None
+    for fmt, aware in _TS_FORMATS:
+        todo = text if out is None else text.filter(out.is_null() & text.is_not_null())
+        if todo.len() == 0:
+            break
+        if aware:
+            parsed = todo.str.to_datetime(fmt, strict=False, time_zone="UTC", time_unit="us")
+        else:
+            parsed = todo.str.to_datetime(fmt, strict=False, time_unit="us").dt.replace_time_zone("UTC")
+        if out is None:
+            out = parsed
+        else:
+            missing = (out.is_null() & text.is_not_null()).arg_true()
+            out = out.scatter(missing, parsed)
+    assert out is not None
+    return out
+
+
+def _check_columns(raw: pl.DataFrame, kind: Kind, policy: IngestPolicy, source: str, patch: bool) -> None:
+    """Refuse a file whose columns the policy does not name, or that lacks a required one."""
+    known = policy.known_columns(kind)
+    id_col = policy.identity.column
+    if id_col not in raw.columns and not set(raw.columns) & known:
+        # A header that names nothing we know is most likely a data row (a file without a header):
+        # its "names" are identifiers, so none of them is repeated back.
+        raise InvalidInput(
+            f"{source}: the first line names none of the policy's columns (not even the identity column "
+            f"{id_col!r}); is the header row missing? (its content is not shown: it may be data)"
+        )
+    unknown = [(i, c) for i, c in enumerate(raw.columns, start=1) if c not in known]
+    if unknown:
+        raise InvalidInput(
+            f"{source}: columns not named in the ingest policy ({kind}): "
+            f"[{', '.join(column_label(i, c) for i, c in unknown)}]; "
+            "add them to policies/ingest.yaml (as attributes, or under drop) or remove them"
+        )
+    if id_col not in raw.columns:
+        raise InvalidInput(f"{source}: the identity column {id_col!r} is missing")
+    section = policy.profiles if kind == "profiles" else policy.events
+    for name, spec in section.attributes.items():
+        if spec.required and name not in raw.columns and not patch:
+            raise InvalidInput(f"{source}: the required column {name!r} is missing")
+
+
+@dataclass
+class _Plan:
+    """What one file becomes: parsed columns (checked), the stored columns in canonical order, and
+    the columns generalized on the way."""
+
+    df: pl.DataFrame
+    checks: Checks
+    patch: bool
+    parsed: dict[str, pl.Expr] = field(default_factory=dict)
+    outputs: list[pl.Expr] = field(default_factory=list)
+    generalized: list[str] = field(default_factory=list)
+
+
+def _generalize(plan: _Plan, policy: IngestPolicy, now: datetime) -> None:
+    for name, rule in policy.profiles.generalize.items():
+        if name not in plan.df.columns:
+            if not plan.patch:
+                plan.outputs.append(pl.lit(None, dtype=pl.String).alias(rule.to))
+            continue
+        plan.generalized.append(name)
+        if isinstance(rule, AgeBandRule):
+            plan.parsed[name] = age_band(name, rule, now.date(), plan.checks)
+        elif isinstance(rule, NumberBandRule):
+            plan.parsed[name] = number_band(name, rule, plan.checks)
+        else:
+            plan.parsed[name] = region(name, rule, plan.checks)
+        plan.outputs.append(pl.col(typed_column(name)).alias(rule.to))
+
+
+def _timestamps(plan: _Plan, policy: IngestPolicy, now: datetime, source: str) -> None:
+    ts_col = policy.events.timestamp
+    if ts_col not in plan.df.columns:
+        raise InvalidInput(f"{source}: the timestamp column {ts_col!r} is missing")
+    parsed = _parse_timestamps(plan.df.get_column(ts_col).cast(pl.String))
+    plan.df = plan.df.with_columns(parsed.alias(typed_column(ts_col)))
+    ts = pl.col(typed_column(ts_col))
+    plan.checks.add(ts.is_null(), ts_col, "missing or not an ISO 8601 timestamp")
+    plan.checks.add(ts > now + _FUTURE_TOLERANCE, ts_col, "more than a day in the future")
+    plan.outputs.append(ts.alias("ts"))
+
+
+def _attributes(plan: _Plan, kind: Kind, policy: IngestPolicy) -> None:
+    section = policy.profiles if kind == "profiles" else policy.events
+    for name, spec in section.attributes.items():
+        if name in plan.df.columns:
+            plan.parsed[name] = _parse_attribute(plan.df.schema, name, spec, plan.checks)
+            plan.outputs.append(pl.col(typed_column(name)).alias(name))
+        elif not plan.patch:
+            plan.outputs.append(pl.lit(None, dtype=_dtype(spec)).alias(name))
+    if kind != "profiles":
+        return
+    # Derived attributes, from the parsed sources (a patch carrying only some of them leaves it alone).
+    for name, derived in policy.profiles.derived.items():
+        if all(c in plan.df.columns for c in derived.sum):
+            terms = [pl.col(typed_column(c)).cast(pl.Float64) for c in derived.sum]
+            some = pl.any_horizontal(t.is_not_null() for t in terms)
+            plan.outputs.append(pl.when(some).then(pl.sum_horizontal(terms)).alias(name))
+        elif not plan.patch:
+            plan.outputs.append(pl.lit(None, dtype=pl.Float64).alias(name))
+
+
+def transform(
+    raw: pl.DataFrame,
+    *,
+    kind: Kind,
+    policy: IngestPolicy,
+    pseudonymizer: Pseudonymizer,
+    source: str,
+    now: datetime,
+    mode: Mode = "patch",
+) -> tuple[pl.DataFrame, IngestResult]:
+    """Validate ``raw`` (text columns) and turn it into the canonical pseudonymized shape.
+
+    Profiles in ``patch`` mode keep only the attributes the file carries (the store then updates
+    just those columns of just these people); in ``replace`` mode every attribute is written, those
+    the file lacks as unknown. ``now`` is the reference time for ages and retention."""
+    patch = kind == "profiles" and mode == "patch"
+    _check_columns(raw, kind, policy, source, patch)
+    id_col = policy.identity.column
+    # Encrypt the identifiers on a second thread while Polars parses and checks the other columns:
+    # the AES-SIV loop holds the GIL, Polars' work mostly does not, so the two overlap on two cores.
+    # If the file turns out to be invalid, the tokens are simply thrown away.
+    identifiers = raw.select(normalize_expr(pl.col(id_col).cast(pl.String), policy.identity.type)).to_series()
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(pseudonymizer.encrypt_column, identifiers.fill_null(""))
+    pool.shutdown(wait=False)
+    # The same normalized column is what the checks look at: one normalization, one rule.
+    plan = _Plan(
+        raw.with_row_index(ROW, offset=1).with_columns(identifiers.alias(typed_column(id_col))),
+        Checks(source),
+        patch,
+    )
+    pid = pl.col(typed_column(id_col))
+    plan.checks.add(pid.is_null() | (pid == ""), id_col, "the identifier is missing or empty")
+    if kind == "profiles":
+        _generalize(plan, policy, now)
+    else:
+        _timestamps(plan, policy, now, source)
+    _attributes(plan, kind, policy)
+    if patch and not plan.outputs:
+        raise InvalidInput(
+            f"{source}: the file carries no profile attribute to update (only the identity column)"
+        )
+    work = plan.df.with_columns([expr.alias(typed_column(name)) for name, expr in plan.parsed.items()])
+    plan.checks.raise_if_any(work)
+    if kind == "profiles":
+        plan.checks.add(pid.is_duplicated(), id_col, "the same person appears more than once in this batch")
+        plan.checks.raise_if_any(work)
+    encrypted = future.result()  # every identifier is valid here, so this did not raise
+    typed = work.select(pl.lit(encrypted.tokens).alias("pid"), *plan.outputs)
+    people, expired = encrypted.distinct, 0
+    if kind == "events":
+        keep = pl.col("ts") >= now - timedelta(days=policy.retention_days)
+        expired = typed.height - int(typed.select(keep.sum()).item())
+        if expired:
+            typed = typed.filter(keep)
+            people = typed.get_column("pid").n_unique()
+    section = policy.profiles if kind == "profiles" else policy.events
+    result = IngestResult(
+        kind=kind,
+        source=source,
+        stored=True,
+        batch_id=0,
+        rows=typed.height,
+        people=people,
+        dropped_columns=tuple(c for c in raw.columns if c in section.drop),
+        generalized_columns=tuple(plan.generalized),
+        expired_events=expired,
+        mode=mode if kind == "profiles" else None,
+    )
+    return typed, result
+
+
+def _dtype(spec: Attribute) -> pl.DataType:
+    """The stored dtype of an attribute (used for columns a source file leaves out)."""
+    if isinstance(spec, ListAttr):
+        return pl.List(pl.String)
+    if isinstance(spec, BoolAttr):
+        return pl.Boolean()
+    if isinstance(spec, DateAttr):
+        return pl.Date()
+    if isinstance(spec, FloatAttr):
+        return pl.Float64()
+    if isinstance(spec, IntAttr):
+        return pl.Int64()
+    return pl.String()

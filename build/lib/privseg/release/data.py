@@ -1,0 +1,83 @@
+"""Exact aggregates over a membership snapshot, shared by the release kinds.
+
+Nothing here leaves the server: the engine adds OpenDP noise to these vectors before anything is
+returned.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import polars as pl
+
+from privseg.release.context import ReleaseContext
+from privseg.release.plan import UNKNOWN, ReleasePlan
+from privseg.segments import engine
+
+_DIMS_CACHE: dict[tuple[str, str], pl.DataFrame] = {}
+_DIMS_LOCK = threading.Lock()
+
+
+def memberships(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.LazyFrame:
+    return pl.scan_parquet(engine.snapshot_path(ctx.store, snap))
+
+
+def dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
+    """Every breakdown dimension and consent attribute, in the snapshot's row order (cached per
+    snapshot: the join on pseudonyms is the slow part of a release, and a snapshot never changes)."""
+    # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
+    key = (str(ctx.store.data_dir.resolve()), f"{snap.id}/{snap.file}")
+    with _DIMS_LOCK:
+        cached = _DIMS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    policies = ctx.categories.categories.values()
+    dims = sorted(
+        {d for c in policies for d in c.allowed_dimensions()} | {c.consent_attribute for c in policies}
+    )
+    pids = memberships(ctx, snap).select("pid")
+    profiles = ctx.store.scan_profiles()
+    if profiles is None:
+        frame = pids.collect().with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims])
+    else:
+        available = profiles.collect_schema().names()
+        cols = [d for d in dims if d in available]
+        frame = (
+            pids.join(profiles.select("pid", *cols), on="pid", how="left", maintain_order="left")
+            # A dimension no batch has carried yet (patch batches carry only their columns): unknown.
+            .with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims if d not in available])
+            .collect()
+        )
+    frame = frame.drop("pid")
+    with _DIMS_LOCK:
+        if len(_DIMS_CACHE) >= 4:  # a few snapshots at most: the latest, and those movement reads
+            _DIMS_CACHE.pop(next(iter(_DIMS_CACHE)))
+        _DIMS_CACHE[key] = frame
+    return frame
+
+
+def members(ctx: ReleaseContext, plan: ReleasePlan, also: Sequence[str] = ()) -> pl.DataFrame:
+    """The plan's segment columns, its breakdown dimensions (unknown filled in) and ``also`` (more
+    columns of the per-snapshot dimension frame), row-aligned with the snapshot."""
+    dims = plan.breakdown
+    frame = pl.read_parquet(engine.snapshot_path(ctx.store, plan.snapshot), columns=plan.segments)
+    if dims or also:
+        frame = pl.concat([frame, dimensions(ctx, plan.snapshot).select(*dims, *also)], how="horizontal")
+        frame = frame.with_columns([pl.col(d).cast(pl.String).fill_null(UNKNOWN) for d in dims])
+    return frame
+
+
+def per_cell(plan: ReleasePlan, frame: pl.DataFrame, exprs: list[pl.Expr]) -> pl.DataFrame:
+    """``exprs`` aggregated per cell, one row per public key in the plan's order (0 where empty)."""
+    dims = plan.breakdown
+    if not dims:
+        return frame.select(exprs)
+    keys = pl.DataFrame([list(k) for k in plan.keys], schema=dims, orient="row")
+    return keys.join(frame.group_by(dims).agg(exprs), on=dims, how="left", maintain_order="left").fill_null(0)
+
+
+def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
+    """Members per cell, segment-major then cell order."""
+    table = per_cell(plan, members(ctx, plan), [pl.col(s).sum().alias(s) for s in plan.segments])
+    return [int(v) for s in plan.segments for v in table.get_column(s).to_list()]

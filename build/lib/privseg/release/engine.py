@@ -1,0 +1,186 @@
+"""The release engine: the only way numbers leave privseg, for every release kind alike.
+
+A request is planned by its kind (policy checks, cells, the sensitivity of each vector), charged to
+the ledger in a write transaction that commits *before* any noise is drawn, then computed: the kind's
+exact vectors, each put through its OpenDP measurement, then the kind's post-processing. Identical
+requests on the same snapshot and policy return the stored release and spend nothing (no averaging
+attacks). A refused request is audited as a refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from privseg import audit, ledger, metrics
+from privseg.db import transaction
+from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
+from privseg.release import kinds as _kinds  # noqa: F401  (registers every kind)
+from privseg.release.context import ReleaseContext
+from privseg.release.plan import ReleasePlan
+from privseg.release.registry import KINDS, ReleaseRequest, for_request
+
+PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
+_LOOKUP = "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1"
+
+
+def plan(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> ReleasePlan:
+    planned: ReleasePlan = for_request(req).plan(ctx, req, recipient)
+    return planned
+
+
+def run(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> dict[str, Any]:
+    """Plan ``req`` for ``recipient``, then price it (dry run) or release it. Refusals are audited."""
+    kind = for_request(req)
+    try:
+        planned = kind.plan(ctx, req, recipient)
+        return dry_run(ctx, planned) if req.dry_run else release(ctx, planned)
+    except (PolicyViolation, NotPermitted, BudgetExhausted) as exc:
+        with transaction(ctx.store.conn):
+            audit.append(
+                ctx.store.conn,
+                ctx.keyset,
+                "refusal",
+                {"kind": kind.name, "recipient": recipient, "code": getattr(exc, "code", "error")},
+            )
+        raise
+
+
+def cache_key(plan: ReleasePlan) -> str:
+    doc = {
+        "kind": plan.kind,
+        "recipient": plan.recipient,
+        "segments": plan.segments,
+        "breakdown": plan.breakdown,
+        "snapshot": plan.snapshot.id,
+        "policy": plan.policy_hash,
+        **plan.identity(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
+    if row is None or row[1] != "done":
+        return None
+    metrics.CACHE_HITS.labels(plan.kind).inc()
+    return {**json.loads(row[2]), "cached": True, "charged_epsilon": 0.0}
+
+
+def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> int:
+    """Record the release as pending, charge every category it reads and audit it, in one transaction
+    that the caller has opened: if any budget refuses, nothing is charged."""
+    conn = ctx.store.conn
+    eps_micro = ledger.to_micro(plan.epsilon)
+    cur = conn.execute(
+        "INSERT INTO releases (at, kind, recipient, category, cache_key, status, request, snapshot_id, "
+        "policy_hash, epsilon_micro) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+        (
+            now.isoformat(),
+            plan.kind,
+            plan.recipient,
+            plan.policy.name,
+            key,
+            json.dumps({"segments": plan.segments, "breakdown": plan.breakdown}),
+            plan.snapshot.id,
+            plan.policy_hash,
+            eps_micro,
+        ),
+    )
+    release_id = int(cur.lastrowid or 0)
+    for member in plan.charged:
+        ledger.charge(
+            conn,
+            policy=member,
+            recipient=plan.recipient,
+            epsilon_micro=eps_micro,
+            delta=plan.policy.delta,
+            release_id=release_id,
+            policy_hash=plan.policy_hash,
+            now=now,
+        )
+    audit.append(
+        conn,
+        ctx.keyset,
+        "release",
+        {
+            "release": release_id,
+            "kind": plan.kind,
+            "recipient": plan.recipient,
+            "category": plan.policy.name,
+            "segments": plan.segments,
+            "breakdown": plan.breakdown,
+            "epsilon": plan.epsilon,
+            # What the ledger was charged, per category: `audit verify` cross-checks the two.
+            "charges": {member.name: eps_micro for member in plan.charged},
+            "snapshot": plan.snapshot.id,
+            "policy_hash": plan.policy_hash,
+        },
+    )
+    return release_id
+
+
+def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
+    """Charge (or reuse the cache), then compute. The charge commits before noise is drawn."""
+    now = now or datetime.now(UTC)
+    kind = KINDS[plan.kind]
+    conn = ctx.store.conn
+    key = cache_key(plan)
+    # A cached release is served with a plain read: no write lock, so cache hits never queue behind
+    # charges. (Checked again under the lock below, where it decides.)
+    if (hit := _cached(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
+        return hit
+    with transaction(conn):
+        row = conn.execute(_LOOKUP, (key,)).fetchone()
+        if (hit := _cached(row, plan)) is not None:
+            return hit
+        if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
+            raise Conflict("an identical release is being computed; retry in a moment")
+        release_id = _charge(ctx, plan, key, now)
+    # Committed: from here on the budget is spent whatever happens.
+    for member in plan.charged:
+        metrics.EPSILON_CHARGED.labels(member.name).inc(plan.epsilon)
+    started = time.perf_counter()
+    exact = kind.exact(ctx, plan)
+    noisy = {v.name: [int(x) for x in v.measurement()(exact[v.name])] for v in plan.vectors}
+    result = {"release_id": release_id, **plan.describe(), **kind.result(plan, noisy)}
+    metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
+    with transaction(conn):
+        conn.execute(
+            "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
+        )
+    return {**result, "cached": False, "charged_epsilon": plan.epsilon}
+
+
+def dry_run(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
+    """What the release would cost and how accurate it would be; spends nothing."""
+    now = now or datetime.now(UTC)
+    cached = ctx.store.conn.execute(
+        "SELECT 1 FROM releases WHERE cache_key = ? AND status = 'done'", (cache_key(plan),)
+    ).fetchone()
+    left = min(ledger.remaining(ctx.store.conn, member, plan.recipient, now).micro for member in plan.charged)
+    return {
+        **plan.describe(),
+        "dry_run": True,
+        "would_charge_epsilon": 0.0 if cached else plan.epsilon,
+        "cached": cached is not None,
+        "remaining_epsilon": ledger.from_micro(max(left, 0)),
+    }
+
+
+def text(r: dict[str, Any]) -> str:
+    """A release (or dry run) as text for a terminal."""
+    head = (
+        f"{r['kind']} for {r['recipient']} ({r['category']}), snapshot {r['snapshot']}, "
+        f"epsilon {r['epsilon']:g}, 95% interval +/-{r['interval_95_half_width']:.0f}"
+    )
+    if r.get("dry_run"):
+        return (
+            f"DRY RUN {head}\n  would charge epsilon {r['would_charge_epsilon']:g} "
+            f"(remaining {r['remaining_epsilon']:g}); {r['cells_per_segment']} cell(s) per segment; "
+            f"allowed dimensions {r['allowed_dimensions']}"
+        )
+    spent = " [cached: charged nothing]" if r["cached"] else f" [charged epsilon {r['charged_epsilon']:g}]"
+    return "\n".join([head + spent, *KINDS[r["kind"]].text(r)])

@@ -1,0 +1,122 @@
+"""Release plans: the rules a release falls under, its cells, and the vectors it draws noise for.
+
+A plan fixes the category policy, the public cells and, for each released vector, its L1 sensitivity
+and its share of the epsilon; the shares sum to the charged epsilon (basic composition). Kind modules
+(release/kinds/) build plans, each arguing its sensitivity next to the code; the engine
+(release/engine.py) charges and draws the noise for every kind alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from opendp.accuracy import discrete_laplacian_scale_to_accuracy
+from opendp.domains import atom_domain, vector_domain
+from opendp.measurements import make_laplace
+from opendp.metrics import l1_distance
+from opendp.mod import enable_features
+
+from privseg.policy.categories import CategoryPolicy
+from privseg.segments import engine
+
+# Specific modules, not opendp.prelude: the prelude imports scikit-learn (0.75 s on every CLI call).
+enable_features("contrib")
+
+ALPHA = 0.05  # intervals are 95%, two-sided
+UNKNOWN = "unknown"  # the cell of a person whose dimension value is missing
+
+
+@dataclass(frozen=True)
+class Vector:
+    """One released integer vector. ``sensitivity`` is the most one person can move it in L1 (argued
+    by the kind that plans it); the noise is OpenDP's discrete Laplace with scale d_in / epsilon, which
+    costs exactly ``epsilon`` (checked against OpenDP's own privacy map when the measurement is built)."""
+
+    name: str
+    sensitivity: int
+    epsilon: float
+    unit: float = 1.0  # what one integer step is worth in the released unit (spend: a cent)
+
+    @property
+    def scale(self) -> float:
+        return self.sensitivity / self.epsilon
+
+    def measurement(self) -> Any:
+        m = make_laplace(vector_domain(atom_domain(T=int)), l1_distance(T=int), scale=self.scale)
+        cost = m.map(self.sensitivity)  # type: ignore[no-untyped-call]
+        if cost > self.epsilon * (1 + 1e-9):
+            raise RuntimeError(f"measurement costs {cost}, more than the planned {self.epsilon}")
+        return m
+
+    @property
+    def half_width(self) -> float:
+        """Half the width of the 95% interval of one noisy value, in the released unit."""
+        return float(discrete_laplacian_scale_to_accuracy(self.scale, ALPHA)) * self.unit
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleasePlan:
+    """What every kind shares. Kinds subclass it for what only they need, and override
+    :meth:`identity` (what else makes two requests different) and :meth:`details` (what else to show)."""
+
+    kind: str
+    recipient: str
+    policy: CategoryPolicy  # the strictest rules of every category the release reads
+    charged: tuple[CategoryPolicy, ...]  # every category whose budget the release is charged to
+    segments: list[str]
+    breakdown: list[str]
+    keys: list[tuple[str, ...]]  # every cell, in release order
+    snapshot: engine.Snapshot
+    policy_hash: str
+    vectors: tuple[Vector, ...]
+
+    def __post_init__(self) -> None:
+        if not self.charged:
+            raise ValueError("a release plan must name the categories it charges")
+        if not self.vectors or len({v.name for v in self.vectors}) != len(self.vectors):
+            raise ValueError("a release plan draws one or more vectors, each named once")
+        if self.epsilon > self.policy.epsilon_per_release * (1 + 1e-9):
+            raise ValueError("the vectors of a release together cost more than its policy allows")
+
+    @property
+    def epsilon(self) -> float:
+        """What the release costs: its vectors' epsilons add up (basic composition)."""
+        return sum(v.epsilon for v in self.vectors)
+
+    def vector(self, name: str) -> Vector:
+        return next(v for v in self.vectors if v.name == name)
+
+    @property
+    def counts(self) -> Vector:
+        """The headline vector (its interval is the one every release states)."""
+        return self.vectors[0]
+
+    def identity(self) -> dict[str, Any]:
+        """Request parts beyond the shared ones that change the answer (they enter the cache key)."""
+        return {}
+
+    def details(self) -> dict[str, Any]:
+        """What the kind adds to the description of a release."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "recipient": self.recipient,
+            "category": self.policy.name,
+            "charged_categories": [p.name for p in self.charged],
+            "segments": self.segments,
+            "breakdown": self.breakdown,
+            "cells_per_segment": len(self.keys),
+            "epsilon": self.epsilon,
+            "delta": self.policy.delta,
+            "noise_scale": self.counts.scale,
+            "interval_95_half_width": self.counts.half_width,
+            "min_cohort_size": self.policy.min_cohort_size,
+            "allowed_dimensions": self.policy.allowed_dimensions(),
+            "max_dimensions": self.policy.breakdowns.max_dimensions,
+            "snapshot": self.snapshot.id,
+            "as_of": self.snapshot.as_of,
+            "policy_hash": self.policy_hash,
+        } | self.details()

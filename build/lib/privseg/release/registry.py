@@ -1,0 +1,61 @@
+"""The release kinds. Each kind is one module in release/kinds/ that registers a :class:`ReleaseKind`;
+the engine reaches kinds only through :data:`KINDS`, so adding one touches nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from privseg.release.context import ReleaseContext
+from privseg.release.plan import ReleasePlan
+
+
+class ReleaseRequest(BaseModel):
+    """What every release request has. The recipient is not part of it: it is the caller's identity
+    (the API key's principal, or the CLI's --recipient), passed next to the request."""
+
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = Field(False, description="Plan and price the release without spending anything.")
+
+
+Req = TypeVar("Req", bound=ReleaseRequest)
+Plan = TypeVar("Plan", bound=ReleasePlan)
+Noisy = Mapping[str, list[int]]
+
+
+@dataclass(frozen=True)
+class ReleaseKind(Generic[Req, Plan]):
+    name: str
+    route: str  # its API path under /v1 (POST)
+    summary: str  # one line for the API documentation and the CLI help
+    request: type[Req]  # the body of the API route and the options of the CLI command
+    response: type[BaseModel]  # the released document, as the API documents it
+    recipient: Literal["marketer", "partner"]  # who may receive it
+    # Policy checks, cells and the sensitivity of every vector (argued in the kind's module).
+    plan: Callable[[ReleaseContext, Req, str], Plan]
+    # The exact vectors, by name, in the order of plan.keys: never returned, only noised.
+    exact: Callable[[ReleaseContext, Plan], dict[str, list[int]]]
+    # Post-processing of the noisy vectors into the released document (suppression, intervals).
+    result: Callable[[Plan, Noisy], dict[str, Any]]
+    # The body of the release as terminal lines.
+    text: Callable[[dict[str, Any]], list[str]]
+
+
+KINDS: dict[str, ReleaseKind[Any, Any]] = {}
+
+
+def register(kind: ReleaseKind[Req, Plan]) -> ReleaseKind[Req, Plan]:
+    if kind.name in KINDS:
+        raise ValueError(f"release kind {kind.name!r} is registered twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def for_request(req: ReleaseRequest) -> ReleaseKind[Any, Any]:
+    for kind in KINDS.values():
+        if type(req) is kind.request:
+            return kind
+    raise TypeError(f"no release kind takes a {type(req).__name__}")

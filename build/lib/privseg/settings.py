@@ -1,0 +1,91 @@
+"""Runtime settings, read from ``PRIVSEG_*`` environment variables (pydantic-settings).
+
+Defaults are the embedded ones: everything lives under the working directory, so ``privseg demo``
+runs on a fresh machine with nothing else set up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRIVSEG_", frozen=True)
+
+    home: Path = Field(
+        Path(".privseg"),
+        description="State directory: the SQLite database and the pseudonymized Parquet store.",
+    )
+    keyset: Path = Field(
+        Path("keys/keyset.json"),
+        description="Keyset file (created by `privseg keys init`, mode 0600). Keep it out of backups "
+        "that leave the deployment.",
+    )
+    policy_dir: Path = Field(
+        Path("policies"), description="Directory holding ingest.yaml and categories/*.yaml."
+    )
+    log_file: Path | None = Field(
+        None, description="Also write logs to this file (logs never contain raw identifiers)."
+    )
+    max_upload_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Largest accepted upload; bodies are streamed to disk, never held in memory.",
+    )
+    log_level: str = Field("WARNING", description="Python logging level name (INFO shows each batch).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line."
+    )
+    audit_anchor_file: Path | None = Field(
+        None,
+        description="`privseg serve` appends a signed head of the audit log here at start, every "
+        "audit_anchor_interval_seconds and at shutdown. Put it where the server's database is not "
+        "(another volume, or a file shipped off the machine): it is what shows a cut log.",
+    )
+    audit_anchor_interval_seconds: float = Field(3600.0, gt=0, description="Seconds between anchors.")
+
+    upload_dir: Path | None = Field(
+        None,
+        description="Where HTTP uploads (raw files) wait while ingested; default: a private folder "
+        "under the system temporary directory, outside the state directory that backups copy.",
+    )
+    max_decompressed_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="Largest decompressed size of a .gz source; a file past it is refused (gzip bombs).",
+    )
+
+    console_idle_minutes: float = Field(
+        30.0, gt=0, description="A console session ends after this many minutes without a request."
+    )
+    console_max_hours: float = Field(
+        8.0, gt=0, description="A console session ends this many hours after sign-in, in use or not."
+    )
+
+    @property
+    def uploads_path(self) -> Path:
+        if self.upload_dir is not None:
+            return self.upload_dir
+        # One folder per deployment (keyed by its state directory), so servers of different
+        # deployments never clear each other's uploads.
+        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"privseg-uploads-{os.getuid()}-{tag}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "privseg.db"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def ingest_policy_path(self) -> Path:
+        return self.policy_dir / "ingest.yaml"
