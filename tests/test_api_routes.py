@@ -86,6 +86,11 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
             }
         },
     ),
+    "/v1/reports/insight": (
+        "POST",
+        {"marketer"},
+        {"json": {"segment": "frequent_buyers", "attributes": ["age_band"], "dry_run": True}},
+    ),
     "/v1/budget/me": ("GET", {"marketer"}, {}),
     "/v1/policies": ("GET", {"compliance"}, {}),
     "/v1/policies/validate": ("POST", {"compliance"}, {"json": {"categories": {}}}),
@@ -102,6 +107,11 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
             "path": "/v1/audiences",
             "json": {"segment": "hearing_aid_interest_55plus", "breakdown": ["age_band"], "dry_run": True},
         },
+    ),
+    "/v1/audiences/insight": (
+        "POST",
+        {"partner"},
+        {"json": {"segment": "hearing_aid_interest_55plus", "attributes": ["age_band"], "dry_run": True}},
     ),
 }
 

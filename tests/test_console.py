@@ -153,6 +153,8 @@ def _pages(dep: Deployment) -> list[str]:
         "/ui/release/ab_lift",
         "/ui/release/segment_movement",
         "/ui/release/partner_audience",
+        "/ui/release/audience_insight",
+        "/ui/release/partner_insight",
         "/ui/budget",
         "/ui/policies",
         "/ui/ledger",
@@ -174,11 +176,17 @@ ALLOWED = {
         "/ui/release/cohort_report",
         "/ui/release/ab_lift",
         "/ui/release/segment_movement",
+        "/ui/release/audience_insight",
         "/ui/budget",
         "/ui/releases",
     },
     "compliance": {"/ui/policies", "/ui/ledger", "/ui/audit", "/ui/releases"},
-    "partner": {"/ui/audiences", "/ui/release/partner_audience", "/ui/releases"},
+    "partner": {
+        "/ui/audiences",
+        "/ui/release/partner_audience",
+        "/ui/release/partner_insight",
+        "/ui/releases",
+    },
     "admin": {"/ui/admin", "/ui/admin/upload", "/ui/admin/apikeys"},
 }
 

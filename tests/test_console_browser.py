@@ -223,9 +223,18 @@ def test_a_marketer_goes_from_sign_in_to_a_charted_downloaded_report(site: Site,
         "engaged_not_ready -> cart_abandoners_7d"
     )
     tab.shot("10-marketer-movement")
+    page.goto("/ui/release/audience_insight")
+    page.select_option("#f-segment", "lapsed_customers")
+    page.check("input[name=attributes][value=age_band]")
+    page.check("input[name=attributes][value=region]")
+    page.click("button[value=dry_run]")
+    page.click("button.spend")
+    expect(page.locator("figcaption")).to_contain_text("Affinity of lapsed_customers")
+    expect(page.locator("#release-table thead")).to_contain_text("affinity")
+    tab.shot("11-marketer-audience-insight")
     page.goto("/ui/releases")
-    expect(page.locator("tbody tr")).to_have_count(3)
-    tab.shot("11-marketer-my-releases")
+    expect(page.locator("tbody tr")).to_have_count(4)
+    tab.shot("12-marketer-my-releases")
 
 
 def test_compliance_answers_who_spent_what_on_cannabis_and_whether_the_log_is_intact(
@@ -290,21 +299,28 @@ def test_a_partner_collects_audiences_and_cannot_open_other_pages(site: Site, ta
     grants = page.locator("tbody tr")
     assert grants.count() >= 1
     tab.shot("30-partner-grants")
-    grants.first.locator("a").click()
+    grants.first.locator("a", has_text="Request audience").click()
     page.click("button[value=dry_run]")
     page.click("button.spend")
     expect(page.locator("figure img")).to_be_visible()
     expect(page.locator("#release-table thead")).to_contain_text("share")
     tab.shot("31-partner-audience")
+    page.goto("/ui/audiences")
+    grants.first.locator("a", has_text="Insight for lookalikes").click()
+    page.check("input[name=attributes][value=age_band]")
+    page.click("button[value=dry_run]")
+    page.click("button.spend")
+    expect(page.locator("figcaption")).to_contain_text("Affinity of")
+    tab.shot("32-partner-insight")
     page.goto("/ui/releases")
-    expect(page.locator("tbody tr")).to_have_count(1)
-    tab.shot("32-partner-my-audiences")
+    expect(page.locator("tbody tr")).to_have_count(2)
+    tab.shot("33-partner-my-audiences")
     tab.allowed = ("status of 403",)  # the refused pages below
     for path in ("/ui/segments", "/ui/ledger", "/ui/audit", "/ui/admin", "/ui/release/cohort_report"):
         response = page.goto(path)
         assert response is not None and response.status == 403, path
         expect(page.locator(".error")).to_contain_text("signed in as partner")
-    tab.shot("33-partner-refused-page")
+    tab.shot("34-partner-refused-page")
 
 
 def test_an_admin_uploads_with_progress_and_manages_keys(site: Site, tabs: list[Tab], tmp_path: Path) -> None:

@@ -276,6 +276,8 @@ def test_a_latin1_export_needs_its_encoding_and_is_then_read(dep: Deployment, tm
     assert r.rows == 1 and "Cé1" in profiles_by_id(dep)
     with pytest.raises(InvalidInput, match="unknown text encoding"):
         ingest(dep, "profiles", path, encoding="klingon")
+    with pytest.raises(InvalidInput, match="unknown text encoding"):  # a NUL once escaped as ValueError
+        ingest(dep, "profiles", path, encoding="utf\x00-8")
 
 
 def test_an_undetectable_layout_is_a_clear_error(dep: Deployment, tmp_path: Path) -> None:

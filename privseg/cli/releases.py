@@ -120,6 +120,31 @@ def lift_cmd(
     _emit(result, as_json, release.text(result))
 
 
+@app.command("insight")
+def insight_cmd(
+    segment: Annotated[str, typer.Option("--segment", "-s", help="Segment id.")],
+    attribute: Annotated[
+        list[str], typer.Option("--attribute", "-a", help="Profile attribute, each on its own (repeatable).")
+    ],
+    recipient: Annotated[str | None, typer.Option(help="Marketer receiving the insight.")] = None,
+    partner: Annotated[
+        str | None, typer.Option(help="Ad partner receiving it instead (granted segments).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audience insight for lookalikes: each attribute's DP shares in a segment and its affinity index
+    against the whole consenting base (1 = as common as in the base), with intervals."""
+    from privseg import release
+
+    if (recipient is None) == (partner is None):
+        raise InvalidInput("name exactly one receiver: --recipient MARKETER or --partner PARTNER")
+    model = release.InsightRequest if partner is None else release.PartnerInsightRequest
+    req = model(segment=segment, attributes=attribute, dry_run=dry_run)
+    result = release.run(_governed().release_context(), req, recipient or partner or "")
+    _emit(result, as_json, release.text(result))
+
+
 @app.command("budget")
 def budget(as_json: JsonOpt = False) -> None:
     """Privacy budget spent and remaining, per category and recipient, in the current periods."""

@@ -109,6 +109,45 @@ def lift(released: dict[str, Any]) -> Figure | None:
     return _render(chart, title, alt_text)
 
 
+def affinity(released: dict[str, Any]) -> Figure:
+    """Affinity index per attribute value with its 95% interval, against a line at 1 (as common as in
+    the base); suppressed cells are left out and listed in the table."""
+    import altair as alt
+
+    rows = [
+        {
+            "attribute": a["attribute"],
+            "value": c["value"],
+            "affinity": c["affinity"],
+            "lo": c["affinity_interval_95"][0],
+            "hi": c["affinity_interval_95"][1],
+        }
+        for a in released["attributes"]
+        for c in a["cells"]
+        if c["affinity"] is not None and c["affinity_interval_95"]
+    ]
+    y = alt.Y("value:N", title=None, sort=None)
+    x_title = "affinity index (segment share / base share)"
+    whiskers = alt.Chart().mark_rule().encode(alt.X("lo:Q", title=x_title), alt.X2("hi:Q"), y)
+    points = alt.Chart().mark_point(filled=True, size=70).encode(alt.X("affinity:Q", title=x_title), y)
+    one = alt.Chart().mark_rule(color="#c00", strokeDash=[4, 4]).encode(x=alt.datum(1))
+    title = f"Affinity of {released['segment']} against the base (95% intervals)"
+    chart = (
+        alt.layer(whiskers, points, one, data={"values": rows})
+        .properties(width=WIDTH - 140, height=alt.Step(18))
+        .facet(row=alt.Row("attribute:N", title=None), title=title)
+        .resolve_scale(y="independent")
+    )
+    over = [f"{r['attribute']}={r['value']}" for r in rows if r["lo"] > 1]
+    alt_text = (
+        f"Dot plot of the affinity index of {len(rows)} attribute values with their intervals; the dashed "
+        "red line marks 1 (as common as in the base). Clearly over-represented: "
+        + (", ".join(over) or "none")
+        + ". The table below has the numbers."
+    )
+    return _render(chart, title, alt_text)
+
+
 def movement(released: dict[str, Any]) -> Figure:
     """Transitions between states as a heat map, each cell labelled with its noisy count."""
     import altair as alt

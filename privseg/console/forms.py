@@ -16,6 +16,7 @@ from starlette.datastructures import FormData
 from privseg.errors import InvalidInput, describe_validation_error
 
 SEGMENT_FIELDS = {"segment", "segments", "treatment", "control", "conversion"}
+DIMENSION_FIELDS = {"breakdown", "attributes"}  # profile dimensions: a choice among the allowed ones
 SKIPPED = {"dry_run"}
 
 
@@ -59,7 +60,7 @@ def fields(model: type[BaseModel], segments: list[str], dimensions: list[str]) -
             widget, choices = "ordered", segments  # order matters: one choice per position
         elif name in SEGMENT_FIELDS:
             widget, choices = ("multiselect" if is_list else "select"), segments
-        elif name == "breakdown":
+        elif name in DIMENSION_FIELDS:
             widget, choices = "checkboxes", dimensions
         elif is_list and get_origin(_strip_optional(inner)) is Literal:
             widget, choices = "checkboxes", [str(v) for v in get_args(inner)]

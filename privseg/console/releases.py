@@ -30,6 +30,7 @@ from privseg.sessions import Session
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 ReleaseId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
 CELL_KINDS = {"cohort_report", "partner_audience"}  # results are cells of a profile breakdown
+INSIGHT_KINDS = {"audience_insight", "partner_insight"}  # per attribute, shares and affinity
 
 
 def _kind(name: str, session: Session) -> ReleaseKind[Any, Any]:
@@ -116,6 +117,15 @@ def releases(request: Request, dep: Dep, session: MarketerPartnerOrCompliance) -
 def suppressed_cells(dep: Deployment, released: dict[str, Any]) -> dict[str, list[str]]:
     """Per segment, the labels of the cells the release suppressed: the breakdown's public cells
     that it does not show (never shown as 0)."""
+    if released["kind"] in INSIGHT_KINDS:
+        return {
+            a["attribute"]: [
+                v
+                for (v,) in scope.domain(dep.schema, [a["attribute"]])
+                if v not in {c["value"] for c in a["cells"]}
+            ]
+            for a in released["attributes"]
+        }
     if released["kind"] not in CELL_KINDS:
         return {}
     cells = [", ".join(k) or "all" for k in scope.domain(dep.schema, released["breakdown"])]
@@ -132,6 +142,8 @@ def _figure(released: dict[str, Any], suppressed: dict[str, list[str]]) -> chart
         return charts.cells(released, suppressed)
     if kind == "ab_lift":
         return charts.lift(released)
+    if kind in INSIGHT_KINDS:
+        return charts.affinity(released)
     if kind == "segment_movement":
         return charts.movement(released)
     return None
@@ -194,6 +206,8 @@ def table(released: dict[str, Any], suppressed: dict[str, list[str]]) -> tuple[l
         if interval:
             rows.append(["lift 95% interval", "", "", "", f"{interval[0]:.4f} .. {interval[1]:.4f}"])
         return header, rows
+    if released["kind"] in INSIGHT_KINDS:
+        return _insight_table(released, suppressed)
     dims = ["from", "to"] if released["kind"] == "segment_movement" else list(released["breakdown"])
     extra = sorted(
         {k for seg in released["results"] for c in seg["cells"] for k in c} - {*dims, "count", "interval_95"}
@@ -229,6 +243,46 @@ def table(released: dict[str, Any], suppressed: dict[str, list[str]]) -> tuple[l
                 ]
             )
     return header, rows
+
+
+def _insight_table(
+    released: dict[str, Any], suppressed: dict[str, list[str]]
+) -> tuple[list[str], list[list[Any]]]:
+    header = [
+        "attribute",
+        "value",
+        "count",
+        "share",
+        "base_share",
+        "affinity",
+        "affinity_95_low",
+        "affinity_95_high",
+        "status",
+    ]
+    rows: list[list[Any]] = []
+    for a in released["attributes"]:
+        for c in a["cells"]:
+            lo, hi = c["affinity_interval_95"] or ("", "")
+            rows.append(
+                [
+                    a["attribute"],
+                    c["value"],
+                    c["count"],
+                    *(_round(c[k]) for k in ("share", "base_share", "affinity")),
+                    _round(lo),
+                    _round(hi),
+                    "shown",
+                ]
+            )
+        rows.extend(
+            [a["attribute"], v, "", "", "", "", "", "", "suppressed"]
+            for v in suppressed.get(a["attribute"], [])
+        )
+    return header, rows
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else ("" if value is None else value)
 
 
 def _flat(value: Any) -> Any:

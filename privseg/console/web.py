@@ -52,6 +52,7 @@ NAVIGATION: dict[Role, tuple[tuple[str, str], ...]] = {
         ("/release/cohort_report", "Report builder"),
         ("/release/ab_lift", "A/B lift"),
         ("/release/segment_movement", "Movement"),
+        ("/release/audience_insight", "Insight"),
         ("/releases", "My releases"),
         ("/budget", "My budget"),
     ),
@@ -61,7 +62,11 @@ NAVIGATION: dict[Role, tuple[tuple[str, str], ...]] = {
         ("/audit", "Audit log"),
         ("/releases", "Releases"),
     ),
-    "partner": (("/audiences", "Audiences"), ("/releases", "My audiences")),
+    "partner": (
+        ("/audiences", "Audiences"),
+        ("/release/partner_insight", "Insight"),
+        ("/releases", "My audiences"),
+    ),
     "admin": (("/admin", "Store"), ("/admin/upload", "Uploads"), ("/admin/apikeys", "API keys")),
 }
 HOME: dict[Role, str] = {role: pages[0][0] for role, pages in NAVIGATION.items()}  # under PREFIX

@@ -8,6 +8,7 @@ charges, draws OpenDP noise, suppresses and caches for all of them.
 from privseg.release.context import ReleaseContext
 from privseg.release.engine import PENDING_TIMEOUT, cache_key, dry_run, plan, release, run, text
 from privseg.release.kinds.ab_lift import LiftRequest
+from privseg.release.kinds.audience_insight import InsightRequest, PartnerInsightRequest
 from privseg.release.kinds.cohort_report import CohortReportRequest, Measure
 from privseg.release.kinds.partner_audience import PartnerAudienceRequest
 from privseg.release.kinds.segment_movement import MovementRequest
@@ -20,10 +21,12 @@ __all__ = [
     "KINDS",
     "PENDING_TIMEOUT",
     "CohortReportRequest",
+    "InsightRequest",
     "LiftRequest",
     "Measure",
     "MovementRequest",
     "PartnerAudienceRequest",
+    "PartnerInsightRequest",
     "ReleaseContext",
     "ReleaseKind",
     "ReleasePlan",
