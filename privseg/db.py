@@ -148,6 +148,11 @@ _MIGRATIONS: tuple[str, ...] = (
         expires_at TEXT NOT NULL
     );
     """,
+    """
+    -- The objectives (brand, performance) of a release's segments, sorted and comma-joined: a category
+    -- may split a recipient's budget between them. '' for charges made before the split existed.
+    ALTER TABLE ledger ADD COLUMN objectives TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 

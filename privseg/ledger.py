@@ -9,11 +9,12 @@ commit and then sees its charge.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from privseg.errors import BudgetExhausted
-from privseg.policy.categories import CategoryPolicy, CategorySet
+from privseg.policy.categories import OBJECTIVES, CategoryPolicy, CategorySet, Objective
 
 MICRO = 1_000_000
 
@@ -27,13 +28,23 @@ def from_micro(micro: int) -> float:
 
 
 def spent_micro(
-    conn: sqlite3.Connection, *, category: str, since: datetime, recipient: str | None = None
+    conn: sqlite3.Connection,
+    *,
+    category: str,
+    since: datetime,
+    recipient: str | None = None,
+    objective: Objective | None = None,
 ) -> int:
     query = "SELECT COALESCE(SUM(epsilon_micro), 0) FROM ledger WHERE category = ? AND at >= ?"
     args: list[object] = [category, since.isoformat()]
     if recipient is not None:
         query += " AND recipient = ?"
         args.append(recipient)
+    if objective is not None:
+        # A release over segments of both objectives is recorded as "brand,performance" and counts
+        # against both.
+        query += " AND instr(',' || objectives || ',', ?) > 0"
+        args.append(f",{objective},")
     return int(conn.execute(query, args).fetchone()[0])
 
 
@@ -41,18 +52,42 @@ def spent_micro(
 class Remaining:
     recipient_micro: int
     category_micro: int
+    # What is left of each objective's share the release is charged to (empty without a split).
+    objective_micro: dict[Objective, int] = field(default_factory=dict)
 
     @property
     def micro(self) -> int:
-        return min(self.recipient_micro, self.category_micro)
+        return min(self.recipient_micro, self.category_micro, *self.objective_micro.values())
 
 
-def remaining(conn: sqlite3.Connection, policy: CategoryPolicy, recipient: str, now: datetime) -> Remaining:
+def objectives_key(objectives: Iterable[str]) -> str:
+    """How a release's objectives are recorded in the ledger: sorted, comma-joined."""
+    return ",".join(sorted(set(objectives)))
+
+
+def remaining(
+    conn: sqlite3.Connection,
+    policy: CategoryPolicy,
+    recipient: str,
+    now: datetime,
+    objectives: Iterable[Objective] = (),
+) -> Remaining:
+    """What ``recipient`` may still spend on ``policy``'s category now, for a release charged to
+    ``objectives`` (the objectives of its segments), under the category's split if it has one."""
     since = now - timedelta(days=policy.budget.period_days)
     mine = spent_micro(conn, category=policy.name, since=since, recipient=recipient)
     everyone = spent_micro(conn, category=policy.name, since=since)
+    per_objective: dict[Objective, int] = {}
+    if policy.budget.objectives:
+        for objective in sorted(set(objectives)):
+            spent = spent_micro(
+                conn, category=policy.name, since=since, recipient=recipient, objective=objective
+            )
+            per_objective[objective] = to_micro(policy.budget.objective_cap(objective)) - spent
     return Remaining(
-        to_micro(policy.budget.per_recipient) - mine, to_micro(policy.budget.category_cap) - everyone
+        to_micro(policy.budget.per_recipient) - mine,
+        to_micro(policy.budget.category_cap) - everyone,
+        per_objective,
     )
 
 
@@ -66,11 +101,21 @@ def charge(
     release_id: int,
     policy_hash: str,
     now: datetime,
+    objectives: Iterable[Objective] = (),
 ) -> None:
     """Record a spend, or raise BudgetExhausted naming what remains. Call inside a write transaction."""
     if not conn.in_transaction:
         raise RuntimeError("ledger.charge must run inside a write transaction")
-    left = remaining(conn, policy, recipient, now)
+    objectives = tuple(objectives)
+    left = remaining(conn, policy, recipient, now, objectives)
+    for objective, micro in left.objective_micro.items():
+        if epsilon_micro > micro:
+            raise BudgetExhausted(
+                f"this release costs epsilon {from_micro(epsilon_micro):g} but recipient {recipient!r} has "
+                f"{from_micro(max(micro, 0)):g} left of its {objective} budget for {policy.name!r} "
+                f"({policy.budget.objective_cap(objective):g} per {policy.budget.period_days}-day period: "
+                f"{policy.budget.objectives.get(objective, 0.0):g} of {policy.budget.per_recipient:g})"
+            )
     if epsilon_micro > left.recipient_micro or epsilon_micro > left.category_micro:
         which = "recipient" if epsilon_micro > left.recipient_micro else "category-wide"
         raise BudgetExhausted(
@@ -82,9 +127,18 @@ def charge(
             f"{from_micro(max(left.category_micro, 0)):g} of {policy.budget.category_cap:g})"
         )
     conn.execute(
-        "INSERT INTO ledger (at, recipient, category, epsilon_micro, delta, release_id, policy_hash) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (now.isoformat(), recipient, policy.name, epsilon_micro, delta, release_id, policy_hash),
+        "INSERT INTO ledger (at, recipient, category, epsilon_micro, delta, release_id, policy_hash, "
+        "objectives) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            now.isoformat(),
+            recipient,
+            policy.name,
+            epsilon_micro,
+            delta,
+            release_id,
+            policy_hash,
+            objectives_key(objectives),
+        ),
     )
 
 
@@ -106,17 +160,33 @@ def status(conn: sqlite3.Connection, categories: CategorySet, now: datetime) -> 
                 "category_cap": policy.budget.category_cap,
                 "category_spent": from_micro(total),
                 "category_remaining": from_micro(to_micro(policy.budget.category_cap) - total),
+                "objective_shares": dict(policy.budget.objectives),
                 "recipients": [
                     {
                         "recipient": r[0],
                         "spent": from_micro(int(r[1])),
                         "releases": int(r[2]),
                         "remaining": from_micro(to_micro(policy.budget.per_recipient) - int(r[1])),
+                        "objectives": _by_objective(conn, policy, r[0], since),
                     }
                     for r in rows
                 ],
             }
         )
+    return out
+
+
+def _by_objective(
+    conn: sqlite3.Connection, policy: CategoryPolicy, recipient: str, since: datetime
+) -> dict[str, dict[str, float]]:
+    """Spent and left per objective of a category that splits its budget (empty if it does not)."""
+    out: dict[str, dict[str, float]] = {}
+    for objective in OBJECTIVES if policy.budget.objectives else ():
+        spent = spent_micro(conn, category=policy.name, since=since, recipient=recipient, objective=objective)
+        out[objective] = {
+            "spent": from_micro(spent),
+            "remaining": from_micro(to_micro(policy.budget.objective_cap(objective)) - spent),
+        }
     return out
 
 
@@ -177,12 +247,17 @@ def budget_of(
     for name, policy in sorted(categories.categories.items()):
         if recipient in policy.recipients.marketers:
             left = remaining(conn, policy, recipient, now)
+            since = now - timedelta(days=policy.budget.period_days)
             out.append(
                 {
                     "category": name,
                     "remaining_epsilon": from_micro(max(left.micro, 0)),
                     "per_recipient": policy.budget.per_recipient,
                     "period_days": policy.budget.period_days,
+                    "objectives": {
+                        o: max(v["remaining"], 0.0)
+                        for o, v in _by_objective(conn, policy, recipient, since).items()
+                    },
                 }
             )
     return out

@@ -155,6 +155,7 @@ def _pages(dep: Deployment) -> list[str]:
         "/ui/release/partner_audience",
         "/ui/release/audience_insight",
         "/ui/release/partner_insight",
+        "/ui/release/trend",
         "/ui/budget",
         "/ui/policies",
         "/ui/ledger",
@@ -177,6 +178,7 @@ ALLOWED = {
         "/ui/release/ab_lift",
         "/ui/release/segment_movement",
         "/ui/release/audience_insight",
+        "/ui/release/trend",
         "/ui/budget",
         "/ui/releases",
     },
@@ -469,6 +471,13 @@ def test_release_forms_are_made_from_request_models_and_round_trip() -> None:
         "spend_where": "json",
         "spend_window_days": "number",
     }
+    trend = {f.name: f for f in forms.fields(release.TrendRequest, ["a"], [])}
+    assert trend["period"].widget == "select" and trend["period"].choices == [
+        "day",
+        "week",
+        "month",
+        "quarter",
+    ]
     movement = {f.name: f for f in forms.fields(release.MovementRequest, ["a", "b"], [])}
     assert movement["segments"].widget == "ordered" and movement["segments"].slots == 6
     posted = FormData(

@@ -232,9 +232,24 @@ def test_a_marketer_goes_from_sign_in_to_a_charted_downloaded_report(site: Site,
     expect(page.locator("figcaption")).to_contain_text("Affinity of lapsed_customers")
     expect(page.locator("#release-table thead")).to_contain_text("affinity")
     tab.shot("11-marketer-audience-insight")
+    page.goto("/ui/release/trend")
+    page.select_option("#f-segment", "lapsed_customers")
+    page.fill(
+        "#f-where",
+        '{"product_category": {"not_in_or_unknown": ["hearing_aids", "cannabis", "sexual_health"]}}',
+    )
+    page.select_option("#f-period", "month") if page.locator("select#f-period").count() else page.fill(
+        "#f-period", "month"
+    )
+    page.fill("#f-periods", "6")
+    page.click("button[value=dry_run]")
+    page.click("button.spend")
+    expect(page.locator("figcaption")).to_contain_text("binary tree")
+    expect(page.locator("#release-table tbody tr")).to_have_count(6)
+    tab.shot("12-marketer-trend")
     page.goto("/ui/releases")
-    expect(page.locator("tbody tr")).to_have_count(4)
-    tab.shot("12-marketer-my-releases")
+    expect(page.locator("tbody tr")).to_have_count(5)
+    tab.shot("13-marketer-my-releases")
 
 
 def test_compliance_answers_who_spent_what_on_cannabis_and_whether_the_log_is_intact(

@@ -192,6 +192,9 @@ class MarketerBudget(BaseModel):
     remaining_epsilon: float
     per_recipient: float
     period_days: int
+    objectives: dict[str, float] = Field(
+        default_factory=dict, description="Epsilon left per objective, when the category splits its budget."
+    )
 
 
 # -- compliance ----------------------------------------------------------------------------------------------
@@ -238,11 +241,19 @@ class Validation(BaseModel):
     findings: list[str]
 
 
+class ObjectiveSpend(BaseModel):
+    spent: float
+    remaining: float
+
+
 class RecipientSpend(BaseModel):
     recipient: str
     spent: float
     releases: int
     remaining: float
+    objectives: dict[str, ObjectiveSpend] = Field(
+        default_factory=dict, description="Spent and left per objective, when the category splits its budget."
+    )
 
 
 class CategoryBudget(BaseModel):
@@ -251,6 +262,9 @@ class CategoryBudget(BaseModel):
     category_cap: float
     category_spent: float
     category_remaining: float
+    objective_shares: dict[str, float] = Field(
+        default_factory=dict, description="The category's split of per_recipient by objective (empty: none)."
+    )
     recipients: list[RecipientSpend]
 
 

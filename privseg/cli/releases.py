@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from privseg.cli.shell import (
     JsonOpt,
@@ -16,7 +17,7 @@ from privseg.cli.shell import (
     _table,
     app,
 )
-from privseg.errors import InvalidInput
+from privseg.errors import InvalidInput, describe_validation_error
 
 if TYPE_CHECKING:
     pass
@@ -145,6 +146,42 @@ def insight_cmd(
     _emit(result, as_json, release.text(result))
 
 
+@app.command("trend")
+def trend_cmd(
+    segment: Annotated[str, typer.Option("--segment", "-s", help="Whose events count (segment id).")],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the trend.")],
+    event: Annotated[str, typer.Option(help="Event type counted.")] = "purchase",
+    where: Annotated[
+        str | None, typer.Option(help="JSON event-field conditions (the segment language's).")
+    ] = None,
+    measure: Annotated[
+        str,
+        typer.Option(help="first: first events per period (binary tree); active: people active per period."),
+    ] = "first",
+    period: Annotated[str, typer.Option(help="day, week, month or quarter (calendar, UTC).")] = "week",
+    periods: Annotated[int, typer.Option(help="How many closed periods, ending at the snapshot.")] = 12,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A DP trend: people per calendar period over a window, as one release (first events through the
+    binary-tree mechanism, whose error grows with log T rather than T)."""
+    from privseg import release
+
+    try:
+        conditions = json.loads(where) if where else {}
+    except json.JSONDecodeError:
+        raise InvalidInput("--where is not valid JSON") from None
+    fields = {"segment": segment, "event": event, "where": conditions, "measure": measure}
+    try:
+        req = release.TrendRequest.model_validate(
+            fields | {"period": period, "periods": periods, "dry_run": dry_run}
+        )
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation_error(exc)) from None
+    result = release.run(_governed().release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
+
+
 @app.command("budget")
 def budget(as_json: JsonOpt = False) -> None:
     """Privacy budget spent and remaining, per category and recipient, in the current periods."""
@@ -166,5 +203,7 @@ def budget(as_json: JsonOpt = False) -> None:
         )
         for r in c["recipients"]:  # type: ignore[attr-defined]
             table.append(["", r["recipient"], f"{r['spent']:g}", f"{r['remaining']:g}", r["releases"], ""])
+            for objective, o in r["objectives"].items():  # a category that splits its budget
+                table.append(["", f"  {objective}", f"{o['spent']:g}", f"{o['remaining']:g}", "", ""])
     columns = ["category", "recipient", "epsilon spent", "epsilon left", "releases", "period (days)"]
     _emit(rows, as_json, _table(columns, table))

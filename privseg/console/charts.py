@@ -148,6 +148,52 @@ def affinity(released: dict[str, Any]) -> Figure:
     return _render(chart, title, alt_text)
 
 
+def trend(released: dict[str, Any]) -> Figure:
+    """People per period with a 95% band (and, for first events, the running total with its band)."""
+    import altair as alt
+
+    rows = []
+    for p in released["points"]:
+        rows.append(
+            {
+                "period": p["period_start"],
+                "series": "per period",
+                "value": p["count"],
+                "lo": p["interval_95"][0],
+                "hi": p["interval_95"][1],
+            }
+        )
+        if p.get("cumulative") is not None:
+            lo, hi = p["cumulative_interval_95"]
+            rows.append(
+                {
+                    "period": p["period_start"],
+                    "series": "running total",
+                    "value": p["cumulative"],
+                    "lo": lo,
+                    "hi": hi,
+                }
+            )
+    what = "new people (first event)" if released["measure"] == "first" else "active people"
+    x = alt.X("period:T", title=f"{released['period']} (UTC)")
+    panels = []
+    for series in dict.fromkeys(r["series"] for r in rows):
+        base = alt.Chart({"values": rows}).transform_filter(f"datum.series == '{series}'")
+        band = base.mark_area(opacity=0.25).encode(
+            x, alt.Y("lo:Q", title=f"{what}, {series}"), alt.Y2("hi:Q")
+        )
+        line = base.mark_line(point=True).encode(x, alt.Y("value:Q", title=f"{what}, {series}"))
+        panels.append((band + line).properties(width=WIDTH, height=160))
+    title = f"{released['segments'][0]}: {what} per {released['period']} (noisy, 95% bands)"
+    chart = alt.vconcat(*panels, title=title)
+    alt_text = (
+        f"Line chart{'s' if len(panels) > 1 else ''} of {what} per {released['period']} over "
+        f"{len(released['points'])} periods with shaded 95% bands; {released['mechanism']}. "
+        "The table below has the numbers."
+    )
+    return _render(chart, title, alt_text)
+
+
 def movement(released: dict[str, Any]) -> Figure:
     """Transitions between states as a heat map, each cell labelled with its noisy count."""
     import altair as alt

@@ -64,6 +64,8 @@ def fields(model: type[BaseModel], segments: list[str], dimensions: list[str]) -
             widget, choices = "checkboxes", dimensions
         elif is_list and get_origin(_strip_optional(inner)) is Literal:
             widget, choices = "checkboxes", [str(v) for v in get_args(inner)]
+        elif get_origin(annotation) is Literal:
+            widget, choices = "select", [str(v) for v in get_args(annotation)]
         elif annotation in (int, float):
             widget = "number"
         elif get_origin(annotation) is dict or annotation is dict:

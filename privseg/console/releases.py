@@ -144,6 +144,8 @@ def _figure(released: dict[str, Any], suppressed: dict[str, list[str]]) -> chart
         return charts.lift(released)
     if kind in INSIGHT_KINDS:
         return charts.affinity(released)
+    if kind == "trend":
+        return charts.trend(released)
     if kind == "segment_movement":
         return charts.movement(released)
     return None
@@ -208,6 +210,29 @@ def table(released: dict[str, Any], suppressed: dict[str, list[str]]) -> tuple[l
         return header, rows
     if released["kind"] in INSIGHT_KINDS:
         return _insight_table(released, suppressed)
+    if released["kind"] == "trend":
+        header = [
+            "period_start",
+            "count",
+            "interval_95_low",
+            "interval_95_high",
+            "running_total",
+            "running_total_95_low",
+            "running_total_95_high",
+        ]
+        return header, [
+            [
+                p["period_start"][:10],
+                p["count"],
+                *(round(v, 1) for v in p["interval_95"]),
+                *(
+                    (p["cumulative"], *(round(v, 1) for v in p["cumulative_interval_95"]))
+                    if p.get("cumulative") is not None
+                    else ("", "", "")
+                ),
+            ]
+            for p in released["points"]
+        ]
     dims = ["from", "to"] if released["kind"] == "segment_movement" else list(released["breakdown"])
     extra = sorted(
         {k for seg in released["results"] for c in seg["cells"] for k in c} - {*dims, "count", "interval_95"}

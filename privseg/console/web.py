@@ -53,6 +53,7 @@ NAVIGATION: dict[Role, tuple[tuple[str, str], ...]] = {
         ("/release/ab_lift", "A/B lift"),
         ("/release/segment_movement", "Movement"),
         ("/release/audience_insight", "Insight"),
+        ("/release/trend", "Trends"),
         ("/releases", "My releases"),
         ("/budget", "My budget"),
     ),

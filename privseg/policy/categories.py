@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +24,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Objective = Literal["brand", "performance"]
+OBJECTIVES: tuple[Objective, ...] = ("brand", "performance")
+
+
 class Budget(_Strict):
     period_days: int = Field(30, ge=1, le=3650, description="Length of the rolling budget period, in days.")
     per_recipient: float = Field(
@@ -32,6 +36,27 @@ class Budget(_Strict):
     category_cap: float = Field(
         gt=0, description="Total epsilon all recipients together may spend on this category within a period."
     )
+    objectives: dict[Objective, float] = Field(
+        default_factory=dict,
+        description="Optional split of per_recipient between objectives: the share (0 to 1] of it that "
+        "releases of brand or of performance segments may spend; shares sum to at most 1. A release is "
+        "charged to the objectives of its segments (one over both counts against both). Empty: no split.",
+    )
+
+    @model_validator(mode="after")
+    def _shares(self) -> Budget:
+        if any(not 0 < share <= 1 for share in self.objectives.values()):
+            raise ValueError("objectives: each share must be in (0, 1]")
+        if sum(self.objectives.values()) > 1 + 1e-9:
+            raise ValueError("objectives: the shares sum to more than 1")
+        return self
+
+    def objective_cap(self, objective: Objective) -> float:
+        """The epsilon one recipient may spend on ``objective`` in a period (per_recipient if no split;
+        0 for an objective a split leaves out)."""
+        if not self.objectives:
+            return self.per_recipient
+        return self.per_recipient * self.objectives.get(objective, 0.0)
 
 
 class Breakdowns(_Strict):
@@ -149,6 +174,7 @@ def strictest(policies: list[CategoryPolicy]) -> CategoryPolicy:
             period_days=max(p.budget.period_days for p in ps),
             per_recipient=min(p.budget.per_recipient for p in ps),
             category_cap=min(p.budget.category_cap for p in ps),
+            # No split here: every member category is charged on its own, under its own split.
         ),
         min_cohort_size=max(p.min_cohort_size for p in ps),
         breakdowns=Breakdowns(

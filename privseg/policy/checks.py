@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from privseg.errors import PolicyError, describe_validation_error
-from privseg.policy.categories import CategoryPolicy, CategorySet, SensitiveData, read_categories
+from privseg.policy.categories import OBJECTIVES, CategoryPolicy, CategorySet, SensitiveData, read_categories
 from privseg.schema import Schema
 
 
@@ -93,6 +93,17 @@ def _looser_than_general(name: str, c: CategoryPolicy, g: CategoryPolicy) -> lis
         # For these two a smaller value is the looser one: compare them negated.
         ("budget.period_days", -c.budget.period_days, -g.budget.period_days, "the budget refills sooner"),
         ("min_cohort_size", -c.min_cohort_size, -g.min_cohort_size, "smaller groups are released"),
+    ]
+    numeric += [
+        (
+            f"budget for {objective}",
+            c.budget.objective_cap(objective),
+            g.budget.objective_cap(objective),
+            "a recipient may learn more for this objective",
+        )
+        for objective in OBJECTIVES
+        # Without a split anywhere the objective caps are per_recipient, already compared above.
+        if c.budget.objectives or g.budget.objectives
     ]
     for what, mine, general, why in numeric:
         if mine > general:

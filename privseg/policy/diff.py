@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from privseg.policy.categories import CategoryPolicy, CategorySet, SensitiveData
+from privseg.policy.categories import OBJECTIVES, CategoryPolicy, CategorySet, SensitiveData
 
 _FIELDS_STRICTER_WHEN_LOWER = (
     "epsilon_per_release",
@@ -53,6 +53,11 @@ def diff(old: CategorySet, new: CategorySet) -> list[str]:
             if x != y:
                 stricter = (y < x) if f in _FIELDS_STRICTER_WHEN_LOWER else (y > x)
                 out.append(f"{name}: {f} {x} -> {y} ({'stricter' if stricter else 'LOOSER'})")
+        for objective in OBJECTIVES if a.budget.objectives or b.budget.objectives else ():
+            x, y = a.budget.objective_cap(objective), b.budget.objective_cap(objective)
+            if x != y:
+                verdict = "stricter" if y < x else "LOOSER"
+                out.append(f"{name}: budget for {objective} {x:g} -> {y:g} epsilon per recipient ({verdict})")
         for f, more_is_looser in (
             ("breakdowns.allowed", True),
             ("breakdowns.forbidden", False),

@@ -12,6 +12,7 @@ from privseg.release.kinds.audience_insight import InsightRequest, PartnerInsigh
 from privseg.release.kinds.cohort_report import CohortReportRequest, Measure
 from privseg.release.kinds.partner_audience import PartnerAudienceRequest
 from privseg.release.kinds.segment_movement import MovementRequest
+from privseg.release.kinds.trend import TrendRequest
 from privseg.release.plan import ALPHA, ReleasePlan, Vector
 from privseg.release.records import listing, metadata, partner_grants, released
 from privseg.release.registry import KINDS, ReleaseKind, ReleaseRequest
@@ -31,6 +32,7 @@ __all__ = [
     "ReleaseKind",
     "ReleasePlan",
     "ReleaseRequest",
+    "TrendRequest",
     "Vector",
     "cache_key",
     "dry_run",

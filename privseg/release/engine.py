@@ -18,10 +18,12 @@ from typing import Any
 from privseg import audit, ledger, metrics
 from privseg.db import transaction
 from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
+from privseg.policy.categories import OBJECTIVES, Objective
 from privseg.release import kinds as _kinds  # noqa: F401  (registers every kind)
 from privseg.release.context import ReleaseContext
 from privseg.release.plan import ReleasePlan
 from privseg.release.registry import KINDS, ReleaseRequest, for_request
+from privseg.segments import definitions
 
 PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
 _LOOKUP = "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1"
@@ -69,6 +71,16 @@ def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
     return {**json.loads(row[2]), "cached": True, "charged_epsilon": 0.0}
 
 
+def objectives(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[Objective, ...]:
+    """The objectives of a release's segments (brand, performance): what a category that splits its
+    budget charges it to. Read from the active definitions, under the caller's write lock."""
+    active = definitions.active(ctx.store.conn)
+    found = {
+        active[("segment", sid)].body.get("objective") for sid in plan.segments if ("segment", sid) in active
+    }
+    return tuple(o for o in OBJECTIVES if o in found)
+
+
 def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> int:
     """Record the release as pending, charge every category it reads and audit it, in one transaction
     that the caller has opened: if any budget refuses, nothing is charged."""
@@ -90,6 +102,7 @@ def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> 
         ),
     )
     release_id = int(cur.lastrowid or 0)
+    charged_to = objectives(ctx, plan)
     for member in plan.charged:
         ledger.charge(
             conn,
@@ -100,6 +113,7 @@ def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> 
             release_id=release_id,
             policy_hash=plan.policy_hash,
             now=now,
+            objectives=charged_to,
         )
     audit.append(
         conn,
@@ -115,6 +129,7 @@ def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> 
             "epsilon": plan.epsilon,
             # What the ledger was charged, per category: `audit verify` cross-checks the two.
             "charges": {member.name: eps_micro for member in plan.charged},
+            "objectives": list(charged_to),
             "snapshot": plan.snapshot.id,
             "policy_hash": plan.policy_hash,
         },
@@ -160,13 +175,18 @@ def dry_run(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     cached = ctx.store.conn.execute(
         "SELECT 1 FROM releases WHERE cache_key = ? AND status = 'done'", (cache_key(plan),)
     ).fetchone()
-    left = min(ledger.remaining(ctx.store.conn, member, plan.recipient, now).micro for member in plan.charged)
+    charged_to = objectives(ctx, plan)
+    left = min(
+        ledger.remaining(ctx.store.conn, member, plan.recipient, now, charged_to).micro
+        for member in plan.charged
+    )
     return {
         **plan.describe(),
         "dry_run": True,
         "would_charge_epsilon": 0.0 if cached else plan.epsilon,
         "cached": cached is not None,
         "remaining_epsilon": ledger.from_micro(max(left, 0)),
+        "objectives": list(charged_to),
     }
 
 

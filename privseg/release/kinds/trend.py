@@ -1,0 +1,318 @@
+"""DP trends: a count per period (day, week, month, quarter) over a window of closed periods, for the
+members of a segment, as one release.
+
+Two measures, two sensitivity arguments (privacy unit: one person, over the whole window):
+
+- ``active``: people with at least one matching event in each period. A person active in every period
+  moves every one of the T counts by 1: d_in = T, said as it is. The noise per period grows with T.
+- ``first``: people whose first matching event (over all their stored history up to the window's end)
+  falls in each period. Each person adds 1 to at most one period's increment, so the T increments have
+  d_in = 1, but a marketer reads them as a running total, and releasing T running totals directly
+  would cost d_in = T. The binary-tree (continual counting) mechanism releases instead the sums of the
+  increments over dyadic blocks of periods: padded to P = 2^k >= T leaves, a tree of 2P - 1 nodes in
+  k + 1 levels; a person's one increment lies in exactly one node per level, so the node vector has
+  d_in = k + 1 = L. Each running total is the sum of at most L nodes (the binary decomposition of its
+  prefix), so its error grows like L^1.5, i.e. with (log T)^1.5, not T. Totals and per-period
+  increments (differences of totals) are post-processing.
+
+Periods are the calendar's (UTC), public: the window is the ``periods`` periods that closed at or
+before the snapshot's as-of time. The population is the segment's members in the snapshot (their
+consent already applied); the events read (type and filters) join the categories of the release.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import polars as pl
+from opendp.accuracy import discrete_laplacian_scale_to_accuracy
+from pydantic import BaseModel, ConfigDict, Field
+
+from privseg.release import data, scope
+from privseg.release.context import ReleaseContext
+from privseg.release.models import Released
+from privseg.release.plan import ALPHA, ReleasePlan, Vector
+from privseg.release.registry import Noisy, ReleaseKind, ReleaseRequest, register
+from privseg.segments import operators
+from privseg.segments.language import Step
+from privseg.segments.operators import OPERATORS
+from privseg.segments.parser import Parser
+
+Period = Literal["day", "week", "month", "quarter"]
+EVERY: dict[str, str] = {"day": "1d", "week": "1w", "month": "1mo", "quarter": "3mo"}
+STEP: dict[str, tuple[int, str]] = {
+    "day": (1, "d"),
+    "week": (1, "w"),
+    "month": (1, "mo"),
+    "quarter": (3, "mo"),
+}
+Z95 = 1.959963984540054
+
+
+class TrendRequest(ReleaseRequest):
+    segment: str = Field(description="Whose events count: the segment's members in the latest snapshot.")
+    event: str = Field("purchase", description="The event type counted.")
+    where: dict[str, Any] = Field(
+        default_factory=dict, description="Event-field conditions (the segment language's `where`)."
+    )
+    measure: Literal["active", "first"] = Field(
+        "first",
+        description="first: people whose first such event falls in the period (binary-tree mechanism: "
+        "error grows with log T); active: people with such an event in the period (d_in = T).",
+    )
+    period: Period = Field("week", description="Calendar periods (UTC).")
+    periods: int = Field(12, ge=1, le=366, description="How many closed periods, ending at the snapshot.")
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"segment": "frequent_buyers", "measure": "first", "period": "week"}]}
+    )
+
+
+class TrendPoint(BaseModel):
+    period_start: str
+    count: int = Field(description="Noisy people in the period (first: new in the period).")
+    interval_95: list[float]
+    cumulative: int | None = Field(None, description="first: noisy running total up to this period.")
+    cumulative_interval_95: list[float] | None = None
+
+
+class Trend(Released):
+    measure: str
+    period: str
+    points: list[TrendPoint]
+    mechanism: str
+    theory: dict[str, float] = Field(
+        description="Expected 95% half-widths. first: of the running total at the last period, by the "
+        "tree and by releasing the T running totals directly (d_in = T); active: of one period's count."
+    )
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrendPlan(ReleasePlan):
+    step: Step
+    measure: str
+    period: str
+    starts: list[datetime]  # period starts, then the window's end
+    leaves: int  # P: padded number of tree leaves (first), else T
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "step": repr(self.step),
+            "measure": self.measure,
+            "period": self.period,
+            "window": str(self.starts),
+        }
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "measure": self.measure,
+            "event": self.step.type,
+            "where": [OPERATORS[c.op].words(c.field, c.value) for c in self.step.filters],
+            "period": self.period,
+            "periods": len(self.starts) - 1,
+            "window": [self.starts[0].isoformat(), self.starts[-1].isoformat()],
+        }
+
+
+def window(as_of: datetime, period: str, periods: int) -> list[datetime]:
+    """The starts of the ``periods`` closed calendar periods before ``as_of``, then their end."""
+    end = pl.select(pl.lit(as_of).dt.truncate(EVERY[period])).item()
+    n, unit = STEP[period]
+    start = pl.select(pl.lit(end).dt.offset_by(f"-{n * periods}{unit}")).item()
+    return list(pl.datetime_range(start, end, EVERY[period], closed="both", eager=True).to_list())
+
+
+def levels(leaves: int) -> int:
+    return leaves.bit_length()  # P = 2^k leaves: k + 1 levels
+
+
+def plan(ctx: ReleaseContext, req: TrendRequest, recipient: str) -> TrendPlan:
+    snap = scope.snapshot(ctx)
+    parser = Parser(ctx.schema, set(ctx.categories.categories))
+    step = parser.step({"type": req.event, "where": req.where}, "trend")
+    policy, charged = scope.categories(ctx, [snap], [req.segment], spend=step)
+    scope.marketer(policy, recipient)
+    starts = window(datetime.fromisoformat(snap.as_of), req.period, req.periods)
+    t = len(starts) - 1
+    if req.measure == "first":
+        leaves = 1 << max(t - 1, 0).bit_length()  # the smallest power of two >= T
+        vector = Vector("tree", levels(leaves), policy.epsilon_per_release)  # d_in = L (module docstring)
+    else:
+        leaves = t
+        vector = Vector("counts", t, policy.epsilon_per_release)  # d_in = T (module docstring)
+    return TrendPlan(
+        kind=KIND.name,
+        recipient=recipient,
+        policy=policy,
+        charged=charged,
+        segments=[req.segment],
+        breakdown=[],
+        keys=[(s.isoformat(),) for s in starts[:-1]],
+        snapshot=snap,
+        policy_hash=ctx.categories.content_hash,
+        vectors=(vector,),
+        step=step,
+        measure=req.measure,
+        period=req.period,
+        starts=starts,
+        leaves=leaves,
+    )
+
+
+def per_period(ctx: ReleaseContext, plan: TrendPlan) -> list[int]:
+    """Exact people per period (active: with an event in it; first: whose first event is in it)."""
+    (sid,) = plan.segments
+    start, end, t = plan.starts[0], plan.starts[-1], len(plan.starts) - 1
+    events = ctx.store.scan_events()
+    if events is None:
+        return [0] * t
+    population = data.memberships(ctx, plan.snapshot).filter(pl.col(sid)).select("pid")
+    where = [operators.build(c.op, pl.col(c.field), c.value) for c in plan.step.filters]
+    matching = events.filter(
+        (pl.col("event_type") == plan.step.type) & (pl.col("ts") < end) & pl.all_horizontal(True, *where)
+    )
+    if plan.measure == "first":
+        people = matching.group_by("pid").agg(pl.col("ts").min()).filter(pl.col("ts") >= start)
+    else:
+        people = matching.filter(pl.col("ts") >= start).select("pid", "ts")
+    periods = (
+        people.join(population, on="pid", how="semi")
+        .select("pid", pl.col("ts").dt.truncate(EVERY[plan.period]).alias("period"))
+        .unique()
+        .group_by("period")
+        .len()
+        .collect()
+    )
+    found = {p.replace(tzinfo=None): int(n) for p, n in periods.iter_rows()}
+    return [found.get(s.replace(tzinfo=None), 0) for s in plan.starts[:-1]]
+
+
+def tree_nodes(increments: list[int], leaves: int) -> list[int]:
+    """The sums over every dyadic block, level by level from the leaves (padded with zeros) to the root."""
+    level = increments + [0] * (leaves - len(increments))
+    nodes = list(level)
+    while len(level) > 1:
+        level = [level[i] + level[i + 1] for i in range(0, len(level), 2)]
+        nodes += level
+    return nodes
+
+
+def prefix_nodes(t: int, leaves: int) -> list[int]:
+    """Indexes (in :func:`tree_nodes` order) of the dyadic blocks whose union is periods [0, t): at
+    most one per level, the widest first."""
+    levels_: list[tuple[int, int]] = []  # (offset of the level in tree_nodes order, block width)
+    offset, n = 0, leaves
+    while n >= 1:
+        levels_.append((offset, leaves // n))
+        offset, n = offset + n, n // 2
+    out, position = [], 0
+    for offset, width in reversed(levels_):
+        if position + width <= t:
+            out.append(offset + position // width)
+            position += width
+    return out
+
+
+def exact(ctx: ReleaseContext, plan: TrendPlan) -> dict[str, list[int]]:
+    counts = per_period(ctx, plan)
+    if plan.measure == "first":
+        return {"tree": tree_nodes(counts, plan.leaves)}
+    return {"counts": counts}
+
+
+def _half_width(scale: float, terms: int) -> float:
+    """95% half-width of a sum of ``terms`` independent discrete Laplace noises of ``scale``: OpenDP's
+    exact figure for one; a normal approximation for more (variance 2t/(1-t)^2 each, t = e^(-1/scale))."""
+    if terms <= 1:
+        return float(discrete_laplacian_scale_to_accuracy(scale, ALPHA))
+    q = math.exp(-1 / scale)
+    return Z95 * math.sqrt(terms * 2 * q / (1 - q) ** 2)
+
+
+def result(plan: TrendPlan, noisy: Noisy) -> dict[str, Any]:
+    t = len(plan.starts) - 1
+    vector = plan.counts
+    naive = _half_width(t / vector.epsilon, 1)  # T running totals released directly: d_in = T
+    points = []
+    if plan.measure == "first":
+        nodes = noisy["tree"]
+        previous, before = 0, set[int]()
+        for i in range(t):
+            used = prefix_nodes(i + 1, plan.leaves)
+            total = sum(nodes[j] for j in used)
+            hw = _half_width(vector.scale, len(used))
+            # The period's own count is a difference of two totals: the nodes in both cancel.
+            own = _half_width(vector.scale, len(before.symmetric_difference(used)))
+            points.append(
+                {
+                    "period_start": plan.starts[i].isoformat(),
+                    "count": total - previous,
+                    "interval_95": [total - previous - own, total - previous + own],
+                    "cumulative": total,
+                    "cumulative_interval_95": [total - hw, total + hw],
+                }
+            )
+            previous, before = total, set(used)
+        theory = {
+            "running_total_tree": _half_width(vector.scale, len(prefix_nodes(t, plan.leaves))),
+            "running_total_direct": naive,
+        }
+        levels_, nodes_ = vector.sensitivity, 2 * plan.leaves - 1
+        mechanism = f"binary tree: {nodes_} nodes in {levels_} levels, d_in = {levels_}"
+    else:
+        hw = vector.half_width
+        for i, value in enumerate(noisy["counts"]):
+            points.append(
+                {
+                    "period_start": plan.starts[i].isoformat(),
+                    "count": value,
+                    "interval_95": [value - hw, value + hw],
+                }
+            )
+        theory = {"per_period": hw}
+        mechanism = f"plain: {t} counts, d_in = {t} (a person may be active in every period)"
+    return {
+        "measure": plan.measure,
+        "period": plan.period,
+        "points": points,
+        "mechanism": mechanism,
+        "theory": theory,
+        "note": "counts are noisy and may be negative or dip; periods are calendar periods (UTC) that had "
+        "closed at the snapshot's as-of time",
+    }
+
+
+def text(r: dict[str, Any]) -> list[str]:
+    lines = [f"  {r['mechanism']}"]
+    for p in r["points"]:
+        lo, hi = p["interval_95"]
+        total = "" if p.get("cumulative") is None else f"  total {p['cumulative']:>8}"
+        lines.append(f"    {p['period_start'][:10]}  {p['count']:>8}  [{lo:.0f}, {hi:.0f}]{total}")
+    th = r["theory"]
+    if "running_total_tree" in th:
+        lines.append(
+            f"  95% half-width of the last running total: {th['running_total_tree']:.1f} "
+            f"(releasing running totals directly: {th['running_total_direct']:.1f})"
+        )
+    return lines
+
+
+KIND = register(
+    ReleaseKind(
+        name="trend",
+        route="/reports/trend",
+        summary="A DP trend: people per calendar period over a window (first events by the binary-tree "
+        "mechanism).",
+        request=TrendRequest,
+        response=Trend,
+        recipient="marketer",
+        plan=plan,
+        exact=exact,
+        result=result,
+        text=text,
+    )
+)
