@@ -244,7 +244,7 @@ def test_a_marketer_goes_from_sign_in_to_a_charted_downloaded_report(site: Site,
     page.fill("#f-periods", "6")
     page.click("button[value=dry_run]")
     page.click("button.spend")
-    expect(page.locator("figcaption")).to_contain_text("binary tree")
+    expect(page.locator("figcaption")).to_contain_text("summed increments")
     expect(page.locator("#release-table tbody tr")).to_have_count(6)
     tab.shot("12-marketer-trend")
     page.goto("/ui/releases")
