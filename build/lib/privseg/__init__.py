@@ -1,3 +1,0 @@
-"""privseg: privacy-preserving customer segmentation."""
-
-__version__ = "0.1.0"

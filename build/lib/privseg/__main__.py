@@ -1,3 +1,0 @@
-from privseg.cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""The HTTP API (FastAPI). The only package that imports FastAPI."""

@@ -1,1 +1,0 @@
-"""Ingestion: sources read, validated, generalized, pseudonymized at the door and stored."""

@@ -1,5 +1,0 @@
-"""The release kinds; importing this package registers them all (see release/registry.py)."""
-
-from privseg.release.kinds import ab_lift, cohort_report, partner_audience, segment_movement
-
-__all__ = ["ab_lift", "cohort_report", "partner_audience", "segment_movement"]
