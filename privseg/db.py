@@ -153,6 +153,25 @@ _MIGRATIONS: tuple[str, ...] = (
     -- may split a recipient's budget between them. '' for charges made before the split existed.
     ALTER TABLE ledger ADD COLUMN objectives TEXT NOT NULL DEFAULT '';
     """,
+    """
+    -- Continual releases (release/series.py): a series is charged once, by its first release, and each
+    -- of its noisy blocks is drawn once, when it closes, and kept.
+    CREATE TABLE release_series (
+        series_key TEXT PRIMARY KEY,
+        first_release INTEGER NOT NULL REFERENCES releases (id),
+        recipient TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE TABLE series_blocks (
+        series_key TEXT NOT NULL REFERENCES release_series (series_key),
+        vector TEXT NOT NULL,
+        block INTEGER NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (series_key, vector, block)
+    );
+    CREATE TRIGGER series_blocks_no_update BEFORE UPDATE ON series_blocks
+    BEGIN SELECT RAISE(ABORT, 'a released block is never redrawn'); END;
+    """,
 )
 
 

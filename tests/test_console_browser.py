@@ -81,7 +81,8 @@ class Tab:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     if not Path(CHROMIUM).exists():
         pytest.fail("the browser tests need Debian's chromium: apt-get install chromium (.ci/run does)")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
+    ARTIFACTS.mkdir(parents=True)
     root = tmp_path_factory.mktemp("browser")
     settings = make_settings(root)
     create_keyset(settings.keyset, "test")

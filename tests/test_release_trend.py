@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import sqlite3
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, datetime
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -226,3 +228,69 @@ def test_the_stated_running_total_intervals_cover_95_percent() -> None:
     totals = np.array([[row[u].sum() for u in used] for row in draws])
     coverage = float((np.abs(totals) <= half).mean())
     assert 0.92 <= coverage <= 0.975, coverage
+
+
+def test_a_continual_trend_is_charged_once_and_keeps_every_released_period(tmp_path: Path) -> None:
+    """Anchored at a start date, a trend released on a snapshot, then on a later one two weeks on:
+    the second release charges nothing, repeats the first one's periods exactly (their noise was drawn
+    once and kept) and adds the periods closed since. Audit and ledger still agree."""
+    from datetime import timedelta
+
+    from privseg import audit
+    from privseg.segments import engine
+
+    settings = make_settings(tmp_path)
+    create_keyset(settings.keyset, "test")
+    dep = Deployment(settings)
+    files = generate(tmp_path / "demo", customers=3_000, seed=4, as_of=AS_OF)
+    prepare(dep, files.customers, files.events, snapshots=(AS_OF - timedelta(days=14),))
+    req = release.TrendRequest(
+        segment="lapsed_customers", where=NOT_STIGMATIZED, period="week", periods=10, start=date(2026, 3, 16)
+    )
+    first = release.run(dep.release_context(), req, "growth_team")
+    assert first["charged_epsilon"] == 0.5 and first["continual"] and first["closed_periods"] == 9
+    assert len(first["points"]) == 9
+    engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF)
+    priced = release.run(dep.release_context(), req.model_copy(update={"dry_run": True}), "growth_team")
+    assert priced["would_charge_epsilon"] == 0.0
+    second = release.run(dep.release_context(), req, "growth_team")
+    assert second["charged_epsilon"] == 0.0 and not second["cached"] and second["closed_periods"] == 10
+    assert second["points"][:9] == first["points"]  # nothing redrawn
+    assert len(second["points"]) == 10
+    charges = ledger.charges(dep.store.conn, recipient="growth_team")
+    assert [c.release_id for c in charges] == [first["release_id"]]
+    events = [e.event for e in audit.entries(dep.store.conn, limit=1000)]
+    assert events.count("release") == 1 and events.count("release_continued") == 1
+    assert audit.verify_all(dep.store.conn, dep.keyset).ok
+    # Another recipient, or the same trend under another start, is another series: charged.
+    other = release.run(dep.release_context(), req, "crm_team")
+    assert other["charged_epsilon"] == 0.5
+    moved = release.run(
+        dep.release_context(), req.model_copy(update={"start": date(2026, 3, 23)}), "growth_team"
+    )
+    assert moved["charged_epsilon"] == 0.5
+    # A block once released is never redrawn, even by a direct write.
+    with pytest.raises(sqlite3.IntegrityError, match="never redrawn"):
+        dep.store.conn.execute("UPDATE series_blocks SET value = value + 1")
+    dep.close()
+
+
+def test_a_continual_trend_releases_only_closed_tree_blocks() -> None:
+    from privseg.release.kinds.trend import TrendPlan
+
+    plan = TrendPlan.__new__(TrendPlan)  # only the fields closed() reads
+    object.__setattr__(plan, "leaves", 8)
+    object.__setattr__(plan, "closed_periods", 5)
+    closed = plan.closed("tree")
+    # Leaves 0-4; blocks [0,2) [2,4) at level 1; [0,4) at level 2; nothing that reaches period 5+.
+    assert closed == [0, 1, 2, 3, 4, 8, 9, 12]
+    for t in range(1, 6):
+        assert set(prefix_nodes(t, 8)) <= set(closed)  # every released running total is computable
+
+
+def test_a_continual_trend_before_its_first_period_closes_is_refused(ready: Deployment) -> None:
+    from privseg.errors import InvalidInput
+
+    req = release.TrendRequest(segment="lapsed_customers", period="month", periods=3, start=date(2026, 6, 1))
+    with pytest.raises(InvalidInput, match="had closed at the snapshot"):
+        release.run(ready.release_context(), req, "growth_team")

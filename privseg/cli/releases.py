@@ -160,6 +160,12 @@ def trend_cmd(
     ] = "first",
     period: Annotated[str, typer.Option(help="day, week, month or quarter (calendar, UTC).")] = "week",
     periods: Annotated[int, typer.Option(help="How many closed periods, ending at the snapshot.")] = 12,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="YYYY-MM-DD: a continual trend from this date's period over --periods; charged once."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -174,7 +180,7 @@ def trend_cmd(
     fields = {"segment": segment, "event": event, "where": conditions, "measure": measure}
     try:
         req = release.TrendRequest.model_validate(
-            fields | {"period": period, "periods": periods, "dry_run": dry_run}
+            fields | {"period": period, "periods": periods, "start": start, "dry_run": dry_run}
         )
     except ValidationError as exc:
         raise InvalidInput(describe_validation_error(exc)) from None

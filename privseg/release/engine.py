@@ -20,8 +20,9 @@ from privseg.db import transaction
 from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
 from privseg.policy.categories import OBJECTIVES, Objective
 from privseg.release import kinds as _kinds  # noqa: F401  (registers every kind)
+from privseg.release import series
 from privseg.release.context import ReleaseContext
-from privseg.release.plan import ReleasePlan
+from privseg.release.plan import ReleasePlan, Vector
 from privseg.release.registry import KINDS, ReleaseRequest, for_request
 from privseg.segments import definitions
 
@@ -153,20 +154,77 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
             return hit
         if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
             raise Conflict("an identical release is being computed; retry in a moment")
-        release_id = _charge(ctx, plan, key, now)
+        series_key = series.key(plan) if plan.series is not None else None
+        if series_key is not None and series.started(conn, series_key):
+            release_id, charged = _continue(ctx, plan, key, series_key, now), 0.0
+        else:
+            release_id, charged = _charge(ctx, plan, key, now), plan.epsilon
+            if series_key is not None:
+                series.start(conn, series_key, release_id, plan.recipient, now)
     # Committed: from here on the budget is spent whatever happens.
-    for member in plan.charged:
+    for member in plan.charged if charged else ():
         metrics.EPSILON_CHARGED.labels(member.name).inc(plan.epsilon)
     started = time.perf_counter()
     exact = kind.exact(ctx, plan)
-    noisy = {v.name: [int(x) for x in v.measurement()(exact[v.name])] for v in plan.vectors}
+    noisy = {v.name: _noised(ctx, plan, v, exact[v.name], series_key) for v in plan.vectors}
     result = {"release_id": release_id, **plan.describe(), **kind.result(plan, noisy)}
     metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
     with transaction(conn):
         conn.execute(
             "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
         )
-    return {**result, "cached": False, "charged_epsilon": plan.epsilon}
+    return {**result, "cached": False, "charged_epsilon": charged}
+
+
+def _noised(
+    ctx: ReleaseContext, plan: ReleasePlan, vector: Vector, exact: list[int], series_key: str | None
+) -> list[int]:
+    """OpenDP's noise on a vector; for a series, each closed block's noise drawn once and kept."""
+    if series_key is None:
+        return [int(x) for x in vector.measurement()(exact)]
+    closed = plan.closed(vector.name)
+    return series.blocks(
+        ctx.store.conn, series_key, vector, exact, range(len(exact)) if closed is None else closed
+    )
+
+
+def _continue(ctx: ReleaseContext, plan: ReleasePlan, key: str, series_key: str, now: datetime) -> int:
+    """A later release of a series already charged: recorded and audited, charged nothing."""
+    conn = ctx.store.conn
+    cur = conn.execute(
+        "INSERT INTO releases (at, kind, recipient, category, cache_key, status, request, snapshot_id, "
+        "policy_hash, epsilon_micro) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, 0)",
+        (
+            now.isoformat(),
+            plan.kind,
+            plan.recipient,
+            plan.policy.name,
+            key,
+            json.dumps({"segments": plan.segments, "breakdown": plan.breakdown}),
+            plan.snapshot.id,
+            plan.policy_hash,
+        ),
+    )
+    release_id = int(cur.lastrowid or 0)
+    first = conn.execute(
+        "SELECT first_release FROM release_series WHERE series_key = ?", (series_key,)
+    ).fetchone()
+    audit.append(
+        conn,
+        ctx.keyset,
+        "release_continued",
+        {
+            "release": release_id,
+            "kind": plan.kind,
+            "recipient": plan.recipient,
+            "category": plan.policy.name,
+            "segments": plan.segments,
+            "series_charged_by": int(first[0]),
+            "snapshot": plan.snapshot.id,
+            "policy_hash": plan.policy_hash,
+        },
+    )
+    return release_id
 
 
 def dry_run(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
@@ -175,6 +233,10 @@ def dry_run(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     cached = ctx.store.conn.execute(
         "SELECT 1 FROM releases WHERE cache_key = ? AND status = 'done'", (cache_key(plan),)
     ).fetchone()
+    # A later release of a series already charged is free, like a cached one.
+    free = cached is not None or (
+        plan.series is not None and series.started(ctx.store.conn, series.key(plan))
+    )
     charged_to = objectives(ctx, plan)
     left = min(
         ledger.remaining(ctx.store.conn, member, plan.recipient, now, charged_to).micro
@@ -183,7 +245,7 @@ def dry_run(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     return {
         **plan.describe(),
         "dry_run": True,
-        "would_charge_epsilon": 0.0 if cached else plan.epsilon,
+        "would_charge_epsilon": 0.0 if free else plan.epsilon,
         "cached": cached is not None,
         "remaining_epsilon": ledger.from_micro(max(left, 0)),
         "objectives": list(charged_to),

@@ -70,6 +70,9 @@ class ReleasePlan:
     snapshot: engine.Snapshot
     policy_hash: str
     vectors: tuple[Vector, ...]
+    # A continual release (see release/series.py): the kind's identity of the series, without the
+    # snapshot; None for a one-off release.
+    series: str | None = None
 
     def __post_init__(self) -> None:
         if not self.charged:
@@ -95,6 +98,10 @@ class ReleasePlan:
     def identity(self) -> dict[str, Any]:
         """Request parts beyond the shared ones that change the answer (they enter the cache key)."""
         return {}
+
+    def closed(self, vector: str) -> list[int] | None:
+        """A series' blocks of ``vector`` that have closed (may be released now); None: all of them."""
+        return None
 
     def details(self) -> dict[str, Any]:
         """What the kind adds to the description of a release."""

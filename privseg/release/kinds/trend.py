@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import polars as pl
 from opendp.accuracy import discrete_laplacian_scale_to_accuracy
 from pydantic import BaseModel, ConfigDict, Field
 
+from privseg.errors import InvalidInput
 from privseg.release import data, scope
 from privseg.release.context import ReleaseContext
 from privseg.release.models import Released
@@ -75,6 +76,12 @@ class TrendRequest(ReleaseRequest):
         le=3660,
         description="How many closed periods, ending at the snapshot (up to ten years of days).",
     )
+    start: date | None = Field(
+        None,
+        description="Anchor a continual trend at this date's period: `periods` is then its horizon. The "
+        "first release charges it once for the whole horizon; later releases (on later snapshots) "
+        "charge nothing, keep every closed period's noise and add the periods closed since.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"segment": "frequent_buyers", "measure": "first", "period": "week"}]}
@@ -108,6 +115,18 @@ class TrendPlan(ReleasePlan):
     period: str
     starts: list[datetime]  # period starts, then the window's end
     leaves: int  # P: padded number of tree leaves (first), else T
+    closed_periods: int  # how many of the T periods had closed at the snapshot (T unless anchored)
+
+    def closed(self, vector: str) -> list[int] | None:
+        c = self.closed_periods
+        if vector != "tree":
+            return list(range(c))
+        out, offset, n = [], 0, self.leaves
+        while n >= 1:  # every dyadic block whose periods have all closed
+            width = self.leaves // n
+            out += [offset + p for p in range(n) if (p + 1) * width <= c]
+            offset, n = offset + n, n // 2
+        return out
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -124,7 +143,9 @@ class TrendPlan(ReleasePlan):
             "where": [OPERATORS[c.op].words(c.field, c.value) for c in self.step.filters],
             "period": self.period,
             "periods": len(self.starts) - 1,
+            "closed_periods": self.closed_periods,
             "window": [self.starts[0].isoformat(), self.starts[-1].isoformat()],
+            "continual": self.series is not None,
         }
 
 
@@ -134,6 +155,19 @@ def window(as_of: datetime, period: str, periods: int) -> list[datetime]:
     n, unit = STEP[period]
     start = pl.select(pl.lit(end).dt.offset_by(f"-{n * periods}{unit}")).item()
     return list(pl.datetime_range(start, end, EVERY[period], closed="both", eager=True).to_list())
+
+
+def anchored(start: date, as_of: datetime, period: str, periods: int) -> tuple[list[datetime], int]:
+    """A continual trend's horizon: ``periods`` periods from ``start``'s period, and how many of them
+    had closed at ``as_of``."""
+    first = pl.select(
+        pl.lit(datetime(start.year, start.month, start.day, tzinfo=UTC)).dt.truncate(EVERY[period])
+    ).item()
+    n, unit = STEP[period]
+    end = pl.select(pl.lit(first).dt.offset_by(f"{n * periods}{unit}")).item()
+    starts = list(pl.datetime_range(first, end, EVERY[period], closed="both", eager=True).to_list())
+    now = pl.select(pl.lit(as_of).dt.truncate(EVERY[period])).item()
+    return starts, sum(1 for s in starts[1:] if s <= now)
 
 
 def levels(leaves: int) -> int:
@@ -146,7 +180,18 @@ def plan(ctx: ReleaseContext, req: TrendRequest, recipient: str) -> TrendPlan:
     step = parser.step({"type": req.event, "where": req.where}, "trend")
     policy, charged = scope.categories(ctx, [snap], [req.segment], spend=step)
     scope.marketer(policy, recipient)
-    starts = window(datetime.fromisoformat(snap.as_of), req.period, req.periods)
+    as_of = datetime.fromisoformat(snap.as_of)
+    if req.start is None:
+        starts, series = window(as_of, req.period, req.periods), None
+        closed = len(starts) - 1
+    else:
+        starts, closed = anchored(req.start, as_of, req.period, req.periods)
+        if closed == 0:
+            raise InvalidInput(
+                f"start: no {req.period} of this trend had closed at the snapshot ({snap.as_of}); "
+                "release it once its first period has closed"
+            )
+        series = repr((repr(step), req.measure, req.period, starts[0].isoformat(), req.periods))
     t = len(starts) - 1
     if req.measure == "first":
         leaves = 1 << max(t - 1, 0).bit_length()  # the smallest power of two >= T
@@ -178,6 +223,8 @@ def plan(ctx: ReleaseContext, req: TrendRequest, recipient: str) -> TrendPlan:
         period=req.period,
         starts=starts,
         leaves=leaves,
+        closed_periods=closed,
+        series=series,
     )
 
 
@@ -200,7 +247,8 @@ def worst_variance(vector: Vector, leaves: int, t: int) -> float:
 def per_period(ctx: ReleaseContext, plan: TrendPlan) -> list[int]:
     """Exact people per period (active: with an event in it; first: whose first event is in it)."""
     (sid,) = plan.segments
-    start, end, t = plan.starts[0], plan.starts[-1], len(plan.starts) - 1
+    # Only closed periods are read: an anchored trend's later periods are zeros, never released.
+    start, end, t = plan.starts[0], plan.starts[plan.closed_periods], len(plan.starts) - 1
     events = ctx.store.scan_events()
     if events is None:
         return [0] * t
@@ -267,14 +315,14 @@ def _half_width(scale: float, terms: int) -> float:
 
 
 def result(plan: TrendPlan, noisy: Noisy) -> dict[str, Any]:
-    t = len(plan.starts) - 1
+    t, c = len(plan.starts) - 1, plan.closed_periods
     vector = plan.counts
     naive = _half_width(t / vector.epsilon, 1)  # T running totals released directly: d_in = T
     points = []
     if plan.measure == "first":
         nodes = noisy[vector.name]
         previous, before = 0, set[int]()
-        for i in range(t):
+        for i in range(c):
             used = blocks(vector, plan.leaves, i + 1)
             total = sum(nodes[j] for j in used)
             hw = _half_width(vector.scale, len(used))
@@ -304,7 +352,7 @@ def result(plan: TrendPlan, noisy: Noisy) -> dict[str, Any]:
             mechanism = f"summed increments: {t} counts, d_in = 1 (fewer noises than a tree at this T)"
     else:
         hw = vector.half_width
-        for i, value in enumerate(noisy["counts"]):
+        for i, value in enumerate(noisy["counts"][:c]):
             points.append(
                 {
                     "period_start": plan.starts[i].isoformat(),
@@ -321,7 +369,8 @@ def result(plan: TrendPlan, noisy: Noisy) -> dict[str, Any]:
         "mechanism": mechanism,
         "theory": theory,
         "note": "counts are noisy and may be negative or dip; periods are calendar periods (UTC) that had "
-        "closed at the snapshot's as-of time",
+        "closed at the snapshot's as-of time"
+        + (f" ({c} of the {t} periods of this continual trend)" if plan.series is not None else ""),
     }
 
 
