@@ -91,6 +91,11 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
         {"marketer"},
         {"json": {"segment": "frequent_buyers", "attributes": ["age_band"], "dry_run": True}},
     ),
+    "/v1/reports/trend": (
+        "POST",
+        {"marketer"},
+        {"json": {"segment": "frequent_buyers", "period": "week", "periods": 4, "dry_run": True}},
+    ),
     "/v1/budget/me": ("GET", {"marketer"}, {}),
     "/v1/policies": ("GET", {"compliance"}, {}),
     "/v1/policies/validate": ("POST", {"compliance"}, {"json": {"categories": {}}}),

@@ -294,3 +294,33 @@ def test_a_continual_trend_before_its_first_period_closes_is_refused(ready: Depl
     req = release.TrendRequest(segment="lapsed_customers", period="month", periods=3, start=date(2026, 6, 1))
     with pytest.raises(InvalidInput, match="had closed at the snapshot"):
         release.run(ready.release_context(), req, "growth_team")
+
+
+def test_a_series_is_bound_to_the_categories_it_is_charged_to() -> None:
+    """A segment redefined to read a stigmatized category must not continue a general series for free."""
+    from dataclasses import replace
+
+    from privseg.policy.categories import read_categories
+    from privseg.release import series
+    from privseg.release.plan import ReleasePlan, Vector
+    from tests.conftest import POLICIES
+
+    cats = read_categories(POLICIES)
+    general, cannabis = cats.categories["general"], cats.categories["cannabis"]
+    plan = ReleasePlan(
+        kind="trend",
+        recipient="growth_team",
+        policy=general,
+        charged=(general,),
+        segments=["s"],
+        breakdown=[],
+        keys=[("a",)],
+        snapshot=None,  # type: ignore[arg-type]
+        policy_hash=cats.content_hash,
+        vectors=(Vector("increments", 1, 0.25),),
+        series="anchored",
+    )
+    assert series.key(plan) == series.key(replace(plan, snapshot=object()))  # type: ignore[arg-type]
+    assert series.key(plan) != series.key(replace(plan, policy=cannabis, charged=(cannabis,)))
+    assert series.key(plan) != series.key(replace(plan, recipient="crm_team"))
+    assert series.key(plan) != series.key(replace(plan, vectors=(Vector("increments", 1, 0.2),)))

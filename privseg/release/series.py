@@ -23,13 +23,16 @@ from privseg.release.plan import ReleasePlan, Vector
 
 
 def key(plan: ReleasePlan) -> str:
-    """What a series is: the kind's own identity, the recipient, the policy set and every vector's
-    sensitivity and epsilon (a changed policy starts a new series, charged anew)."""
+    """What a series is: the kind's own identity, the recipient, the policy set, the categories it is
+    released under and charged to, and every vector's sensitivity and epsilon. A changed policy, or a
+    segment redefined so that it reads another category, starts a new series, charged anew."""
     doc = {
         "kind": plan.kind,
         "recipient": plan.recipient,
         "segments": plan.segments,
         "policy": plan.policy_hash,
+        "category": plan.policy.name,
+        "charged": sorted(p.name for p in plan.charged),
         "series": plan.series,
         "vectors": [[v.name, v.sensitivity, v.epsilon] for v in plan.vectors],
     }
