@@ -96,6 +96,25 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
         {"marketer"},
         {"json": {"segment": "frequent_buyers", "period": "week", "periods": 4, "dry_run": True}},
     ),
+    "/v1/reports/personas": (
+        "POST",
+        {"marketer"},
+        {
+            "json": {
+                "segment": "frequent_buyers",
+                "features": [
+                    {
+                        "name": "orders",
+                        "event": {"type": "purchase", "where": {"product_category": {"eq": "home"}}},
+                        "measure": "count",
+                        "min": 0,
+                        "max": 20,
+                    }
+                ],
+                "dry_run": True,
+            }
+        },
+    ),
     "/v1/budget/me": ("GET", {"marketer"}, {}),
     "/v1/policies": ("GET", {"compliance"}, {}),
     "/v1/policies/validate": ("POST", {"compliance"}, {"json": {"categories": {}}}),

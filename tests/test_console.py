@@ -156,6 +156,7 @@ def _pages(dep: Deployment) -> list[str]:
         "/ui/release/audience_insight",
         "/ui/release/partner_insight",
         "/ui/release/trend",
+        "/ui/release/personas",
         "/ui/budget",
         "/ui/policies",
         "/ui/ledger",
@@ -179,6 +180,7 @@ ALLOWED = {
         "/ui/release/segment_movement",
         "/ui/release/audience_insight",
         "/ui/release/trend",
+        "/ui/release/personas",
         "/ui/budget",
         "/ui/releases",
     },
@@ -493,3 +495,33 @@ def test_release_forms_are_made_from_request_models_and_round_trip() -> None:
         )
     with pytest.raises(InvalidInput, match="segments"):
         forms.parse(release.CohortReportRequest, FormData([]), dry_run=True)
+
+
+def test_a_marketer_releases_personas_from_a_json_form(console: Console) -> None:
+    client = console.client()
+    csrf = sign_in(client, console.tokens["marketer"])
+    general = {"product_category": {"not_in_or_unknown": ["hearing_aids", "cannabis", "sexual_health"]}}
+    features = [
+        {
+            "name": "orders",
+            "event": {"type": "purchase", "where": general},
+            "measure": "count",
+            "min": 0,
+            "max": 20,
+        }
+    ]
+    form = {
+        "segment": "lapsed_customers",
+        "features": json.dumps(features),
+        "k": "2",
+        "iterations": "2",
+        "csrf": csrf,
+    }
+    priced = client.post("/ui/release/personas", data={**form, "action": "dry_run"})
+    assert priced.status_code == 200 and "Releases like this left" in priced.text
+    spent = client.post("/ui/release/personas", data={**form, "action": "spend"})
+    assert spent.status_code == 303
+    view = client.get(spent.headers["location"]).text
+    assert '<th scope="col">orders</th>' in view and ("shown" in view or "suppressed" in view)
+    broken = client.post("/ui/release/personas", data={**form, "features": "[{", "action": "dry_run"})
+    assert broken.status_code == 422 and "features: not valid JSON" in broken.text

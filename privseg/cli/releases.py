@@ -188,6 +188,41 @@ def trend_cmd(
     _emit(result, as_json, release.text(result))
 
 
+@app.command("personas")
+def personas_cmd(
+    segment: Annotated[str, typer.Option("--segment", "-s", help="Whose behaviour (segment id).")],
+    feature: Annotated[
+        list[str],
+        typer.Option(
+            "--feature",
+            "-f",
+            help='JSON feature (repeatable): {"name": "orders", "event": {"type": "purchase", '
+            '"last": "365d"}, "measure": "count", "min": 0, "max": 30}',
+        ),
+    ],
+    recipient: Annotated[str, typer.Option(help="Marketer receiving the personas.")],
+    k: Annotated[int, typer.Option(help="How many personas.")] = 4,
+    iterations: Annotated[int, typer.Option(help="Lloyd rounds (each costs epsilon / iterations).")] = 5,
+    seed: Annotated[int, typer.Option(help="Picks the data-independent starting centers.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Price and plan only; spend nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """DP personas: k behavioural centers by differentially private k-means over chosen features."""
+    from privseg import release
+
+    try:
+        features = [json.loads(f) for f in feature]
+    except json.JSONDecodeError:
+        raise InvalidInput("--feature is not valid JSON") from None
+    body = {"segment": segment, "features": features, "k": k, "iterations": iterations, "seed": seed}
+    try:
+        req = release.PersonaRequest.model_validate(body | {"dry_run": dry_run})
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation_error(exc)) from None
+    result = release.run(_governed().release_context(), req, recipient)
+    _emit(result, as_json, release.text(result))
+
+
 @app.command("budget")
 def budget(as_json: JsonOpt = False) -> None:
     """Privacy budget spent and remaining, per category and recipient, in the current periods."""

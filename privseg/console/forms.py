@@ -35,6 +35,10 @@ class FormField:
     slots: int = 0  # "ordered": how many ordered choices (the list's maximum length)
 
 
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _strip_optional(annotation: Any) -> Any:
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
@@ -68,8 +72,8 @@ def fields(model: type[BaseModel], segments: list[str], dimensions: list[str]) -
             widget, choices = "select", [str(v) for v in get_args(annotation)]
         elif annotation in (int, float):
             widget = "number"
-        elif get_origin(annotation) is dict or annotation is dict:
-            widget = "json"
+        elif get_origin(annotation) is dict or annotation is dict or _is_model(inner):
+            widget = "json"  # a mapping, or a list of structured items (e.g. persona features)
         out.append(
             FormField(
                 name=name,
@@ -92,7 +96,7 @@ def parse(model: type[BaseModel], form: FormData, *, dry_run: bool) -> Any:
         if name in SKIPPED:
             continue
         annotation = _strip_optional(info.annotation)
-        if get_origin(annotation) is list:
+        if get_origin(annotation) is list and not _is_model(get_args(annotation)[0]):
             values = [str(v) for v in form.getlist(name) if str(v)]
             if values:
                 data[name] = values
@@ -100,7 +104,7 @@ def parse(model: type[BaseModel], form: FormData, *, dry_run: bool) -> Any:
         raw = str(form.get(name) or "").strip()
         if not raw:
             continue
-        if get_origin(annotation) is dict or annotation is dict:
+        if get_origin(annotation) in (dict, list) or annotation is dict:
             try:
                 data[name] = json.loads(raw)
             except json.JSONDecodeError as exc:
@@ -119,7 +123,9 @@ def hidden(request: BaseModel) -> list[tuple[str, str]]:
     """A validated request as hidden form fields (name, value), to post it again to spend it."""
     out: list[tuple[str, str]] = []
     for name, value in request.model_dump(exclude={"dry_run"}).items():
-        if isinstance(value, list):
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            out.append((name, json.dumps(value)))
+        elif isinstance(value, list):
             out.extend((name, str(v)) for v in value)
         elif isinstance(value, dict):
             out.append((name, json.dumps(value)))

@@ -210,6 +210,17 @@ def table(released: dict[str, Any], suppressed: dict[str, list[str]]) -> tuple[l
         return header, rows
     if released["kind"] in INSIGHT_KINDS:
         return _insight_table(released, suppressed)
+    if released["kind"] == "personas":
+        names = released["features"]
+        return ["persona", "size", *names, "status"], [
+            [
+                p["persona"],
+                p["size"] if p["size"] is not None else "",
+                *((round(p["center"][n], 3) for n in names) if p["center"] else ("" for _ in names)),
+                "shown" if p["center"] else "suppressed",
+            ]
+            for p in released["personas"]
+        ]
     if released["kind"] == "trend":
         header = [
             "period_start",

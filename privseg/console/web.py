@@ -54,6 +54,7 @@ NAVIGATION: dict[Role, tuple[tuple[str, str], ...]] = {
         ("/release/segment_movement", "Movement"),
         ("/release/audience_insight", "Insight"),
         ("/release/trend", "Trends"),
+        ("/release/personas", "Personas"),
         ("/releases", "My releases"),
         ("/budget", "My budget"),
     ),

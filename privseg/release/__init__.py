@@ -11,6 +11,7 @@ from privseg.release.kinds.ab_lift import LiftRequest
 from privseg.release.kinds.audience_insight import InsightRequest, PartnerInsightRequest
 from privseg.release.kinds.cohort_report import CohortReportRequest, Measure
 from privseg.release.kinds.partner_audience import PartnerAudienceRequest
+from privseg.release.kinds.persona import PersonaRequest
 from privseg.release.kinds.segment_movement import MovementRequest
 from privseg.release.kinds.trend import TrendRequest
 from privseg.release.plan import ALPHA, ReleasePlan, Vector
@@ -28,6 +29,7 @@ __all__ = [
     "MovementRequest",
     "PartnerAudienceRequest",
     "PartnerInsightRequest",
+    "PersonaRequest",
     "ReleaseContext",
     "ReleaseKind",
     "ReleasePlan",

@@ -23,7 +23,7 @@ from privseg.release import kinds as _kinds  # noqa: F401  (registers every kind
 from privseg.release import series
 from privseg.release.context import ReleaseContext
 from privseg.release.plan import ReleasePlan, Vector
-from privseg.release.registry import KINDS, ReleaseRequest, for_request
+from privseg.release.registry import KINDS, NoiseFn, ReleaseRequest, for_request
 from privseg.segments import definitions
 
 PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
@@ -165,8 +165,11 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     for member in plan.charged if charged else ():
         metrics.EPSILON_CHARGED.labels(member.name).inc(plan.epsilon)
     started = time.perf_counter()
-    exact = kind.exact(ctx, plan)
-    noisy = {v.name: _noised(ctx, plan, v, exact[v.name], series_key) for v in plan.vectors}
+    if kind.adaptive is not None:
+        noisy = kind.adaptive(ctx, plan, _draw_once(plan))
+    else:
+        exact = kind.exact(ctx, plan)
+        noisy = {v.name: _noised(ctx, plan, v, exact[v.name], series_key) for v in plan.vectors}
     result = {"release_id": release_id, **plan.describe(), **kind.result(plan, noisy)}
     metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
     with transaction(conn):
@@ -174,6 +177,20 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
             "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
         )
     return {**result, "cached": False, "charged_epsilon": charged}
+
+
+def _draw_once(plan: ReleasePlan) -> NoiseFn:
+    """Noise for an adaptive kind: each planned vector through its OpenDP measurement, once only (a
+    second draw of a vector would spend more than was charged)."""
+    drawn: set[str] = set()
+
+    def noise(name: str, exact: list[int]) -> list[int]:
+        if name in drawn:
+            raise RuntimeError(f"vector {name!r} was already noised: a second draw is not paid for")
+        drawn.add(name)
+        return [int(x) for x in plan.vector(name).measurement()(exact)]
+
+    return noise
 
 
 def _noised(

@@ -8,6 +8,7 @@ and its share of the epsilon; the shares sum to the charged epsilon (basic compo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +85,9 @@ class ReleasePlan:
 
     @property
     def epsilon(self) -> float:
-        """What the release costs: its vectors' epsilons add up (basic composition)."""
-        return sum(v.epsilon for v in self.vectors)
+        """What the release costs: its vectors' epsilons add up (basic composition); fsum, so that
+        shares like epsilon / 6 add back to epsilon exactly."""
+        return math.fsum(v.epsilon for v in self.vectors)
 
     def vector(self, name: str) -> Vector:
         return next(v for v in self.vectors if v.name == name)

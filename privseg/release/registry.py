@@ -23,7 +23,9 @@ class ReleaseRequest(BaseModel):
 
 Req = TypeVar("Req", bound=ReleaseRequest)
 Plan = TypeVar("Plan", bound=ReleasePlan)
-Noisy = Mapping[str, list[int]]
+Noisy = Mapping[str, Any]
+# Draws OpenDP noise for one planned vector (by name), once: the adaptive path's only source of noise.
+NoiseFn = Callable[[str, list[int]], list[int]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ReleaseKind(Generic[Req, Plan]):
     result: Callable[[Plan, Noisy], dict[str, Any]]
     # The body of the release as terminal lines.
     text: Callable[[dict[str, Any]], list[str]]
+    # For kinds whose later vectors depend on earlier noisy ones (DP k-means): computes the exact
+    # vectors itself, round by round, drawing each planned vector's noise once through the engine's
+    # NoiseFn, and returns what `result` post-processes. None: `exact`, then noise on every vector.
+    adaptive: Callable[[ReleaseContext, Plan, NoiseFn], dict[str, Any]] | None = None
 
 
 KINDS: dict[str, ReleaseKind[Any, Any]] = {}

@@ -25,6 +25,7 @@ def categories(
     *,
     breakdown: Sequence[str] = (),
     spend: Step | None = None,
+    steps: Sequence[Step] = (),
 ) -> tuple[CategoryPolicy, tuple[CategoryPolicy, ...]]:
     """The policy a release is made under, and the categories it charges: every effective category
     of its segments (recorded with the snapshot, under the policy set in force) plus whatever its
@@ -47,6 +48,8 @@ def categories(
     taints = [t for dim in breakdown for t in index.dimension_reads(dim, f"breakdown {dim}")]
     if spend is not None:
         taints += index.step_reads(spend, "spend")
+    for i, step in enumerate(steps):  # other events a release reads (e.g. persona features)
+        taints += index.step_reads(step, f"steps[{i}]")
     names.update(t.category for t in taints)
     members = [ctx.categories.get(n) for n in sorted(names)]
     if any(p.stigmatized for p in members):

@@ -156,6 +156,10 @@ class Parser:
             raise _fail(path, f"{field!r} and {other!r} have different domains: they are never equal")
         return AttrRef(other)
 
+    def window(self, spec: dict[str, Any], path: str) -> Window:
+        """The window of an event spec (last / between / from + to; none: all time)."""
+        return self._window(spec, path)
+
     def _window(self, spec: dict[str, Any], path: str) -> Window:
         keys = {k for k in ("last", "between", "from", "to") if k in spec}
         if not keys:

@@ -5,8 +5,17 @@ from privseg.release.kinds import (
     audience_insight,
     cohort_report,
     partner_audience,
+    persona,
     segment_movement,
     trend,
 )
 
-__all__ = ["ab_lift", "audience_insight", "cohort_report", "partner_audience", "segment_movement", "trend"]
+__all__ = [
+    "ab_lift",
+    "audience_insight",
+    "cohort_report",
+    "partner_audience",
+    "persona",
+    "segment_movement",
+    "trend",
+]
