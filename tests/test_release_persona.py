@@ -152,3 +152,105 @@ def test_the_cli_releases_personas(ready: Deployment, tmp_path: Path) -> None:
     assert released["kind"] == "personas" and len(released["personas"]) == 2
     bad = run_cli(ready.settings, *args, "-f", json.dumps({**FEATURES[0], "min": 5, "max": 1}), check=False)
     assert bad.returncode == 2 and "min must be below max" in bad.stderr
+
+
+def test_a_persona_leaf_puts_each_member_in_its_nearest_released_persona(ready: Deployment) -> None:
+    """Personas become segments: `persona: {release: N, is: J}` is filled in from the release at apply
+    time, and membership is exactly the release's own nearest-center rule on the same data."""
+    from privseg.release.kinds.persona import scaled_features
+    from privseg.segments import definitions, engine
+    from privseg.segments.language import DefinitionError
+
+    ctx = ready.release_context()
+    req = release.PersonaRequest(segment="lapsed_customers", features=FEATURES, k=3, iterations=3, seed=2)
+    out = release.run(ctx, req, "growth_team")
+    plan = release.plan(ctx, req, "growth_team")
+    assert isinstance(plan, PersonaPlan)
+    shown = [p for p in out["personas"] if p["center"] is not None]
+    assert shown, out["personas"]
+    target = shown[0]["persona"]
+    doc = {
+        "id": "persona_members",
+        "objective": "brand",
+        "where": {
+            "all": [
+                {"segment": "lapsed_customers"},
+                {"persona": {"release": out["release_id"], "is": target}},
+            ]
+        },
+    }
+    applied = definitions.apply_documents(
+        ready.store.conn, ready.keyset, [("segment", doc, "test")],
+        schema=ready.schema, categories=ready.categories, actor="marketer:growth_team",
+    )  # fmt: skip
+    assert applied[0].status == "created"
+    stored = definitions.active(ready.store.conn)[("segment", "persona_members")].body
+    leaf = stored["where"]["all"][1]["persona"]
+    assert len(leaf["centers"]) == 3 and leaf["features"][0]["name"] == "orders"
+    assert "nearest to persona" in ready.compiler().explain("persona_members")
+    # Membership against an independent assignment with numpy, on the release's own snapshot data.
+    x = scaled_features(ctx, plan)
+    bounds = np.array(plan.bounds)
+    centers = [
+        None
+        if p["center"] is None
+        else (np.array([p["center"][n] for n in plan.names]) - bounds[:, 0]) / np.ptp(bounds, axis=1)
+        for p in out["personas"]
+    ]
+    dist = np.column_stack(
+        [((x - c) ** 2).sum(axis=1) if c is not None else np.full(len(x), np.inf) for c in centers]
+    )
+    expected = int((dist.argmin(axis=1) == target).sum())
+    snap, _ = engine.compute_snapshot(
+        store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF
+    )
+    members = release_data_count(ready, snap, "persona_members")
+    assert members == expected and expected > 0
+    # Another marketer cannot build on growth_team's personas (nor learn whether the release exists).
+    with pytest.raises(DefinitionError, match=f"no persona release {out['release_id']} of yours"):
+        definitions.apply_documents(
+            ready.store.conn, ready.keyset, [("segment", {**doc, "id": "theirs"}, "test")],
+            schema=ready.schema, categories=ready.categories, actor="marketer:crm_team",
+        )  # fmt: skip
+
+
+def release_data_count(dep: Deployment, snap, sid: str) -> int:  # type: ignore[no-untyped-def]
+    import polars as pl
+
+    from privseg.release import data
+
+    return int(data.memberships(dep.release_context(), snap).select(pl.col(sid).sum()).collect().item())
+
+
+def test_the_api_accepts_a_persona_leaf_and_refuses_a_bare_one(ready: Deployment) -> None:
+    from fastapi.testclient import TestClient
+
+    from privseg import apikeys
+    from privseg.api.app import create_app
+
+    _, token = apikeys.create(ready.store.conn, ready.keyset, role="marketer", name="brand_team")
+    client = TestClient(create_app(ready), base_url="http://127.0.0.1")
+    h = {"Authorization": f"Bearer {token}"}
+    leaf = {
+        "is": 1,
+        "features": [{"event": ORDERS, "measure": "count", "min": 0, "max": 20}],
+        "centers": [[1.0], [8.0]],
+    }
+    ok = client.post(
+        "/v1/segments", json={"id": "heavy", "objective": "brand", "where": {"persona": leaf}}, headers=h
+    )
+    assert ok.status_code == 200, ok.text
+    bare = client.post(
+        "/v1/segments", json={"id": "bare", "objective": "brand", "where": {"persona": {"is": 0}}}, headers=h
+    )
+    assert bare.status_code == 422 and "give features and centers" in bare.json()["detail"]
+    suppressed = client.post(
+        "/v1/segments",
+        json={
+            "id": "gone",
+            "objective": "brand",
+            "where": {"persona": {**leaf, "centers": [[1.0], None], "is": 1}},
+        },
+        headers=h,
+    )
+    assert suppressed.status_code == 422 and "suppressed" in suppressed.json()["detail"]

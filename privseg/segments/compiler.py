@@ -36,6 +36,7 @@ from privseg.segments.language import (
     EventLeaf,
     Node,
     Not,
+    PersonaLeaf,
     PropertyLeaf,
     RecencyLeaf,
     SegmentDef,
@@ -205,6 +206,12 @@ class Compiler:
                 if trait is None:
                     raise DefinitionError(_unknown_trait(path, node.name, self.traits))
                 return idx.step_reads(trait.source.step, f"{path}.trait.{node.name} (source)")
+            case PersonaLeaf():
+                return [
+                    t
+                    for i, f in enumerate(node.features)
+                    for t in idx.step_reads(f.step, f"{path}.persona.features[{i}].event")
+                ]
             case SegmentRef():
                 if node.id not in self.defs:
                     raise DefinitionError(f"{path}.segment: unknown segment {node.id!r}")
@@ -309,7 +316,45 @@ class Compiler:
                 return expr
             case BucketLeaf():
                 return plan.use(BucketFeature(node.salt)).is_between(node.low, node.high, closed="both")
+            case PersonaLeaf():
+                return self.nearest(node, plan)
         assert_never(node)
+
+    @staticmethod
+    def nearest(node: PersonaLeaf, plan: Plan) -> pl.Expr:
+        """Whether the person's nearest persona center is the target, in the release's own terms:
+        features clipped to their bounds and scaled to [0, 1], squared distance, ties to the lower
+        index (numpy's argmin)."""
+        scaled = [
+            (
+                (
+                    plan.use(AggFeature(f.step, f.window, f.measure))
+                    .cast(pl.Float64)
+                    .fill_null(0.0)
+                    .clip(f.low, f.high)
+                    - f.low
+                )
+                / (f.high - f.low)
+            )
+            for f in node.features
+        ]
+
+        def distance(center: tuple[float, ...]) -> pl.Expr:
+            terms = []
+            for x, f, c in zip(scaled, node.features, center, strict=True):
+                at = min(max((c - f.low) / (f.high - f.low), 0.0), 1.0)
+                terms.append((x - at) ** 2)
+            return pl.sum_horizontal(terms)
+
+        mine = node.centers[node.target]
+        assert mine is not None  # the parser refuses a suppressed target
+        own = distance(mine)
+        beats = [
+            own < distance(c) if j < node.target else own <= distance(c)
+            for j, c in enumerate(node.centers)
+            if c is not None and j != node.target
+        ]
+        return pl.all_horizontal(beats) if beats else pl.lit(True)
 
     @staticmethod
     def trait_score(trait: TraitDef, plan: Plan) -> pl.Expr:

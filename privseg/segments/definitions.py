@@ -23,6 +23,7 @@ from privseg.errors import Conflict, NotFound, NotPermitted
 from privseg.keyset import Keyset
 from privseg.policy.categories import CategorySet
 from privseg.schema import Schema
+from privseg.segments import persona_source
 from privseg.segments.compiler import Compiler, references, traits_used
 from privseg.segments.language import DefinitionError, SegmentDef, TraitDef
 from privseg.segments.parser import Parser
@@ -219,7 +220,8 @@ def apply_documents(
     looser than what a segment reads is refused, naming the leaf that reads the stricter data."""
     parser = Parser(schema, set(categories.categories))
     incoming: dict[tuple[DefKind, str], tuple[dict[str, Any], str]] = {}
-    for kind, doc, where in docs:
+    for kind, raw, where in docs:
+        doc = persona_source.fill(conn, raw, actor, where)
         parsed = parser.trait(doc, where) if kind == "trait" else parser.segment(doc, where)
         key: tuple[DefKind, str] = (kind, parsed.name if isinstance(parsed, TraitDef) else parsed.id)
         if key in incoming:

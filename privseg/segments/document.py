@@ -73,6 +73,21 @@ class BucketSpec(_Spec):
     range: list[int] = Field(min_length=2, max_length=2, description="[low, high] within 0..9999.")
 
 
+class PersonaFeatureSpec(_Spec):
+    name: str | None = None
+    event: Windowed
+    measure: str = Field(description="count or sum.")
+    min: float
+    max: float
+
+
+class PersonaSpec(_Spec):
+    release: int | None = Field(None, ge=1, description="A persona release of yours; fills the rest in.")
+    is_: int = Field(alias="is", ge=0, description="The persona whose members these are.")
+    features: list[PersonaFeatureSpec] | None = None
+    centers: list[list[float] | None] | None = Field(None, description="In the features' units.")
+
+
 class AllNode(_Spec):
     all: list[Node] = Field(min_length=1)
 
@@ -115,6 +130,10 @@ class BucketNode(_Spec):
     bucket: BucketSpec
 
 
+class PersonaNode(_Spec):
+    persona: PersonaSpec
+
+
 def _node_kind(value: Any) -> str | None:
     # A node is a mapping with exactly one key, which names its kind.
     if isinstance(value, dict) and len(value) == 1:
@@ -134,12 +153,13 @@ Node = Annotated[
     | Annotated[SequenceNode, Tag("sequence")]
     | Annotated[TraitNode, Tag("trait")]
     | Annotated[SegmentNode, Tag("segment")]
-    | Annotated[BucketNode, Tag("bucket")],
+    | Annotated[BucketNode, Tag("bucket")]
+    | Annotated[PersonaNode, Tag("persona")],
     Discriminator(
         _node_kind,
         custom_error_type="invalid_node",
         custom_error_message="expected one node: all, any, not, property, event, recency, sequence, "
-        "trait, segment or bucket",
+        "trait, segment, bucket or persona",
     ),
 ]
 

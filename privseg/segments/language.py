@@ -130,6 +130,28 @@ class BucketLeaf:
     high: int
 
 
+@dataclass(frozen=True)
+class PersonaFeature:
+    """An event aggregate clipped to [low, high] and scaled to [0, 1] (as the persona release did)."""
+
+    step: Step
+    window: Window
+    measure: str  # count or sum
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class PersonaLeaf:
+    """Nearest released persona center is ``target`` (ties go to the lower index, as in the release);
+    suppressed personas (None) are no one's nearest."""
+
+    features: tuple[PersonaFeature, ...]
+    centers: tuple[tuple[float, ...] | None, ...]  # in the features' own units
+    target: int
+    release: int | None
+
+
 Node = (
     All
     | AnyOf
@@ -141,6 +163,7 @@ Node = (
     | TraitLeaf
     | SegmentRef
     | BucketLeaf
+    | PersonaLeaf
 )
 
 

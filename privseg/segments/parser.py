@@ -21,6 +21,8 @@ from privseg.segments.language import (
     EventLeaf,
     Node,
     Not,
+    PersonaFeature,
+    PersonaLeaf,
     PropertyLeaf,
     RecencyLeaf,
     SegmentDef,
@@ -217,7 +219,9 @@ class Parser:
     # nodes ------------------------------------------------------------------------------------
     def node(self, obj: Any, path: str) -> Node:
         key, body = _single(
-            obj, path, "node (all, any, not, property, event, recency, sequence, trait, segment, bucket)"
+            obj,
+            path,
+            "node (all, any, not, property, event, recency, sequence, trait, segment, bucket, persona)",
         )
         here = f"{path}.{key}"
         parse = self._NODES.get(key)
@@ -305,6 +309,61 @@ class Parser:
             raise _fail(f"{here}.range", f"expected [low, high] with 0 <= low <= high <= {BUCKETS - 1}")
         return BucketLeaf(salt, rng[0], rng[1])
 
+    def _persona(self, _key: str, body: Any, here: str) -> Node:
+        spec = _mapping(body, here, {"release", "is", "features", "centers"}, {"is"})
+        if "features" not in spec or "centers" not in spec:
+            raise _fail(
+                here,
+                "give features and centers, or a persona release id (`release: N`) for privseg to fill "
+                "them in when the definition is applied",
+            )
+        raw_features, raw_centers, target = spec["features"], spec["centers"], spec["is"]
+        if not isinstance(raw_features, list) or not 1 <= len(raw_features) <= 6:
+            raise _fail(f"{here}.features", "expected a list of 1 to 6 features")
+        features = []
+        for i, f in enumerate(raw_features):
+            at = f"{here}.features[{i}]"
+            fs = _mapping(
+                f, at, {"event", "measure", "min", "max", "name"}, {"event", "measure", "min", "max"}
+            )
+            event = _mapping(
+                fs["event"], f"{at}.event", {"type", "where", "last", "between", "from", "to"}, {"type"}
+            )
+            if fs["measure"] not in ("count", "sum"):
+                raise _fail(f"{at}.measure", "expected count or sum")
+            low, high = fs["min"], fs["max"]
+            if (
+                not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high))
+                or low >= high
+            ):
+                raise _fail(at, "expected numbers min < max")
+            step = self.step(event, f"{at}.event")
+            features.append(
+                PersonaFeature(step, self._window(event, f"{at}.event"), fs["measure"], low, high)
+            )
+        if not isinstance(raw_centers, list) or not 2 <= len(raw_centers) <= 8:
+            raise _fail(f"{here}.centers", "expected a list of 2 to 8 centers (null for a suppressed one)")
+        centers: list[tuple[float, ...] | None] = []
+        for j, c in enumerate(raw_centers):
+            if c is None:
+                centers.append(None)
+                continue
+            if (
+                not isinstance(c, list)
+                or len(c) != len(features)
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in c)
+            ):
+                raise _fail(f"{here}.centers[{j}]", f"expected {len(features)} numbers (one per feature)")
+            centers.append(tuple(float(v) for v in c))
+        if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < len(centers):
+            raise _fail(f"{here}.is", f"expected a persona number from 0 to {len(centers) - 1}")
+        if centers[target] is None:
+            raise _fail(f"{here}.is", "that persona was suppressed: no one is assigned to it")
+        release = spec.get("release")
+        if release is not None and (not isinstance(release, int) or isinstance(release, bool) or release < 1):
+            raise _fail(f"{here}.release", "expected a release id")
+        return PersonaLeaf(tuple(features), tuple(centers), target, release)
+
     # One parser per node kind, by the key that names it.
     _NODES: ClassVar[dict[str, Callable[[Parser, str, Any, str], Node]]] = {
         "all": _group,
@@ -317,6 +376,7 @@ class Parser:
         "trait": _trait,
         "segment": _segment_ref,
         "bucket": _bucket,
+        "persona": _persona,
     }
 
     def segment(self, doc: Any, path: str) -> SegmentDef:

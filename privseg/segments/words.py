@@ -13,6 +13,7 @@ from privseg.segments.language import (
     EventLeaf,
     Node,
     Not,
+    PersonaLeaf,
     PropertyLeaf,
     RecencyLeaf,
     SegmentRef,
@@ -86,6 +87,15 @@ def words(node: Node, traits: dict[str, TraitDef], depth: int) -> list[str]:
             return [f"{pad}- {OPERATORS[node.op].words(label, node.value)}"]
         case SegmentRef():
             return [f"{pad}- is in segment {node.id}"]
+        case PersonaLeaf():
+            names = ", ".join(
+                f"{'number of' if f.measure == 'count' else 'value over'} {_step_words(f.step)} "
+                f"{_window_words(f.window)}"
+                for f in node.features
+            )
+            source = f" of release {node.release}" if node.release else ""
+            k = sum(c is not None for c in node.centers)
+            return [f"{pad}- is nearest to persona {node.target} of {k}{source} (by {names})"]
         case BucketLeaf():
             share = (node.high - node.low + 1) / BUCKETS
             buckets = f"random buckets {node.low}-{node.high} of {BUCKETS} for salt {node.salt!r}"

@@ -103,6 +103,9 @@ class Persona(BaseModel):
 
 class Personas(Released):
     features: list[str]
+    feature_specs: list[PersonaFeature] = Field(
+        description="The features as requested; `persona: {release: N, is: J}` in a segment uses them."
+    )
     personas: list[Persona]
     note: str
 
@@ -110,6 +113,7 @@ class Personas(Released):
 @dataclass(frozen=True, kw_only=True)
 class PersonaPlan(ReleasePlan):
     steps: tuple[tuple[Step, Window, str], ...]  # per feature: events, window, measure
+    specs: tuple[dict[str, Any], ...]  # the features as requested (a persona leaf is filled from them)
     names: tuple[str, ...]
     bounds: tuple[tuple[float, float], ...]
     k: int
@@ -125,7 +129,12 @@ class PersonaPlan(ReleasePlan):
         }
 
     def details(self) -> dict[str, Any]:
-        return {"features": list(self.names), "k": self.k, "iterations": self.iterations}
+        return {
+            "features": list(self.names),
+            "feature_specs": list(self.specs),
+            "k": self.k,
+            "iterations": self.iterations,
+        }
 
 
 def plan(ctx: ReleaseContext, req: PersonaRequest, recipient: str) -> PersonaPlan:
@@ -162,6 +171,7 @@ def plan(ctx: ReleaseContext, req: PersonaRequest, recipient: str) -> PersonaPla
         policy_hash=ctx.categories.content_hash,
         vectors=vectors,
         steps=tuple(steps),
+        specs=tuple(f.model_dump() for f in req.features),
         names=tuple(f.name for f in req.features),
         bounds=tuple((f.min, f.max) for f in req.features),
         k=req.k,
