@@ -24,8 +24,8 @@ from privseg.db import transaction
 from privseg.errors import InvalidInput, NotFound
 from privseg.keyset import Keyset
 
-Role = Literal["admin", "marketer", "compliance", "partner"]
-ROLES: tuple[Role, ...] = ("admin", "marketer", "compliance", "partner")
+Role = Literal["admin", "marketer", "compliance", "partner", "intake"]
+ROLES: tuple[Role, ...] = ("admin", "marketer", "compliance", "partner", "intake")
 PREFIX = "psk_"
 
 

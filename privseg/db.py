@@ -172,6 +172,31 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER series_blocks_no_update BEFORE UPDATE ON series_blocks
     BEGIN SELECT RAISE(ABORT, 'a released block is never redrawn'); END;
     """,
+    """
+    -- Live intake: the keyed hash of every message id stored (or expired on arrival), so a resent
+    -- message is never stored twice; recorded in the transaction that records its batch.
+    CREATE TABLE intake_messages (
+        message_key TEXT PRIMARY KEY,
+        batch_id INTEGER,
+        received_at TEXT NOT NULL
+    );
+    -- The intake role (pipelines that post events and nothing else). SQLite cannot alter a CHECK, so
+    -- the table is rebuilt; console sessions (which reference it) end: people sign in again.
+    DELETE FROM console_sessions;
+    CREATE TABLE api_keys_new (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'marketer', 'compliance', 'partner', 'intake')),
+        principal TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    INSERT INTO api_keys_new (id, name, role, principal, token_hash, created_at, revoked_at)
+        SELECT id, name, role, principal, token_hash, created_at, revoked_at FROM api_keys;
+    DROP TABLE api_keys;
+    ALTER TABLE api_keys_new RENAME TO api_keys;
+    """,
 )
 
 

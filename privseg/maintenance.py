@@ -18,6 +18,7 @@ from privseg import audit
 from privseg.batches import Rewrite
 from privseg.db import get_meta, transaction
 from privseg.errors import Conflict, InvalidInput
+from privseg.ingest.intake import SOURCE as INTAKE_SOURCE
 from privseg.keyset import Keyset, add_pseudonym_version, load_keyset, remove_pseudonym_versions
 from privseg.policy.ingest import IngestPolicy
 from privseg.pseudonym import Pseudonymizer, normalize
@@ -188,7 +189,8 @@ class CompactionResult:
 def compact(
     *, store: Store, keyset: Keyset, policy: IngestPolicy, now: datetime | None = None
 ) -> CompactionResult:
-    """Merge profile batches (latest per pid wins) and drop events past retention."""
+    """Merge profile batches (latest per pid wins), merge the small event batches of live intake into
+    one, and drop events past retention."""
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=policy.retention_days)
     with store.writer_lock():
@@ -204,7 +206,21 @@ def compact(
             changes += [Rewrite(b, None) for b in profiles[:-1]]
             changes.append(Rewrite(profiles[-1], merged))
         expired = 0
+        intake = [b for b in store.batches("events") if b.source == INTAKE_SOURCE]
+        if len(intake) > 1:
+            # Live intake appends one small batch per call: they become one (the newest), and retention
+            # applies to it like to any other. Batches from files keep their own (their lineage matters).
+            merged_events = pl.concat(
+                [pl.read_parquet(store.path_of(b)) for b in intake], how="diagonal_relaxed"
+            )
+            kept = merged_events.filter(pl.col("ts") >= cutoff)
+            expired += merged_events.height - kept.height
+            changes += [Rewrite(b, None) for b in intake[:-1]]
+            changes.append(Rewrite(intake[-1], kept))
+        merged_ids = {b.id for b in intake} if len(intake) > 1 else set()
         for batch in store.batches("events"):
+            if batch.id in merged_ids:
+                continue
             if batch.min_ts is not None and datetime.fromisoformat(batch.min_ts) >= cutoff:
                 continue  # nothing in this batch is old enough
             df = pl.read_parquet(store.path_of(batch))
@@ -220,6 +236,21 @@ def compact(
                 details={"expired_events": expired, "superseded_profiles": superseded},
             )
     return CompactionResult(len(profiles), len(store.batches("events")), expired, superseded)
+
+
+def compact_intake(*, store: Store, keyset: Keyset, at_least: int = 2) -> int:
+    """Merge live intake's small event batches into one when there are ``at_least`` of them (the
+    server's refresher runs this); returns how many were merged. Nothing else is touched."""
+    with store.writer_lock():
+        intake = [b for b in store.batches("events") if b.source == INTAKE_SOURCE]
+        if len(intake) < max(at_least, 2):
+            return 0
+        merged = pl.concat([pl.read_parquet(store.path_of(b)) for b in intake], how="diagonal_relaxed")
+        changes = [Rewrite(b, None) for b in intake[:-1]] + [Rewrite(intake[-1], merged)]
+        store.rewrite(
+            changes, keyset=keyset, event="compaction", details={"intake_batches_merged": len(intake)}
+        )
+    return len(intake)
 
 
 def reidentify(*, store: Store, keyset: Keyset, policy: IngestPolicy, pseudonym: str, reason: str) -> str:

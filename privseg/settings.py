@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         description="Largest decompressed size of a .gz source; a file past it is refused (gzip bombs).",
     )
 
+    snapshot_refresh_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="`privseg serve` recomputes a stale snapshot this often (live intake makes it stale); "
+        "0: only on request. Reads go on from the current snapshot meanwhile.",
+    )
     console_idle_minutes: float = Field(
         30.0, gt=0, description="A console session ends after this many minutes without a request."
     )

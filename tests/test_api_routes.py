@@ -115,6 +115,24 @@ MATRIX: dict[str, tuple[str, set[str], dict[str, Any]]] = {
             }
         },
     ),
+    "/v1/intake/batch": (
+        "POST",
+        {"intake"},
+        {
+            "json": {
+                "batch": [
+                    {
+                        "type": "track",
+                        "messageId": "m-1",
+                        "userId": "C1",
+                        "event": "Order Completed",
+                        "properties": {"revenue": 10, "category": "home"},
+                        "timestamp": "2026-05-30T10:00:00Z",
+                    }
+                ]
+            }
+        },
+    ),
     "/v1/budget/me": ("GET", {"marketer"}, {}),
     "/v1/policies": ("GET", {"compliance"}, {}),
     "/v1/policies/validate": ("POST", {"compliance"}, {"json": {"categories": {}}}),
@@ -150,6 +168,7 @@ def api(dep: Deployment, demo_files) -> tuple[TestClient, dict[str, str], Deploy
         "partner": apikeys.create(
             dep.store.conn, dep.keyset, role="partner", name="alpha", partner="adnet_alpha"
         )[1],
+        "intake": apikeys.create(dep.store.conn, dep.keyset, role="intake", name="pipeline")[1],
         "other_partner": apikeys.create(
             dep.store.conn, dep.keyset, role="partner", name="beta", partner="adnet_beta"
         )[1],

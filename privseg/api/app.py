@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,7 @@ from privseg.apikeys import FailureRecorder
 from privseg.deployment import Deployment, configure_logging
 from privseg.errors import PrivsegError
 from privseg.ingest import uploads
+from privseg.maintenance import compact_intake
 from privseg.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,39 @@ def anchor_writer(dep: Deployment) -> audit.AnchorWriter | None:
     )
 
 
+INTAKE_MERGE_AT = 50  # intake batches before the refresher merges them
+
+
+class SnapshotRefresher:
+    """Recomputes a stale snapshot every ``interval`` seconds in the background (live intake appends
+    events all day). Readers keep using the current snapshot until the new one is recorded; writers are
+    serialized by the store's lock, so several workers refreshing at once cost time, not correctness."""
+
+    def __init__(self, dep: Deployment, interval: float) -> None:
+        self.dep, self.interval = dep, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="privseg-snapshot-refresh", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            fork = self.dep.for_request()
+            try:
+                # Live intake adds one small batch per call: merge them before the store grows wide.
+                compact_intake(store=fork.store, keyset=fork.keyset, at_least=INTAKE_MERGE_AT)
+                fork.recompute_if_stale()
+            except Exception as exc:  # keep refreshing; say what failed without its message (data)
+                log.error("snapshot refresh failed: %s", type(exc).__name__)
+            finally:
+                fork.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -76,9 +111,15 @@ def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsy
         writer = anchor_writer(dep) if anchors else None
         if writer is not None:
             writer.start()
+        interval = dep.settings.snapshot_refresh_seconds
+        refresher = SnapshotRefresher(dep, interval) if interval > 0 else None
+        if refresher is not None:
+            refresher.start()
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.stop()
             if writer is not None:
                 writer.stop()
 

@@ -133,7 +133,7 @@ class ApiKeyRow(BaseModel):
 
 
 class ApiKeyBody(Body):
-    role: Role = Field(description="admin, marketer, compliance or partner.")
+    role: Role = Field(description="admin, marketer, compliance, partner or intake (a data pipeline).")
     name: str = Field(
         min_length=1,
         max_length=64,
@@ -185,6 +185,15 @@ class Applied(BaseModel):
 class Explanation(BaseModel):
     segment: str
     explanation: str
+
+
+class IntakeAccepted(BaseModel):
+    received: int
+    stored: int = Field(description="Events stored by this call.")
+    duplicates: int = Field(description="Messages stored before (a retry) or repeated in the batch.")
+    skipped: int = Field(description="Messages the intake mapping does not cover, or without a userId.")
+    expired: int = Field(description="Events older than the retention.")
+    batch_id: int | None
 
 
 class MarketerBudget(BaseModel):

@@ -75,6 +75,8 @@ async def signin(request: Request, dep: Dep) -> Response:
             dep.store.conn, dep.keyset, "console sign-in with an unknown or revoked key", request.url.path
         )
         return _signin_form(request, dep, "That API key is unknown or revoked.", 401)
+    if who.role not in web.NAVIGATION:
+        return _signin_form(request, dep, "This key is for a data pipeline, not for the console.", 403)
     settings = dep.settings
     lifetime = timedelta(hours=settings.console_max_hours)
     session_token = sessions.start(dep.store.conn, dep.keyset, who, lifetime=lifetime, now=web.now())

@@ -204,12 +204,50 @@ class EventsPolicy(_Strict):
     attributes: dict[str, Attribute]
 
 
+class IntakeEvent(_Strict):
+    type: str = Field(min_length=1, description="The event type it is stored as (an event_type value).")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Event attribute -> where it is in the message, as a dotted path under properties or "
+        "context (e.g. properties.revenue, context.campaign.name).",
+    )
+
+
+class IntakeMapping(_Strict):
+    """Live events from a CDP pipeline (Segment / RudderStack batch JSON): which tracked events enter
+    and as what. A message's userId is the identity (pseudonymized like a file's); names not listed are
+    skipped and counted."""
+
+    events: dict[str, IntakeEvent] = Field(
+        min_length=1, description="Tracked event name (or $page for page calls) -> how it is stored."
+    )
+
+
 class IngestPolicy(_Strict):
     version: Literal[1]
     identity: Identity
     retention_days: int = Field(ge=1, description="Events older than this many days are dropped.")
     profiles: ProfilesPolicy
     events: EventsPolicy
+    intake: IntakeMapping | None = Field(None, description="Live event intake (POST /v1/intake/batch).")
+
+    @model_validator(mode="after")
+    def _intake_maps_to_the_schema(self) -> IngestPolicy:
+        if self.intake is None:
+            return self
+        etype = self.events.attributes.get("event_type")
+        known_types = getattr(etype, "values", None)
+        for name, m in self.intake.events.items():
+            if known_types is not None and m.type not in known_types:
+                raise ValueError(f"intake.events.{name}.type: {m.type!r} is not an event_type value")
+            for field, path in m.fields.items():
+                if field not in self.events.attributes or field == "event_type":
+                    raise ValueError(f"intake.events.{name}.fields: {field!r} is not an event attribute")
+                if not path.startswith(("properties.", "context.")):
+                    raise ValueError(
+                        f"intake.events.{name}.fields.{field}: paths start with properties. or context."
+                    )
+        return self
 
     @model_validator(mode="after")
     def _names_are_unambiguous(self) -> IngestPolicy:
@@ -232,7 +270,9 @@ class IngestPolicy(_Strict):
 
     def content_hash(self) -> str:
         """A hash of the policy as loaded: what it does to a file (retention, domains, drops)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        # The intake mapping changes nothing a file becomes: it is left out, so adding it does not make
+        # every stored events file look ingested under another policy.
+        return hashlib.sha256(self.model_dump_json(exclude={"intake"}).encode()).hexdigest()[:16]
 
     def known_columns(self, kind: str) -> frozenset[str]:
         if kind == "profiles":

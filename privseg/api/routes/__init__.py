@@ -3,13 +3,20 @@ service function the CLI calls. The recipient of a release is always the caller'
 
 from fastapi import APIRouter
 
-from privseg.api.routes import admin, compliance, marketer, partner, releases
+from privseg.api.routes import admin, compliance, intake, marketer, partner, releases
 
 
 def routers() -> tuple[APIRouter, ...]:
     """Every /v1 router. Each carries the /v1 prefix itself: the app includes them one level deep, so
     a request's route template (metrics, access log) is the full path."""
-    return (admin.router, marketer.router, releases.make_router(), compliance.router, partner.router)
+    return (
+        admin.router,
+        marketer.router,
+        releases.make_router(),
+        compliance.router,
+        partner.router,
+        intake.router,
+    )
 
 
 __all__ = ["routers"]
