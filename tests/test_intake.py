@@ -212,3 +212,38 @@ def test_the_server_merges_intake_batches_and_refreshes_the_snapshot(dep: Deploy
     assert snap is not None
     assert not engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
     assert len([b for b in dep.store.batches("events") if b.source == SOURCE]) == 1
+
+
+def test_the_intake_role_migration_keeps_every_key(tmp_path: Path) -> None:
+    """The api_keys table is rebuilt to admit the intake role: keys made before still authenticate
+    (same ids and hashes), open console sessions end, the session table still points at the keys."""
+    import sqlite3
+
+    from privseg import db
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    upgrade = len(db._MIGRATIONS) - 1  # the database as it was before the intake migration
+    for number, script in enumerate(db._MIGRATIONS[:upgrade], start=1):
+        for statement in db._statements(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+    conn.execute(
+        "INSERT INTO api_keys (id, name, role, principal, token_hash, created_at) "
+        "VALUES (7, 'growth_team', 'marketer', 'growth_team', 'h7', 't')"
+    )
+    conn.execute("INSERT INTO console_sessions VALUES ('s', 7, 't', 't', 't')")
+    conn.close()
+    migrated = db.connect(path)
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(db._MIGRATIONS)
+    assert migrated.execute("SELECT id, role, token_hash FROM api_keys").fetchall() == [(7, "marketer", "h7")]
+    assert migrated.execute("SELECT COUNT(*) FROM console_sessions").fetchone()[0] == 0
+    migrated.execute(
+        "INSERT INTO api_keys (name, role, principal, token_hash, created_at) VALUES ('p', 'intake', 'p', 'h8', 't')"
+    )
+    migrated.execute("INSERT INTO console_sessions VALUES ('s2', 7, 't', 't', 't')")  # the FK still resolves
+    with pytest.raises(sqlite3.IntegrityError):
+        migrated.execute("INSERT INTO console_sessions VALUES ('s3', 999, 't', 't', 't')")
+    assert migrated.execute("PRAGMA foreign_key_check").fetchall() == []
+    migrated.close()
