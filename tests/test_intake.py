@@ -240,7 +240,8 @@ def test_the_intake_role_migration_keeps_every_key(tmp_path: Path) -> None:
     assert migrated.execute("SELECT id, role, token_hash FROM api_keys").fetchall() == [(7, "marketer", "h7")]
     assert migrated.execute("SELECT COUNT(*) FROM console_sessions").fetchone()[0] == 0
     migrated.execute(
-        "INSERT INTO api_keys (name, role, principal, token_hash, created_at) VALUES ('p', 'intake', 'p', 'h8', 't')"
+        "INSERT INTO api_keys (name, role, principal, token_hash, created_at) "
+        "VALUES ('p', 'intake', 'p', 'h8', 't')"
     )
     migrated.execute("INSERT INTO console_sessions VALUES ('s2', 7, 't', 't', 't')")  # the FK still resolves
     with pytest.raises(sqlite3.IntegrityError):
