@@ -3,6 +3,7 @@ all-or-nothing batches, messageId dedup (retries, repeats, concurrency), compact
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import uuid
@@ -248,3 +249,53 @@ def test_the_intake_role_migration_keeps_every_key(tmp_path: Path) -> None:
         migrated.execute("INSERT INTO console_sessions VALUES ('s3', 999, 't', 't', 't')")
     assert migrated.execute("PRAGMA foreign_key_check").fetchall() == []
     migrated.close()
+
+
+def test_identify_calls_patch_profiles_with_generalized_traits(dep: Deployment) -> None:
+    def identify(user: str, traits: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "identify", "messageId": str(uuid.uuid4()), "userId": user, "traits": traits}
+
+    first = post(
+        dep,
+        [
+            identify(
+                "CUST-1",
+                {
+                    "birthday": "1961-03-02",
+                    "address": {"postal_code": "94110", "street": "1 Main St"},
+                    "gender": "female",
+                    "interests": ["travel", "hearing_aids"],
+                    "consent_marketing": True,
+                    "email": "jane@example.com",  # not mapped: never stored
+                },
+            ),
+            track("CUST-1"),
+        ],
+    )
+    assert (first.profiles, first.stored) == (1, 1)
+    second = post(dep, [identify("CUST-1", {"gender": "non_binary"})])  # a patch: other traits stay
+    assert second.profiles == 1
+    profiles = dep.store.scan_profiles()
+    assert profiles is not None
+    (person,) = profiles.collect().to_dicts()
+    assert person["gender"] == "non_binary" and person["age_band"] == "65+" and person["region"] == "pacific"
+    assert sorted(person["interests"]) == ["hearing_aids", "travel"] and person["consent_marketing"] is True
+    for path in dep.settings.home.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"CUST-1" not in data and b"1961-03-02" not in data and b"94110" not in data, path
+            assert b"jane@example.com" not in data and b"1 Main St" not in data, path
+
+
+def test_the_cli_replays_a_batch_file_once(dep: Deployment, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps({"batch": [track("CUST-1"), track("CUST-2")]}))
+    first = json.loads(run_cli(dep.settings, "ingest", "intake", str(path), "--json").stdout)
+    assert first["stored"] == 2
+    again = run_cli(dep.settings, "ingest", "intake", str(path)).stdout
+    assert "0 event(s)" in again and "2 duplicate(s)" in again
+    path.write_text(json.dumps({"batch": [{"type": "track"}]}))
+    bad = run_cli(dep.settings, "ingest", "intake", str(path), check=False)
+    assert bad.returncode == 2 and "messageId" in bad.stderr and "Traceback" not in bad.stderr

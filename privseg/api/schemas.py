@@ -190,6 +190,7 @@ class Explanation(BaseModel):
 class IntakeAccepted(BaseModel):
     received: int
     stored: int = Field(description="Events stored by this call.")
+    profiles: int = Field(description="Profile patches stored by this call (identify calls).")
     duplicates: int = Field(description="Messages stored before (a retry) or repeated in the batch.")
     skipped: int = Field(description="Messages the intake mapping does not cover, or without a userId.")
     expired: int = Field(description="Events older than the retention.")

@@ -157,6 +157,41 @@ def ingest_events(
     _ingest("events", files, as_json, as_of, separator, encoding)
 
 
+@ingest_app.command("intake")
+def ingest_intake(
+    batch: Annotated[
+        Path, typer.Argument(help="A Segment / RudderStack batch JSON file ({'batch': [...]}).")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest one live-intake batch from a file, exactly as POST /v1/intake/batch does (a replay or a
+    backfill of what a pipeline sent: messages stored before are not stored again)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from privseg.errors import describe_validation_error
+    from privseg.ingest.intake import IntakeBatch, ingest_batch
+
+    try:
+        doc = json.loads(batch.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInput(f"{batch}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{batch}: not a JSON document ({type(exc).__name__})") from None
+    try:
+        body = IntakeBatch.model_validate(doc)
+    except ValidationError as exc:
+        raise InvalidInput(f"{batch}: {describe_validation_error(exc)}") from None
+    dep = _deployment()
+    result = ingest_batch(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, batch=body)
+    text = (
+        f"{batch.name}: {result.stored} event(s) and {result.profiles} profile patch(es) stored; "
+        f"{result.duplicates} duplicate(s), {result.skipped} skipped, {result.expired} past retention"
+    )
+    _emit(asdict(result), as_json, text)
+
+
 @store_app.command("status")
 def store_status(as_json: JsonOpt = False) -> None:
     """Batches, rows and people per kind. Never lists a person."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -44,6 +45,7 @@ class Message(BaseModel):
     properties: dict[str, Any] = Field(default_factory=dict)
     context: dict[str, Any] = Field(default_factory=dict)
     timestamp: str | None = Field(None, max_length=64)
+    traits: dict[str, Any] = Field(default_factory=dict)
 
 
 class IntakeBatch(BaseModel):
@@ -55,6 +57,7 @@ class IntakeBatch(BaseModel):
 class IntakeResult:
     received: int
     stored: int  # events stored by this call
+    profiles: int  # profile patches stored by this call (identify calls)
     duplicates: int  # messages already stored (a retry) or repeated within the batch
     skipped: int  # not mapped by the policy's intake section, or without a userId
     expired: int  # older than the retention
@@ -63,7 +66,9 @@ class IntakeResult:
 
 def _path(message: Message, dotted: str) -> Any:
     root, *rest = dotted.split(".")
-    value: Any = message.properties if root == "properties" else message.context
+    value: Any = {"properties": message.properties, "context": message.context, "traits": message.traits}[
+        root
+    ]
     for part in rest:
         value = value.get(part) if isinstance(value, dict) else None
     return value
@@ -74,90 +79,142 @@ def message_key(keyset: Keyset, message_id: str) -> str:
     return hmac.new(keyset.derived_key("intake-message"), message_id.encode(), hashlib.sha256).hexdigest()
 
 
-def _rows(
-    policy: IngestPolicy, messages: list[Message], received: str
-) -> tuple[list[dict[str, Any]], list[int], int]:
-    """The mapped messages as text rows (the identity and timestamp columns, event_type, fields), the
-    index of each row's message, and how many were skipped."""
+def _event_row(policy: IngestPolicy, m: Message, received: str) -> dict[str, Any] | None:
+    """A tracked (or page) message as a text row of the events policy's columns, or None if unmapped."""
     assert policy.intake is not None
-    rows, index, skipped = [], [], 0
-    for i, m in enumerate(messages):
-        name = "$page" if m.type == "page" else m.event if m.type == "track" else None
-        mapping = policy.intake.events.get(name) if name is not None else None
-        if mapping is None or not m.user_id:
-            skipped += 1
-            continue
-        row: dict[str, Any] = {
-            policy.identity.column: m.user_id,
-            # Segment always sends one (its receive time if the source gave none); fall back likewise.
-            policy.events.timestamp: m.timestamp or received,
-            "event_type": mapping.type,
-        }
-        for field, dotted in mapping.fields.items():
-            value = _path(m, dotted)
-            row[field] = None if value is None or isinstance(value, dict | list) else str(value)
-        rows.append(row)
-        index.append(i)
-    return rows, index, skipped
+    name = "$page" if m.type == "page" else m.event if m.type == "track" else None
+    mapping = policy.intake.events.get(name) if name is not None else None
+    if mapping is None:
+        return None
+    row: dict[str, Any] = {
+        policy.identity.column: m.user_id,
+        # Segment always sends one (its receive time if the source gave none); fall back likewise.
+        policy.events.timestamp: m.timestamp or received,
+        "event_type": mapping.type,
+    }
+    for field, dotted in mapping.fields.items():
+        row[field] = _text(_path(m, dotted), policy, field, "events")
+    return row
+
+
+def _profile_row(policy: IngestPolicy, m: Message) -> dict[str, Any] | None:
+    """An identify message's mapped traits as a profile patch row (only the traits it carries)."""
+    assert policy.intake is not None
+    if m.type != "identify" or not policy.intake.traits:
+        return None
+    row: dict[str, Any] = {}
+    for column, dotted in policy.intake.traits.items():
+        value = _path(m, dotted)
+        if value is not None:
+            row[column] = _text(value, policy, column, "profiles")
+    return {policy.identity.column: m.user_id, **row} if row else None
+
+
+def _text(value: Any, policy: IngestPolicy, column: str, kind: str) -> str | None:
+    """A JSON value as the text a file would carry (lists joined by the attribute's separator)."""
+    if value is None or isinstance(value, dict):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        spec = (policy.profiles if kind == "profiles" else policy.events).attributes.get(column)
+        separator = getattr(spec, "separator", ";")
+        return separator.join(str(v) for v in value)
+    return str(value)
 
 
 def ingest_batch(
     *, store: Store, keyset: Keyset, policy: IngestPolicy, batch: IntakeBatch, now: datetime | None = None
 ) -> IntakeResult:
-    """Store the new, mapped messages of ``batch`` as one events batch, all or nothing."""
+    """Store the new, mapped messages of ``batch``: its identify calls as profile patches (one batch per
+    set of traits carried, so a trait a call leaves out is left alone), its tracked events as one events
+    batch. Each kind is stored all or nothing with its messages' ids; a message is stored once."""
     if policy.intake is None:
         raise InvalidInput("live intake is not configured: add an intake section to policies/ingest.yaml")
     now = now or datetime.now(UTC)
     messages = batch.batch
     keys = [message_key(keyset, m.message_id) for m in messages]
     version = store.bind(keyset=keyset, id_type=policy.identity.type.value)
+    pseudonymizer = Pseudonymizer(keyset, policy.identity.type, version)
     with store.writer_lock():
-        conn = store.conn
         marks = ",".join("?" * len(keys))
-        seen = {
-            r[0]
-            for r in conn.execute(
-                f"SELECT message_key FROM intake_messages WHERE message_key IN ({marks})", keys
-            )
-        }
-        fresh: list[Message] = []
-        fresh_keys: list[str] = []
+        query = f"SELECT message_key FROM intake_messages WHERE message_key IN ({marks})"
+        seen = {r[0] for r in store.conn.execute(query, keys)}
+        events: list[tuple[dict[str, Any], str]] = []
+        profiles: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
+        skipped: list[str] = []
+        duplicates = 0
         for m, k in zip(messages, keys, strict=True):
             if k in seen:
+                duplicates += 1
                 continue
             seen.add(k)  # a repeat inside the batch is a duplicate too
-            fresh.append(m)
-            fresh_keys.append(k)
-        duplicates = len(messages) - len(fresh)
-        rows, _index, skipped = _rows(policy, fresh, now.isoformat())
-        if not rows:
-            _record(store, fresh_keys, None, now)  # skipped messages are done: a retry changes nothing
-            return IntakeResult(len(messages), 0, duplicates, skipped, 0, None)
-        columns = [policy.identity.column, policy.events.timestamp, *policy.events.attributes]
-        raw = pl.DataFrame(
-            [{c: r.get(c) for c in columns} for r in rows], schema=dict.fromkeys(columns, pl.String)
-        )
-        pseudonymizer = Pseudonymizer(keyset, policy.identity.type, version)
-        frame, result = transform(
-            raw, kind="events", policy=policy, pseudonymizer=pseudonymizer, source="intake batch", now=now
-        )
-        if frame.height == 0:
-            _record(store, fresh_keys, None, now)
-            return IntakeResult(len(messages), 0, duplicates, skipped, result.expired_events, None)
-        content = hmac.new(
-            keyset.derived_key("intake-batch"), "".join(sorted(fresh_keys)).encode(), hashlib.sha256
-        )
-        item = NewBatch(
-            frame, content.hexdigest(), SOURCE, result.people, {"source": "intake", "rows": frame.height}
-        )
+            event = _event_row(policy, m, now.isoformat()) if m.user_id else None
+            profile = _profile_row(policy, m) if m.user_id else None
+            if event is not None:
+                events.append((event, k))
+            elif profile is not None:
+                profiles.setdefault(tuple(sorted(profile)), []).append((profile, k))
+            else:
+                skipped.append(k)
+        # Skipped messages are done (a retry changes nothing): recorded with the first stored batch.
+        pending = list(skipped)
+        people = 0
+        if profiles:
+            items = []
+            for columns, group in profiles.items():
+                raw = pl.DataFrame([r for r, _k in group], schema=dict.fromkeys(columns, pl.String))
+                frame, result = transform(
+                    raw,
+                    kind="profiles",
+                    policy=policy,
+                    pseudonymizer=pseudonymizer,
+                    source="intake identify",
+                    now=now,
+                )
+                items.append(_new_batch(keyset, frame, [k for _r, k in group], result.people))
+            done = pending + [k for group in profiles.values() for _r, k in group]
+            store.add_batches(
+                kind="profiles", items=items, key_version=version, keyset=keyset,
+                also=_recorder(store, done, now),
+            )  # fmt: skip
+            people, pending = sum(i.frame.height for i in items), []
+        stored_events, expired, batch_id = 0, 0, None
+        if events:
+            event_columns = [policy.identity.column, policy.events.timestamp, *policy.events.attributes]
+            rows = [{c: r.get(c) for c in event_columns} for r, _k in events]
+            raw = pl.DataFrame(rows, schema=dict.fromkeys(event_columns, pl.String))
+            frame, result = transform(
+                raw, kind="events", policy=policy, pseudonymizer=pseudonymizer, source="intake batch", now=now
+            )
+            expired = result.expired_events
+            done_events = pending + [k for _r, k in events]
+            if frame.height:
+                item = _new_batch(keyset, frame, [k for _r, k in events], result.people)
+                (stored,) = store.add_batches(
+                    kind="events", items=[item], key_version=version, keyset=keyset,
+                    also=_recorder(store, done_events, now),
+                )  # fmt: skip
+                stored_events, batch_id = frame.height, stored.id
+            else:
+                _record(store, done_events, None, now)  # every event past retention: nothing stored
+            pending = []
+        _record(store, pending, None, now)
+    return IntakeResult(len(messages), stored_events, people, duplicates, len(skipped), expired, batch_id)
 
-        def record(batches: list[Batch]) -> None:
-            _insert(store, fresh_keys, batches[0].id, now)
 
-        (stored,) = store.add_batches(
-            kind="events", items=[item], key_version=version, keyset=keyset, also=record
-        )
-    return IntakeResult(len(messages), frame.height, duplicates, skipped, result.expired_events, stored.id)
+def _recorder(store: Store, keys: list[str], now: datetime) -> Callable[[list[Batch]], None]:
+    """Records ``keys`` in the transaction that records the batches (Store.add_batches' ``also``)."""
+
+    def record(batches: list[Batch]) -> None:
+        _insert(store, keys, batches[0].id, now)
+
+    return record
+
+
+def _new_batch(keyset: Keyset, frame: pl.DataFrame, keys: list[str], people: int) -> NewBatch:
+    content = hmac.new(keyset.derived_key("intake-batch"), "".join(sorted(keys)).encode(), hashlib.sha256)
+    return NewBatch(frame, content.hexdigest(), SOURCE, people, {"source": "intake", "rows": frame.height})
 
 
 def _insert(store: Store, keys: list[str], batch_id: int | None, now: datetime) -> None:

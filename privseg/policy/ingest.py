@@ -221,6 +221,12 @@ class IntakeMapping(_Strict):
     events: dict[str, IntakeEvent] = Field(
         min_length=1, description="Tracked event name (or $page for page calls) -> how it is stored."
     )
+    traits: dict[str, str] = Field(
+        default_factory=dict,
+        description="Profile column (an attribute, or a column the profiles policy generalizes such as "
+        "birth_date) -> dotted path under traits: identify calls become profile patches. Empty: "
+        "identify calls are skipped.",
+    )
 
 
 class IngestPolicy(_Strict):
@@ -237,6 +243,14 @@ class IngestPolicy(_Strict):
             return self
         etype = self.events.attributes.get("event_type")
         known_types = getattr(etype, "values", None)
+        profile_columns = {*self.profiles.attributes, *self.profiles.generalize}
+        for column, path in self.intake.traits.items():
+            if column not in profile_columns:
+                raise ValueError(
+                    f"intake.traits: {column!r} is not a profile attribute or generalized column"
+                )
+            if not path.startswith("traits."):
+                raise ValueError(f"intake.traits.{column}: paths start with traits.")
         for name, m in self.intake.events.items():
             if known_types is not None and m.type not in known_types:
                 raise ValueError(f"intake.events.{name}.type: {m.type!r} is not an event_type value")
