@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from privseg import release
 from privseg.console import charts, forms, web
+from privseg.console.tables import INSIGHT_KINDS, table
 from privseg.console.web import PREFIX, Dep, MarketerOrPartner, MarketerPartnerOrCompliance
 from privseg.db import MAX_ID
 from privseg.deployment import Deployment
@@ -30,7 +31,6 @@ from privseg.sessions import Session
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 ReleaseId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
 CELL_KINDS = {"cohort_report", "partner_audience"}  # results are cells of a profile breakdown
-INSIGHT_KINDS = {"audience_insight", "partner_insight"}  # per attribute, shares and affinity
 
 
 def _kind(name: str, session: Session) -> ReleaseKind[Any, Any]:
@@ -185,146 +185,6 @@ def lift_verdict(released: dict[str, Any]) -> tuple[str, bool] | None:
         else "the interval excludes 0"
     )
     return (f"Lift {lift:+.1%} (95% interval {lo:+.1%} to {hi:+.1%}): {verdict}.", includes)
-
-
-def table(released: dict[str, Any], suppressed: dict[str, list[str]]) -> tuple[list[str], list[list[Any]]]:
-    """The release as a table (the chart's text alternative and the CSV): header, rows."""
-    if released["kind"] == "ab_lift":
-        header = ["arm", "segment", "size", "converted", "rate"]
-        if released.get("suppressed"):
-            return header, [["(suppressed)", released.get("note", ""), "", "", ""]]
-        rows: list[list[Any]] = [
-            [
-                arm,
-                released["arms"][arm],
-                released[arm]["size"],
-                released[arm]["converted"],
-                round(released[arm]["rate"], 4),
-            ]
-            for arm in ("treatment", "control")
-        ]
-        lift, interval = released.get("lift"), released.get("lift_interval_95")
-        rows.append(["lift", "", "", "", "" if lift is None else round(lift, 4)])
-        if interval:
-            rows.append(["lift 95% interval", "", "", "", f"{interval[0]:.4f} .. {interval[1]:.4f}"])
-        return header, rows
-    if released["kind"] in INSIGHT_KINDS:
-        return _insight_table(released, suppressed)
-    if released["kind"] == "personas":
-        names = released["features"]
-        return ["persona", "size", *names, "status"], [
-            [
-                p["persona"],
-                p["size"] if p["size"] is not None else "",
-                *((round(p["center"][n], 3) for n in names) if p["center"] else ("" for _ in names)),
-                "shown" if p["center"] else "suppressed",
-            ]
-            for p in released["personas"]
-        ]
-    if released["kind"] == "trend":
-        header = [
-            "period_start",
-            "count",
-            "interval_95_low",
-            "interval_95_high",
-            "running_total",
-            "running_total_95_low",
-            "running_total_95_high",
-        ]
-        return header, [
-            [
-                p["period_start"][:10],
-                p["count"],
-                *(round(v, 1) for v in p["interval_95"]),
-                *(
-                    (p["cumulative"], *(round(v, 1) for v in p["cumulative_interval_95"]))
-                    if p.get("cumulative") is not None
-                    else ("", "", "")
-                ),
-            ]
-            for p in released["points"]
-        ]
-    dims = ["from", "to"] if released["kind"] == "segment_movement" else list(released["breakdown"])
-    extra = sorted(
-        {k for seg in released["results"] for c in seg["cells"] for k in c} - {*dims, "count", "interval_95"}
-    )
-    header = ["segment", *dims, "count", "interval_95_low", "interval_95_high", *extra, "status"]
-    rows = []
-    for seg in released["results"]:
-        for c in seg["cells"]:
-            lo, hi = (round(v, 1) for v in c["interval_95"])
-            rows.append(
-                [
-                    seg["segment"],
-                    *(c[d] for d in dims),
-                    c["count"],
-                    lo,
-                    hi,
-                    *(_flat(c.get(k)) for k in extra),
-                    "shown",
-                ]
-            )
-        for label in suppressed.get(seg["segment"], []):
-            rows.append([seg["segment"], *label.split(", "), "", "", "", *("" for _ in extra), "suppressed"])
-        if seg["segment"] not in suppressed and seg["suppressed_cells"]:
-            rows.append(
-                [
-                    seg["segment"],
-                    *("" for _ in dims),
-                    "",
-                    "",
-                    "",
-                    *("" for _ in extra),
-                    f"{seg['suppressed_cells']} suppressed",
-                ]
-            )
-    return header, rows
-
-
-def _insight_table(
-    released: dict[str, Any], suppressed: dict[str, list[str]]
-) -> tuple[list[str], list[list[Any]]]:
-    header = [
-        "attribute",
-        "value",
-        "count",
-        "share",
-        "base_share",
-        "affinity",
-        "affinity_95_low",
-        "affinity_95_high",
-        "status",
-    ]
-    rows: list[list[Any]] = []
-    for a in released["attributes"]:
-        for c in a["cells"]:
-            lo, hi = c["affinity_interval_95"] or ("", "")
-            rows.append(
-                [
-                    a["attribute"],
-                    c["value"],
-                    c["count"],
-                    *(_round(c[k]) for k in ("share", "base_share", "affinity")),
-                    _round(lo),
-                    _round(hi),
-                    "shown",
-                ]
-            )
-        rows.extend(
-            [a["attribute"], v, "", "", "", "", "", "", "suppressed"]
-            for v in suppressed.get(a["attribute"], [])
-        )
-    return header, rows
-
-
-def _round(value: Any) -> Any:
-    return round(value, 4) if isinstance(value, float) else ("" if value is None else value)
-
-
-def _flat(value: Any) -> Any:
-    if isinstance(value, list):
-        return " .. ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return "" if value is None else value
 
 
 def _cell(value: Any) -> Any:

@@ -123,6 +123,42 @@ def _text(value: Any, policy: IngestPolicy, column: str, kind: str) -> str | Non
     return str(value)
 
 
+Row = tuple[dict[str, Any], str]  # a text row and its message's key
+
+
+@dataclass
+class _Sorted:
+    """A batch's new messages by what becomes of them."""
+
+    events: list[Row]
+    profiles: dict[tuple[str, ...], list[Row]]  # by the set of columns carried
+    skipped: list[str]
+    duplicates: int
+
+
+def _sort(
+    store: Store, policy: IngestPolicy, messages: list[Message], keys: list[str], now: datetime
+) -> _Sorted:
+    marks = ",".join("?" * len(keys))
+    query = f"SELECT message_key FROM intake_messages WHERE message_key IN ({marks})"
+    seen = {r[0] for r in store.conn.execute(query, keys)}
+    out = _Sorted([], {}, [], 0)
+    for m, k in zip(messages, keys, strict=True):
+        if k in seen:
+            out.duplicates += 1
+            continue
+        seen.add(k)  # a repeat inside the batch is a duplicate too
+        event = _event_row(policy, m, now.isoformat()) if m.user_id else None
+        profile = _profile_row(policy, m) if m.user_id else None
+        if event is not None:
+            out.events.append((event, k))
+        elif profile is not None:
+            out.profiles.setdefault(tuple(sorted(profile)), []).append((profile, k))
+        else:
+            out.skipped.append(k)
+    return out
+
+
 def ingest_batch(
     *, store: Store, keyset: Keyset, policy: IngestPolicy, batch: IntakeBatch, now: datetime | None = None
 ) -> IntakeResult:
@@ -132,75 +168,87 @@ def ingest_batch(
     if policy.intake is None:
         raise InvalidInput("live intake is not configured: add an intake section to policies/ingest.yaml")
     now = now or datetime.now(UTC)
-    messages = batch.batch
-    keys = [message_key(keyset, m.message_id) for m in messages]
+    keys = [message_key(keyset, m.message_id) for m in batch.batch]
     version = store.bind(keyset=keyset, id_type=policy.identity.type.value)
     pseudonymizer = Pseudonymizer(keyset, policy.identity.type, version)
     with store.writer_lock():
-        marks = ",".join("?" * len(keys))
-        query = f"SELECT message_key FROM intake_messages WHERE message_key IN ({marks})"
-        seen = {r[0] for r in store.conn.execute(query, keys)}
-        events: list[tuple[dict[str, Any], str]] = []
-        profiles: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
-        skipped: list[str] = []
-        duplicates = 0
-        for m, k in zip(messages, keys, strict=True):
-            if k in seen:
-                duplicates += 1
-                continue
-            seen.add(k)  # a repeat inside the batch is a duplicate too
-            event = _event_row(policy, m, now.isoformat()) if m.user_id else None
-            profile = _profile_row(policy, m) if m.user_id else None
-            if event is not None:
-                events.append((event, k))
-            elif profile is not None:
-                profiles.setdefault(tuple(sorted(profile)), []).append((profile, k))
-            else:
-                skipped.append(k)
+        found = _sort(store, policy, batch.batch, keys, now)
         # Skipped messages are done (a retry changes nothing): recorded with the first stored batch.
-        pending = list(skipped)
+        pending = list(found.skipped)
         people = 0
-        if profiles:
-            items = []
-            for columns, group in profiles.items():
-                raw = pl.DataFrame([r for r, _k in group], schema=dict.fromkeys(columns, pl.String))
-                frame, result = transform(
-                    raw,
-                    kind="profiles",
-                    policy=policy,
-                    pseudonymizer=pseudonymizer,
-                    source="intake identify",
-                    now=now,
-                )
-                items.append(_new_batch(keyset, frame, [k for _r, k in group], result.people))
-            done = pending + [k for group in profiles.values() for _r, k in group]
-            store.add_batches(
-                kind="profiles", items=items, key_version=version, keyset=keyset,
-                also=_recorder(store, done, now),
-            )  # fmt: skip
-            people, pending = sum(i.frame.height for i in items), []
-        stored_events, expired, batch_id = 0, 0, None
-        if events:
-            event_columns = [policy.identity.column, policy.events.timestamp, *policy.events.attributes]
-            rows = [{c: r.get(c) for c in event_columns} for r, _k in events]
-            raw = pl.DataFrame(rows, schema=dict.fromkeys(event_columns, pl.String))
-            frame, result = transform(
-                raw, kind="events", policy=policy, pseudonymizer=pseudonymizer, source="intake batch", now=now
+        if found.profiles:
+            people = _store_profiles(
+                store, keyset, policy, pseudonymizer, version, found.profiles, pending, now
             )
-            expired = result.expired_events
-            done_events = pending + [k for _r, k in events]
-            if frame.height:
-                item = _new_batch(keyset, frame, [k for _r, k in events], result.people)
-                (stored,) = store.add_batches(
-                    kind="events", items=[item], key_version=version, keyset=keyset,
-                    also=_recorder(store, done_events, now),
-                )  # fmt: skip
-                stored_events, batch_id = frame.height, stored.id
-            else:
-                _record(store, done_events, None, now)  # every event past retention: nothing stored
+            pending = []
+        stored_events, expired, batch_id = 0, 0, None
+        if found.events:
+            stored_events, expired, batch_id = _store_events(
+                store, keyset, policy, pseudonymizer, version, found.events, pending, now
+            )
             pending = []
         _record(store, pending, None, now)
-    return IntakeResult(len(messages), stored_events, people, duplicates, len(skipped), expired, batch_id)
+    return IntakeResult(
+        len(batch.batch), stored_events, people, found.duplicates, len(found.skipped), expired, batch_id
+    )
+
+
+def _store_profiles(
+    store: Store,
+    keyset: Keyset,
+    policy: IngestPolicy,
+    pseudonymizer: Pseudonymizer,
+    version: int,
+    groups: dict[tuple[str, ...], list[Row]],
+    pending: list[str],
+    now: datetime,
+) -> int:
+    items = []
+    for columns, group in groups.items():
+        raw = pl.DataFrame([r for r, _k in group], schema=dict.fromkeys(columns, pl.String))
+        frame, result = transform(
+            raw,
+            kind="profiles",
+            policy=policy,
+            pseudonymizer=pseudonymizer,
+            source="intake identify",
+            now=now,
+        )
+        items.append(_new_batch(keyset, frame, [k for _r, k in group], result.people))
+    done = pending + [k for group in groups.values() for _r, k in group]
+    store.add_batches(
+        kind="profiles", items=items, key_version=version, keyset=keyset, also=_recorder(store, done, now)
+    )
+    return sum(i.frame.height for i in items)
+
+
+def _store_events(
+    store: Store,
+    keyset: Keyset,
+    policy: IngestPolicy,
+    pseudonymizer: Pseudonymizer,
+    version: int,
+    events: list[Row],
+    pending: list[str],
+    now: datetime,
+) -> tuple[int, int, int | None]:
+    """(events stored, events past retention, batch id)."""
+    columns = [policy.identity.column, policy.events.timestamp, *policy.events.attributes]
+    raw = pl.DataFrame(
+        [{c: r.get(c) for c in columns} for r, _k in events], schema=dict.fromkeys(columns, pl.String)
+    )
+    frame, result = transform(
+        raw, kind="events", policy=policy, pseudonymizer=pseudonymizer, source="intake batch", now=now
+    )
+    done = pending + [k for _r, k in events]
+    if frame.height == 0:
+        _record(store, done, None, now)  # every event past retention: nothing stored
+        return 0, result.expired_events, None
+    item = _new_batch(keyset, frame, [k for _r, k in events], result.people)
+    (stored,) = store.add_batches(
+        kind="events", items=[item], key_version=version, keyset=keyset, also=_recorder(store, done, now)
+    )
+    return frame.height, result.expired_events, stored.id
 
 
 def _recorder(store: Store, keys: list[str], now: datetime) -> Callable[[list[Batch]], None]:
