@@ -337,7 +337,7 @@ class Store:
             self.path_of(change.old).unlink(missing_ok=True)
         return new_batches
 
-    def _recover_locked(self) -> list[Path]:
+    def _recover_locked(self, *, full: bool = False) -> list[Path]:
         batches = self.batches()
         listed = {(b.kind, b.file) for b in batches}
         removed: list[Path] = []
@@ -350,7 +350,8 @@ class Store:
         # made live intake (one small batch per call) quadratic. Files go missing by hand, not by
         # privseg, and a read of a missing one fails loudly anyway.
         key = str(self.data_dir.resolve())
-        missing = [] if key in _VERIFIED else [b for b in batches if not self.path_of(b).exists()]
+        check = full or key not in _VERIFIED
+        missing = [b for b in batches if not self.path_of(b).exists()] if check else []
         if not missing:
             _VERIFIED.add(key)
         if missing:
@@ -363,9 +364,9 @@ class Store:
         return removed
 
     def recover(self) -> list[Path]:
-        """Delete files no manifest row lists (left by a crash); check listed files exist."""
+        """Delete files no manifest row lists (left by a crash); check every listed file exists."""
         with self._lock():
-            return self._recover_locked()
+            return self._recover_locked(full=True)
 
     def status(self) -> dict[str, Any]:
         """Batches, rows and people per kind; never a pid."""
