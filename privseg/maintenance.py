@@ -19,6 +19,7 @@ from privseg.batches import Rewrite
 from privseg.db import get_meta, transaction
 from privseg.errors import Conflict, InvalidInput
 from privseg.ingest.intake import SOURCE as INTAKE_SOURCE
+from privseg.ingest.intake import merge_intake_locked
 from privseg.keyset import Keyset, add_pseudonym_version, load_keyset, remove_pseudonym_versions
 from privseg.policy.ingest import IngestPolicy
 from privseg.pseudonym import Pseudonymizer, normalize
@@ -242,15 +243,7 @@ def compact_intake(*, store: Store, keyset: Keyset, at_least: int = 2) -> int:
     """Merge live intake's small event batches into one when there are ``at_least`` of them (the
     server's refresher runs this); returns how many were merged. Nothing else is touched."""
     with store.writer_lock():
-        intake = [b for b in store.batches("events") if b.source == INTAKE_SOURCE]
-        if len(intake) < max(at_least, 2):
-            return 0
-        merged = pl.concat([pl.read_parquet(store.path_of(b)) for b in intake], how="diagonal_relaxed")
-        changes = [Rewrite(b, None) for b in intake[:-1]] + [Rewrite(intake[-1], merged)]
-        store.rewrite(
-            changes, keyset=keyset, event="compaction", details={"intake_batches_merged": len(intake)}
-        )
-    return len(intake)
+        return merge_intake_locked(store, keyset, at_least)
 
 
 def reidentify(*, store: Store, keyset: Keyset, policy: IngestPolicy, pseudonym: str, reason: str) -> str:
