@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from privseg import audit, ledger
 from privseg.console import charts, web
 from privseg.console.web import PREFIX, Compliance, Dep
+from privseg.deployment import Deployment
 from privseg.errors import PolicyError
 from privseg.policy.categories import CategoryPolicy, CategorySet
 from privseg.policy.checks import candidate_findings, findings
@@ -40,6 +41,11 @@ def parameters(model: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]
 
 @router.get("/policies")
 def policies(request: Request, dep: Dep, _who: Compliance) -> Response:
+    return _policies_page(request, dep)
+
+
+def _policies_page(request: Request, dep: Deployment, **candidate: Any) -> Response:
+    """The policy set in force, with a checked candidate's results when there is one."""
     cats = dep.categories
     return web.render(
         request,
@@ -47,10 +53,7 @@ def policies(request: Request, dep: Dep, _who: Compliance) -> Response:
         policy_hash=cats.content_hash,
         categories=[(p, parameters(p)) for _, p in sorted(cats.categories.items())],
         findings=findings(cats, dep.schema),
-        candidate="",
-        changes=None,
-        candidate_findings=None,
-        error=None,
+        **({"candidate": "", "changes": None, "candidate_findings": None, "error": None} | candidate),
     )
 
 
@@ -86,16 +89,8 @@ async def policy_diff(request: Request, dep: Dep, session: Compliance) -> Respon
             changes = diff(cats, candidate)
     except PolicyError as exc:
         error = exc.message
-    return web.render(
-        request,
-        "policies.html",
-        policy_hash=cats.content_hash,
-        categories=[(p, parameters(p)) for _, p in sorted(cats.categories.items())],
-        findings=findings(cats, dep.schema),
-        candidate=text,
-        changes=changes,
-        candidate_findings=problems,
-        error=error,
+    return _policies_page(
+        request, dep, candidate=text, changes=changes, candidate_findings=problems, error=error
     )
 
 

@@ -82,11 +82,8 @@ def objectives(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[Objective, ...]:
     return tuple(o for o in OBJECTIVES if o in found)
 
 
-def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> int:
-    """Record the release as pending, charge every category it reads and audit it, in one transaction
-    that the caller has opened: if any budget refuses, nothing is charged."""
-    conn = ctx.store.conn
-    eps_micro = ledger.to_micro(plan.epsilon)
+def _pending(conn: Any, plan: ReleasePlan, key: str, now: datetime, eps_micro: int) -> int:
+    """Record a release as pending (computing), costing ``eps_micro``; returns its id."""
     cur = conn.execute(
         "INSERT INTO releases (at, kind, recipient, category, cache_key, status, request, snapshot_id, "
         "policy_hash, epsilon_micro) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
@@ -102,7 +99,15 @@ def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> 
             eps_micro,
         ),
     )
-    release_id = int(cur.lastrowid or 0)
+    return int(cur.lastrowid or 0)
+
+
+def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> int:
+    """Record the release as pending, charge every category it reads and audit it, in one transaction
+    that the caller has opened: if any budget refuses, nothing is charged."""
+    conn = ctx.store.conn
+    eps_micro = ledger.to_micro(plan.epsilon)
+    release_id = _pending(conn, plan, key, now, eps_micro)
     charged_to = objectives(ctx, plan)
     for member in plan.charged:
         ledger.charge(
@@ -208,21 +213,7 @@ def _noised(
 def _continue(ctx: ReleaseContext, plan: ReleasePlan, key: str, series_key: str, now: datetime) -> int:
     """A later release of a series already charged: recorded and audited, charged nothing."""
     conn = ctx.store.conn
-    cur = conn.execute(
-        "INSERT INTO releases (at, kind, recipient, category, cache_key, status, request, snapshot_id, "
-        "policy_hash, epsilon_micro) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, 0)",
-        (
-            now.isoformat(),
-            plan.kind,
-            plan.recipient,
-            plan.policy.name,
-            key,
-            json.dumps({"segments": plan.segments, "breakdown": plan.breakdown}),
-            plan.snapshot.id,
-            plan.policy_hash,
-        ),
-    )
-    release_id = int(cur.lastrowid or 0)
+    release_id = _pending(conn, plan, key, now, 0)
     first = conn.execute(
         "SELECT first_release FROM release_series WHERE series_key = ?", (series_key,)
     ).fetchone()
