@@ -297,6 +297,7 @@ def test_sessions_end_at_sign_out_on_revocation_when_idle_and_at_expiry(console:
     csrf = sign_in(client, token)
     assert client.post("/ui/logout", data={"csrf": csrf}).status_code == 303
     assert client.get("/ui/segments").status_code == 303  # signed out
+    assert audit_events(dep)[-1] == "console_signout"
 
     sign_in(client, token)
     response = admin.post(f"/ui/admin/apikeys/{key.key_id}/revoke", data={"csrf": admin_csrf})
@@ -525,3 +526,24 @@ def test_a_marketer_releases_personas_from_a_json_form(console: Console) -> None
     assert '<th scope="col">orders</th>' in view and ("shown" in view or "suppressed" in view)
     broken = client.post("/ui/release/personas", data={**form, "features": "[{", "action": "dry_run"})
     assert broken.status_code == 422 and "features: not valid JSON" in broken.text
+
+
+def test_the_persona_chart_places_released_centers_and_leaves_out_suppressed_ones() -> None:
+    from privseg.console import charts
+
+    released = {
+        "feature_specs": [{"name": "orders", "min": 0, "max": 20}, {"name": "spend", "min": 0, "max": 2000}],
+        "personas": [
+            {"persona": 0, "size": 120, "center": {"orders": 5.0, "spend": 500.0}},
+            {"persona": 1, "size": None, "center": None},
+            {"persona": 2, "size": 80, "center": {"orders": 15.0, "spend": 100.0}},
+        ],
+    }
+    figure = charts.personas(released)
+    assert figure is not None and figure.src.startswith("data:image/svg+xml;base64,")
+    assert "2 released persona centers" in figure.alt
+    import base64
+
+    svg = base64.b64decode(figure.src.split(",", 1)[1]).decode()
+    assert "persona 0 (120 people)" in svg and "persona 2 (80 people)" in svg and "persona 1" not in svg
+    assert charts.personas({**released, "personas": [released["personas"][1]]}) is None

@@ -100,6 +100,9 @@ async def signin(request: Request, dep: Dep) -> Response:
 async def signout(request: Request, dep: Dep, session: Anyone) -> Response:
     await web.checked_form(request, session)
     sessions.end(dep.store.conn, dep.keyset, request.cookies.get(COOKIE, ""))
+    who = session.principal
+    with transaction(dep.store.conn):
+        audit.append(dep.store.conn, dep.keyset, "console_signout", {"key": who.key_id, "role": who.role})
     response = web.redirect("/login")
     response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
     return response

@@ -194,6 +194,47 @@ def trend(released: dict[str, Any]) -> Figure:
     return _render(chart, title, alt_text)
 
 
+def personas(released: dict[str, Any]) -> Figure | None:
+    """Each released persona's center, feature by feature, as a share of the feature's stated range
+    (bars per persona), so personas with different units compare at a glance; sizes in the legend."""
+    import altair as alt
+
+    specs = {f["name"]: f for f in released.get("feature_specs", [])}
+    rows = []
+    for p in released["personas"]:
+        if p["center"] is None:
+            continue
+        label = f"persona {p['persona']} ({p['size']} people)"
+        for name, value in p["center"].items():
+            lo, hi = specs[name]["min"], specs[name]["max"]
+            rows.append(
+                {"persona": label, "feature": name, "position": (value - lo) / (hi - lo), "value": value}
+            )
+    if not rows:
+        return None
+    chart = (
+        alt.Chart({"values": rows})
+        .mark_bar()
+        .encode(
+            alt.X(
+                "position:Q",
+                title="center within the feature's stated range (0 = min, 1 = max)",
+                scale=alt.Scale(domain=[0, 1]),
+            ),
+            alt.Y("feature:N", title=None),
+            alt.Color("persona:N", title=None),
+            alt.YOffset("persona:N"),
+        )
+        .properties(title="Persona centers (noisy)", width=WIDTH - 160, height=alt.Step(14))
+    )
+    shown = len({r["persona"] for r in rows})
+    alt_text = (
+        f"Bars of {shown} released persona centers, one bar per feature and persona, placed within each "
+        "feature's stated range; suppressed personas are left out. The table below has the values."
+    )
+    return _render(chart, "Persona centers (noisy)", alt_text)
+
+
 def movement(released: dict[str, Any]) -> Figure:
     """Transitions between states as a heat map, each cell labelled with its noisy count."""
     import altair as alt

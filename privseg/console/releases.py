@@ -146,6 +146,8 @@ def _figure(released: dict[str, Any], suppressed: dict[str, list[str]]) -> chart
         return charts.affinity(released)
     if kind == "trend":
         return charts.trend(released)
+    if kind == "personas":
+        return charts.personas(released)
     if kind == "segment_movement":
         return charts.movement(released)
     return None
