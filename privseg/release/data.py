@@ -13,10 +13,21 @@ import polars as pl
 
 from privseg.release.context import ReleaseContext
 from privseg.release.plan import UNKNOWN, ReleasePlan
-from privseg.segments import engine
+from privseg.segments import engine, operators
+from privseg.segments.language import Step
 
 _DIMS_CACHE: dict[tuple[str, str], pl.DataFrame] = {}
 _DIMS_LOCK = threading.Lock()
+
+
+def step_events(ctx: ReleaseContext, step: Step) -> pl.LazyFrame | None:
+    """The stored events a step matches (its type and every filter), or None when none are stored.
+    Callers add their own time window."""
+    events = ctx.store.scan_events()
+    if events is None:
+        return None
+    where = [operators.build(c.op, pl.col(c.field), c.value) for c in step.filters]
+    return events.filter((pl.col("event_type") == step.type) & pl.all_horizontal(True, *where))
 
 
 def memberships(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.LazyFrame:

@@ -25,7 +25,6 @@ from privseg.release.context import ReleaseContext
 from privseg.release.models import Released, SegmentCells
 from privseg.release.plan import ReleasePlan, Vector
 from privseg.release.registry import Noisy, ReleaseKind, ReleaseRequest, register
-from privseg.segments import operators
 from privseg.segments.language import Step
 from privseg.segments.operators import OPERATORS
 from privseg.segments.parser import Parser
@@ -131,13 +130,12 @@ def person_spend(ctx: ReleaseContext, plan: CohortPlan) -> pl.Series:
     step = plan.spend
     as_of = datetime.fromisoformat(plan.snapshot.as_of)
     pids = data.memberships(ctx, plan.snapshot).select("pid")
-    events = ctx.store.scan_events()
+    events = data.step_events(ctx, step)
     if events is None:
         return pl.zeros(pids.select(pl.len()).collect().item(), dtype=pl.Int64, eager=True)
     window = (pl.col("ts") <= as_of) & (pl.col("ts") >= as_of - timedelta(days=plan.spend_days))
-    where = [operators.build(c.op, pl.col(c.field), c.value) for c in step.filters]
     totals = (
-        events.filter((pl.col("event_type") == step.type) & window & pl.all_horizontal(True, *where))
+        events.filter(window)
         .group_by("pid")
         .agg(pl.col("value").fill_null(0).clip(lower_bound=0).sum().alias("spend"))
     )

@@ -34,7 +34,6 @@ from privseg.release.context import ReleaseContext
 from privseg.release.models import Released
 from privseg.release.plan import ReleasePlan, Vector
 from privseg.release.registry import NoiseFn, Noisy, ReleaseKind, ReleaseRequest, register
-from privseg.segments import operators
 from privseg.segments.feature_kinds import window_mask
 from privseg.segments.language import Step, Window
 from privseg.segments.parser import Parser
@@ -185,22 +184,16 @@ def scaled_features(ctx: ReleaseContext, plan: PersonaPlan) -> np.ndarray:
     (sid,) = plan.segments
     as_of = datetime.fromisoformat(plan.snapshot.as_of)
     population = data.memberships(ctx, plan.snapshot).filter(pl.col(sid)).select("pid").collect()
-    events = ctx.store.scan_events()
     columns = []
     for i, (step, window, measure) in enumerate(plan.steps):
         # pl.len(), not pl.lit(1).sum(): a literal does not broadcast inside group_by().agg().
         value = pl.len() if measure == "count" else pl.col("value").fill_null(0).sum()
+        events = data.step_events(ctx, step)
         if events is None:
             per_person = pl.DataFrame(schema={"pid": pl.String, "x": pl.Float64})
         else:
-            where = [operators.build(c.op, pl.col(c.field), c.value) for c in step.filters]
             per_person = (
-                events.filter(
-                    (pl.col("event_type") == step.type)
-                    & (pl.col("ts") <= as_of)
-                    & window_mask(window, as_of, pl.col("ts"))
-                    & pl.all_horizontal(True, *where)
-                )
+                events.filter((pl.col("ts") <= as_of) & window_mask(window, as_of, pl.col("ts")))
                 .group_by("pid")
                 .agg(value.cast(pl.Float64).alias("x"))
                 .collect()

@@ -42,7 +42,6 @@ from privseg.release.context import ReleaseContext
 from privseg.release.models import Released
 from privseg.release.plan import ALPHA, ReleasePlan, Vector
 from privseg.release.registry import Noisy, ReleaseKind, ReleaseRequest, register
-from privseg.segments import operators
 from privseg.segments.language import Step
 from privseg.segments.operators import OPERATORS
 from privseg.segments.parser import Parser
@@ -249,14 +248,11 @@ def per_period(ctx: ReleaseContext, plan: TrendPlan) -> list[int]:
     (sid,) = plan.segments
     # Only closed periods are read: an anchored trend's later periods are zeros, never released.
     start, end, t = plan.starts[0], plan.starts[plan.closed_periods], len(plan.starts) - 1
-    events = ctx.store.scan_events()
+    events = data.step_events(ctx, plan.step)
     if events is None:
         return [0] * t
     population = data.memberships(ctx, plan.snapshot).filter(pl.col(sid)).select("pid")
-    where = [operators.build(c.op, pl.col(c.field), c.value) for c in plan.step.filters]
-    matching = events.filter(
-        (pl.col("event_type") == plan.step.type) & (pl.col("ts") < end) & pl.all_horizontal(True, *where)
-    )
+    matching = events.filter(pl.col("ts") < end)
     if plan.measure == "first":
         people = matching.group_by("pid").agg(pl.col("ts").min()).filter(pl.col("ts") >= start)
     else:
