@@ -65,13 +65,8 @@ def _deployment(root: Path, customers: int) -> Any:
     return dep
 
 
-def _variance(scale: float) -> float:
-    q = math.exp(-1 / scale)
-    return 2 * q / (1 - q) ** 2
-
-
 def evaluate(increments: list[int], leaves: int, epsilon: float, draws: int) -> list[dict[str, Any]]:
-    from privseg.release.kinds.trend import levels, prefix_nodes, tree_nodes
+    from privseg.release.kinds.trend import levels, noise_variance, prefix_nodes, tree_nodes
     from privseg.release.plan import Vector
 
     t = len(increments)
@@ -100,7 +95,7 @@ def evaluate(increments: list[int], leaves: int, epsilon: float, draws: int) -> 
                 totals = np.array([noisy[u].sum() for u in used])
             errors.append(totals - truth)
         err = np.array(errors)
-        theory = math.sqrt(float(np.mean(noises)) * _variance(vector.scale))
+        theory = math.sqrt(float(np.mean(noises)) * noise_variance(vector.scale))
         out.append(
             {
                 "mechanism": name,

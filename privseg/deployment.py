@@ -86,6 +86,15 @@ class Deployment:
         if stale and active(self.store.conn):
             engine.compute_snapshot(store=self.store, compiler=self.compiler(), keyset=self.keyset)
 
+    def refresh_snapshot(self) -> None:
+        """:meth:`recompute_if_stale` on a deployment of its own (its own connection): for work after a
+        response has gone out (an upload's background task)."""
+        fresh = self.for_request()
+        try:
+            fresh.recompute_if_stale()
+        finally:
+            fresh.close()
+
     def compiler(self) -> Compiler:
         """A compiler over the currently active definitions (they change as segments are applied)."""
         return build_compiler(active(self.store.conn), schema=self.schema, categories=self.categories)

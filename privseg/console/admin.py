@@ -16,7 +16,6 @@ from privseg import apikeys
 from privseg.console import web
 from privseg.console.web import PREFIX, Admin, Dep
 from privseg.db import MAX_ID
-from privseg.deployment import Deployment
 from privseg.errors import InvalidInput, PrivsegError
 from privseg.ingest.files import ingest_files
 from privseg.ingest.sources import detect_format
@@ -54,14 +53,6 @@ def upload_form(request: Request, _dep: Dep, _who: Admin) -> Response:
     return web.render(request, "upload.html")
 
 
-def _refresh(root: Deployment) -> None:
-    fresh = root.for_request()
-    try:
-        fresh.recompute_if_stale()
-    finally:
-        fresh.close()
-
-
 @router.post("/admin/upload/{kind}")
 async def upload(
     request: Request,
@@ -97,7 +88,7 @@ async def upload(
             {"ok": False, "error": exc.message}, status_code=exc.status, headers=web.SECURITY_HEADERS
         )
     if any(r.stored for r in results):
-        background.add_task(_refresh, request.app.state.deployment)
+        background.add_task(request.app.state.deployment.refresh_snapshot)
     body = [asdict(replace(r, source=name)) for r in results]
     return JSONResponse({"ok": True, "results": body}, headers=web.SECURITY_HEADERS)
 

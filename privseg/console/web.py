@@ -167,17 +167,20 @@ def same_origin(request: Request) -> bool:
 async def checked_form(request: Request, session: Session) -> FormData:
     """The posted form, if its CSRF token (form field or X-CSRF-Token header) is the session's."""
     form = await request.form()
-    presented = str(form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or "")
-    if not same_origin(request) or not hmac.compare_digest(presented, session.csrf):
-        raise NotPermitted("the form's security token is missing or stale: reload the page and try again")
+    _require_token(
+        request, session, str(form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""), "form"
+    )
     return form
 
 
 def check_csrf_header(request: Request, session: Session) -> None:
     """For requests whose body is not a form (uploads): the token comes in X-CSRF-Token."""
-    presented = request.headers.get(CSRF_HEADER, "")
+    _require_token(request, session, request.headers.get(CSRF_HEADER, ""), "request")
+
+
+def _require_token(request: Request, session: Session, presented: str, what: str) -> None:
     if not same_origin(request) or not hmac.compare_digest(presented, session.csrf):
-        raise NotPermitted("the request's security token is missing or stale: reload the page and try again")
+        raise NotPermitted(f"the {what}'s security token is missing or stale: reload the page and try again")
 
 
 def error_page(request: Request, exc: PrivsegError) -> Response:

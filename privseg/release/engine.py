@@ -75,10 +75,7 @@ def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
 def objectives(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[Objective, ...]:
     """The objectives of a release's segments (brand, performance): what a category that splits its
     budget charges it to. Read from the active definitions, under the caller's write lock."""
-    active = definitions.active(ctx.store.conn)
-    found = {
-        active[("segment", sid)].body.get("objective") for sid in plan.segments if ("segment", sid) in active
-    }
+    found = set(definitions.objectives(ctx.store.conn, plan.segments).values())
     return tuple(o for o in OBJECTIVES if o in found)
 
 

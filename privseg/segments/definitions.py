@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -121,6 +122,19 @@ def latest(conn: sqlite3.Connection) -> dict[tuple[DefKind, str], Stored]:
         "ON d.kind = m.kind AND d.id = m.id AND d.version = m.v ORDER BY d.kind, d.id"
     ).fetchall()
     return {(r[0], r[1]): _stored(r) for r in rows}
+
+
+def objectives(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, str]:
+    """The objective of each active segment among ``ids`` (newest version, not retired): read for
+    those segments only (the release engine asks on every charge)."""
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        "SELECT d.id, d.body FROM definitions d JOIN (SELECT id, MAX(version) AS v FROM definitions "
+        f"WHERE kind = 'segment' AND id IN ({marks}) GROUP BY id) m ON d.kind = 'segment' AND d.id = m.id "
+        "AND d.version = m.v WHERE d.retired = 0",
+        list(ids),
+    ).fetchall()
+    return {str(i): str(json.loads(body).get("objective")) for i, body in rows}
 
 
 _SCHEMA_GAPS = ("unknown event type", "unknown event field", "unknown profile attribute")

@@ -27,7 +27,6 @@ from privseg.api.schemas import (
     SnapshotStatus,
     StoreStatus,
 )
-from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
 from privseg.ingest.files import ingest_files
 from privseg.ingest.sources import check_encoding, detect_format
@@ -36,15 +35,6 @@ from privseg.maintenance import erase_subject
 from privseg.segments import engine
 
 router = APIRouter(prefix=V1, responses=ERRORS, tags=["admin"])
-
-
-def _recompute(dep: Deployment) -> None:
-    """Recompute a stale snapshot after ingestion, after the response has gone out."""
-    fresh = dep.for_request()
-    try:
-        fresh.recompute_if_stale()
-    finally:
-        fresh.close()
 
 
 @router.post("/ingest/{kind}")
@@ -99,7 +89,7 @@ async def ingest(
             encoding=encoding,
         )
     if any(r.stored for r in results):
-        background.add_task(_recompute, request.app.state.deployment)
+        background.add_task(request.app.state.deployment.refresh_snapshot)
     return [Ingested.model_validate(asdict(replace(r, source=name))) for r in results]
 
 

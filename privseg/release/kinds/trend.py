@@ -232,7 +232,7 @@ def blocks(vector: Vector, leaves: int, t: int) -> list[int]:
     return prefix_nodes(t, leaves) if vector.name == "tree" else list(range(t))
 
 
-def _variance(scale: float) -> float:
+def noise_variance(scale: float) -> float:
     """Variance of a discrete Laplace noise of ``scale``: 2q/(1-q)^2 with q = e^(-1/scale)."""
     q = math.exp(-1 / scale)
     return 2 * q / (1 - q) ** 2
@@ -240,7 +240,7 @@ def _variance(scale: float) -> float:
 
 def worst_variance(vector: Vector, leaves: int, t: int) -> float:
     """The variance of the noisiest running total over periods 1..t."""
-    return max(len(blocks(vector, leaves, i)) for i in range(1, t + 1)) * _variance(vector.scale)
+    return max(len(blocks(vector, leaves, i)) for i in range(1, t + 1)) * noise_variance(vector.scale)
 
 
 def per_period(ctx: ReleaseContext, plan: TrendPlan) -> list[int]:
@@ -307,7 +307,7 @@ def _half_width(scale: float, terms: int) -> float:
     exact figure for one; a normal approximation for more (variance 2t/(1-t)^2 each, t = e^(-1/scale))."""
     if terms <= 1:
         return float(discrete_laplacian_scale_to_accuracy(scale, ALPHA))
-    return Z95 * math.sqrt(terms * _variance(scale))
+    return Z95 * math.sqrt(terms * noise_variance(scale))
 
 
 def result(plan: TrendPlan, noisy: Noisy) -> dict[str, Any]:
