@@ -18,8 +18,7 @@ from privseg import audit
 from privseg.batches import Rewrite
 from privseg.db import get_meta, transaction
 from privseg.errors import Conflict, InvalidInput
-from privseg.ingest.intake import SOURCE as INTAKE_SOURCE
-from privseg.ingest.intake import merge_intake_locked
+from privseg.ingest.intake import intake_batches, merge_changes, merge_intake_locked
 from privseg.keyset import Keyset, add_pseudonym_version, load_keyset, remove_pseudonym_versions
 from privseg.policy.ingest import IngestPolicy
 from privseg.pseudonym import Pseudonymizer, normalize
@@ -207,17 +206,15 @@ def compact(
             changes += [Rewrite(b, None) for b in profiles[:-1]]
             changes.append(Rewrite(profiles[-1], merged))
         expired = 0
-        intake = [b for b in store.batches("events") if b.source == INTAKE_SOURCE]
+        intake = intake_batches(store)
         if len(intake) > 1:
             # Live intake appends one small batch per call: they become one (the newest), and retention
             # applies to it like to any other. Batches from files keep their own (their lineage matters).
-            merged_events = pl.concat(
-                [pl.read_parquet(store.path_of(b)) for b in intake], how="diagonal_relaxed"
-            )
-            kept = merged_events.filter(pl.col("ts") >= cutoff)
-            expired += merged_events.height - kept.height
-            changes += [Rewrite(b, None) for b in intake[:-1]]
-            changes.append(Rewrite(intake[-1], kept))
+            intake_changes = merge_changes(store, intake, lambda frame: frame.filter(pl.col("ts") >= cutoff))
+            kept = intake_changes[-1].new
+            assert kept is not None  # merge_changes puts the merged frame in the last rewrite
+            expired += sum(b.rows for b in intake) - kept.height
+            changes += intake_changes
         merged_ids = {b.id for b in intake} if len(intake) > 1 else set()
         for batch in store.batches("events"):
             if batch.id in merged_ids:

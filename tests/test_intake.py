@@ -299,3 +299,20 @@ def test_the_cli_replays_a_batch_file_once(dep: Deployment, tmp_path: Path) -> N
     path.write_text(json.dumps({"batch": [{"type": "track"}]}))
     bad = run_cli(dep.settings, "ingest", "intake", str(path), check=False)
     assert bad.returncode == 2 and "messageId" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_store_compaction_merges_intake_batches_and_applies_retention(dep: Deployment) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from privseg.maintenance import compact
+
+    for i in range(3):
+        post(dep, [track(f"CUST-{i}"), track(f"CUST-{i}", event="Product Viewed")])
+    result = compact(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy)
+    assert result.expired_events == 0
+    assert len([b for b in dep.store.batches("events") if b.source == SOURCE]) == 1
+    assert stored_events(dep).height == 6
+    post(dep, [track("CUST-9")])
+    later = datetime(2026, 11, 29, tzinfo=UTC) + timedelta(days=dep.ingest_policy.retention_days + 1)
+    aged = compact(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, now=later)
+    assert aged.expired_events == 7 and stored_events(dep).height == 0

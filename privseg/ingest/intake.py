@@ -202,13 +202,29 @@ def ingest_batch(
 def merge_intake_locked(store: Store, keyset: Keyset, at_least: int) -> int:
     """Merge the intake event batches into one when there are ``at_least`` (caller holds the writer
     lock); returns how many were merged. The merged batch keeps the newest one's place and source."""
-    intake = [b for b in store.batches("events") if b.source == SOURCE]
+    intake = intake_batches(store)
     if len(intake) < max(at_least, 2):
         return 0
-    merged = pl.concat([pl.read_parquet(store.path_of(b)) for b in intake], how="diagonal_relaxed")
-    changes = [Rewrite(b, None) for b in intake[:-1]] + [Rewrite(intake[-1], merged)]
-    store.rewrite(changes, keyset=keyset, event="compaction", details={"intake_batches_merged": len(intake)})
+    store.rewrite(
+        merge_changes(store, intake),
+        keyset=keyset,
+        event="compaction",
+        details={"intake_batches_merged": len(intake)},
+    )
     return len(intake)
+
+
+def intake_batches(store: Store) -> list[Batch]:
+    return [b for b in store.batches("events") if b.source == SOURCE]
+
+
+def merge_changes(
+    store: Store, intake: list[Batch], keep: Callable[[pl.DataFrame], pl.DataFrame] = lambda frame: frame
+) -> list[Rewrite]:
+    """The rewrites that make ``intake`` one batch (the newest one's place and source), holding
+    ``keep`` of their events."""
+    merged = keep(pl.concat([pl.read_parquet(store.path_of(b)) for b in intake], how="diagonal_relaxed"))
+    return [Rewrite(b, None) for b in intake[:-1]] + [Rewrite(intake[-1], merged)]
 
 
 def _store_profiles(
