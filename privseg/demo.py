@@ -94,7 +94,9 @@ def _segments(dep: Deployment) -> Iterator[str]:
     yield f"segments: {len(results)} example definitions ({changed} new or changed)"
     latest = engine.latest(dep.store.conn)
     if engine.staleness(dep.store, latest, policy_hash=dep.categories.content_hash):
-        snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
+        snap, timings = engine.compute_snapshot(
+            store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, runner=dep.snapshot_runner()
+        )
         seconds = sum(v for k, v in timings.items() if k != "features_count")
         yield (
             f"snapshot {snap.id}: {len(snap.segments)} segments evaluated over {snap.people} people in "

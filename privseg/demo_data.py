@@ -222,8 +222,11 @@ def generate(
     seed: int = 0,
     as_of: datetime | None = None,
     chunk: int = 100_000,
+    first_id: int = 1,
 ) -> DemoFiles:
-    """Write ``customers.csv`` and ``events.csv`` (raw identifiers included) into ``out_dir``."""
+    """Write ``customers.csv`` and ``events.csv`` (raw identifiers included) into ``out_dir``; customer
+    numbers (and the identifiers made from them) start at ``first_id``, so that several calls with
+    disjoint ranges make one population in several files."""
     if customers < 1:
         raise ValueError("customers must be at least 1")
     as_of = (as_of or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
@@ -234,7 +237,7 @@ def generate(
     with open(cust_path, "w", encoding="utf-8") as cf, open(ev_path, "w", encoding="utf-8") as ef:
         for start in range(0, customers, chunk):
             n = min(chunk, customers - start)
-            cust, persona, stigma = _customers(rng, start + 1, n, as_of)
+            cust, persona, stigma = _customers(rng, first_id + start, n, as_of)
             ev = _events(rng, cust.get_column("customer_id"), persona, stigma, as_of)
             cust.write_csv(cf, include_header=start == 0)
             ev.write_csv(ef, include_header=start == 0, float_precision=2)

@@ -13,6 +13,7 @@ from functools import cached_property
 
 from privseg import audit
 from privseg.db import ConnectionPool, connect, get_meta, set_meta, transaction
+from privseg.errors import InvalidInput
 from privseg.keyset import Keyset, load_keyset
 from privseg.policy.categories import CategorySet
 from privseg.policy.checks import load_categories
@@ -84,7 +85,9 @@ class Deployment:
             self.store, engine.latest(self.store.conn), policy_hash=self.categories.content_hash
         )
         if stale and active(self.store.conn):
-            engine.compute_snapshot(store=self.store, compiler=self.compiler(), keyset=self.keyset)
+            engine.compute_snapshot(
+                store=self.store, compiler=self.compiler(), keyset=self.keyset, runner=self.snapshot_runner()
+            )
 
     def refresh_snapshot(self) -> None:
         """:meth:`recompute_if_stale` on a deployment of its own (its own connection): for work after a
@@ -94,6 +97,25 @@ class Deployment:
             fresh.recompute_if_stale()
         finally:
             fresh.close()
+
+    def snapshot_runner(
+        self, engine_name: str | None = None, *, spark_master: str | None = None
+    ) -> engine.Runner:
+        """How snapshots are computed: the configured engine (``PRIVSEG_ENGINE``) unless one is named."""
+        name = engine_name or self.settings.engine
+        if name == "local":
+            return engine.local_runner
+        if name == "sharded":
+            from privseg.segments.sharded import sharded_runner
+
+            return sharded_runner(memory_gb=self.settings.engine_memory_gb)
+        if name == "spark":
+            from privseg.spark.runner import spark_runner
+
+            return spark_runner(
+                master=spark_master or self.settings.spark_master, store_uri=self.settings.spark_store_uri
+            )
+        raise InvalidInput(f"unknown engine {name!r}: local, sharded or spark")
 
     def compiler(self) -> Compiler:
         """A compiler over the currently active definitions (they change as segments are applied)."""
@@ -112,7 +134,7 @@ class Deployment:
     @cached_property
     def store(self) -> Store:
         conn = self._pool.acquire() if self._pool is not None else connect(self.settings.db_path)
-        return Store(conn, self.settings.data_dir)
+        return Store(conn, self.settings.data_dir, new_shards=self.settings.shards)
 
     def for_request(self) -> Deployment:
         """A deployment sharing what is already loaded (keyset, policies) but with its own database

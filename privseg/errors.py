@@ -84,6 +84,14 @@ class StoreError(PrivsegError):
     title = "Store error"
 
 
+class EngineUnavailable(PrivsegError):
+    """The computation engine asked for cannot run here (the spark engine without pyspark or Java)."""
+
+    code = "engine-unavailable"
+    status = 503
+    title = "Engine unavailable"
+
+
 class PolicyViolation(PrivsegError):
     """The request asks for something the category policy forbids (a dimension, too many of them)."""
 

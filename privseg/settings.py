@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,12 +68,47 @@ class Settings(BaseSettings):
         description="`privseg serve` recomputes a stale snapshot this often (live intake makes it stale); "
         "0: only on request. Reads go on from the current snapshot meanwhile.",
     )
+    shards: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Person shards a new store is partitioned into (a power of two; fixed when the store "
+        "is created and recorded in it). Bounded-memory and Spark computation work shard by shard.",
+    )
+    engine: Literal["local", "sharded", "spark"] = Field(
+        "local",
+        description="How snapshots are computed: local (whole store in memory, fastest up to a few million "
+        "people), sharded (a few shards at a time: memory bounded by the shard size), spark (the same "
+        "per-shard kernels as Spark tasks).",
+    )
+    engine_memory_gb: float = Field(
+        8.0,
+        gt=0,
+        description="The sharded engine loads as many shards at a time as fit this much memory (estimated "
+        "from the store's size on disk).",
+    )
+    spark_master: str = Field(
+        "local[2]", description="Spark master URL for the spark engine (local[N], spark://host:port, yarn)."
+    )
+    spark_store_uri: str | None = Field(
+        None,
+        description="Where Spark executors read the store's data directory (e.g. s3a://bucket/privseg/data "
+        "or a shared mount); default: the local data directory (local[N] masters).",
+    )
     console_idle_minutes: float = Field(
         30.0, gt=0, description="A console session ends after this many minutes without a request."
     )
     console_max_hours: float = Field(
         8.0, gt=0, description="A console session ends this many hours after sign-in, in use or not."
     )
+
+    @field_validator("shards")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        # (Not shards.check_count: that module imports Polars, which the CLI's start-up must not.)
+        if value & (value - 1):
+            raise ValueError("the shard count must be a power of two")
+        return value
 
     @property
     def uploads_path(self) -> Path:

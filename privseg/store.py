@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from privseg import audit, fsutil
+from privseg import audit, fsutil, shards
 from privseg.batches import BATCH_COLUMNS, KINDS, Batch, Kind, NewBatch, Rewrite, batch_from_row
 from privseg.db import get_meta, set_meta, transaction
 from privseg.errors import Conflict, KeysetError, StoreError
@@ -35,18 +35,39 @@ from privseg.keyset import Keyset
 log = logging.getLogger(__name__)
 
 
+ROW_GROUP_ROWS = 64 * 1024
 _VERIFIED: set[str] = set()  # data directories whose listed files this process has checked
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, data_dir: Path) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, data_dir: Path, *, new_shards: int = shards.DEFAULT_SHARDS
+    ) -> None:
         self.conn = conn
         self.data_dir = data_dir
+        self._new_shards = shards.check_count(new_shards)  # for a new store; an existing one keeps its own
         fsutil.private_dir(data_dir)  # (mkdir's mode applies to the leaf only, not to parents)
         for kind in KINDS:
             fsutil.private_dir(data_dir / kind)
 
     # -- identity binding --------------------------------------------------------------------
+    def shard_count(self) -> int:
+        """How many person shards the store's files are partitioned into (fixed when it is created,
+        recorded in the manifest; see shards.py)."""
+        value = get_meta(self.conn, "shards")
+        return self._new_shards if value is None else int(value)
+
+    def _record_shard_count(self) -> int:
+        """The shard count, recorded before the first file is written with it: every file of a
+        store must use the same count, whatever a later process is configured with."""
+        if get_meta(self.conn, "shards") is None:
+            with nullcontext() if self.conn.in_transaction else transaction(self.conn):
+                self.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('shards', ?) ON CONFLICT(key) DO NOTHING",
+                    (str(self._new_shards),),
+                )
+        return self.shard_count()
+
     def key_version(self) -> int | None:
         value = get_meta(self.conn, "key_version")
         return None if value is None else int(value)
@@ -65,6 +86,7 @@ class Store:
                 set_meta(self.conn, "namespace", keyset.namespace)
                 set_meta(self.conn, "id_type", id_type)
                 set_meta(self.conn, "key_version", str(keyset.primary))
+                self._record_shard_count()
                 return keyset.primary
             if namespace != keyset.namespace:
                 raise Conflict(
@@ -133,35 +155,27 @@ class Store:
     def path_of(self, batch: Batch) -> Path:
         return self.data_dir / batch.kind / batch.file
 
-    def scan_events(self) -> pl.LazyFrame | None:
-        """All stored events (None when there are none)."""
-        files = [self.path_of(b) for b in self.batches("events")]
-        if not files:
-            return None
-        return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed")
+    def _scan(self, batch: Batch, group: range | None) -> pl.LazyFrame:
+        """One batch file, without its shard column; with ``group``, only the rows of those shards
+        (files written before sharding carry no shard column: it is computed from the pid)."""
+        frame = pl.scan_parquet(self.path_of(batch))
+        if group is None:
+            return frame.drop(shards.SHARD, strict=False)
+        if shards.SHARD not in frame.collect_schema():
+            frame = frame.with_columns(shards.shard_expr(self.shard_count()))
+        return frame.filter(shards.in_group(group)).drop(shards.SHARD)
 
-    def scan_profiles(self) -> pl.LazyFrame | None:
-        """Current profiles: one row per pid; for each column, the latest batch that carries that
-        column for that person wins (a patch batch carries only the columns its file had, so it
-        updates only those; an explicit unknown in a carried column does overwrite)."""
-        batches = self.batches("profiles")
-        if not batches:
+    def scan_events(self, group: range | None = None) -> pl.LazyFrame | None:
+        """All stored events, or those of the people in the shards of ``group`` (None when there are
+        none)."""
+        frames = [self._scan(b, group) for b in self.batches("events")]
+        if not frames:
             return None
-        frames = [pl.scan_parquet(self.path_of(b)) for b in batches]
-        if len(frames) == 1:
-            return frames[0]
-        schemas = [f.collect_schema() for f in frames]
-        columns: dict[str, pl.DataType] = {}
-        for schema in schemas:
-            for name, dtype in schema.items():
-                columns.setdefault(name, dtype)
-        # update() only touches columns the left side has: start from every column any batch has.
-        merged = frames[0].with_columns(
-            pl.lit(None, dtype=dtype).alias(name) for name, dtype in columns.items() if name not in schemas[0]
-        )
-        for frame in frames[1:]:
-            merged = merged.update(frame, on="pid", how="full", include_nulls=True)
-        return merged
+        return pl.concat(frames, how="diagonal_relaxed")
+
+    def scan_profiles(self, group: range | None = None) -> pl.LazyFrame | None:
+        """Current profiles, of everyone or of the people in the shards of ``group``."""
+        return merge_profiles([self._scan(b, group) for b in self.batches("profiles")])
 
     # -- writing -----------------------------------------------------------------------------
     @contextmanager
@@ -185,7 +199,9 @@ class Store:
         name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
         final = self.data_dir / kind / name
         tmp = fsutil.tmp_path_for(final)
-        df.write_parquet(tmp, compression="zstd", statistics=True)
+        # Sorted by shard in row groups small enough that a reader of a few shards skips the rest.
+        sharded = shards.with_shards(df.drop(shards.SHARD, strict=False), self._record_shard_count())
+        sharded.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS)
         fsutil.publish(tmp, final)
         return name, final
 
@@ -392,6 +408,29 @@ class Store:
             out["events"]["first"] = None if lo is None else str(lo)
             out["events"]["last"] = None if hi is None else str(hi)
         return out
+
+
+def merge_profiles(frames: Sequence[pl.LazyFrame]) -> pl.LazyFrame | None:
+    """Profile batches (in ingestion order) merged into current profiles: one row per pid; for each
+    column, the latest batch that carries that column for that person wins (a patch batch carries
+    only the columns its file had, so it updates only those; an explicit unknown in a carried column
+    does overwrite). Per person, so merging the batches of one shard gives that shard's profiles."""
+    if not frames:
+        return None
+    if len(frames) == 1:
+        return frames[0]
+    schemas = [f.collect_schema() for f in frames]
+    columns: dict[str, pl.DataType] = {}
+    for schema in schemas:
+        for name, dtype in schema.items():
+            columns.setdefault(name, dtype)
+    # update() only touches columns the left side has: start from every column any batch has.
+    merged = frames[0].with_columns(
+        pl.lit(None, dtype=dtype).alias(name) for name, dtype in columns.items() if name not in schemas[0]
+    )
+    for frame in frames[1:]:
+        merged = merged.update(frame, on="pid", how="full", include_nulls=True)
+    return merged
 
 
 def _count(lf: pl.LazyFrame) -> int:

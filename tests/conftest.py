@@ -162,6 +162,24 @@ def prepare(
         engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of)
 
 
+def prepare_patched(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
+    """The demo store with the example segments (every leaf kind: windows, sequences, traits,
+    buckets, references) and no snapshot, plus a patch batch of profiles: engines that split the
+    work must merge profiles across batches exactly as the store does."""
+    import polars as pl
+
+    from privseg.ingest.files import ingest_files
+
+    prepare(dep, demo_files.customers, demo_files.events, snapshots=())
+    customers = pl.read_csv(demo_files.customers, infer_schema=False)
+    patch = customers.head(300).select("customer_id", pl.lit("hearing_aids;travel").alias("interests"))
+    path = tmp_path / "patch.csv"
+    patch.write_csv(path)
+    ingest_files(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind="profiles", paths=[path])
+    assert len(dep.store.batches("profiles")) == 2
+    return dep
+
+
 @contextmanager
 def running_server(
     settings: Settings, log_level: str = "WARNING", workers: int = 1

@@ -163,6 +163,17 @@ def segments_compute(
     as_of: Annotated[
         datetime | None, typer.Option(help="Resolve time windows against this instant (default now, UTC).")
     ] = None,
+    engine_name: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="local (whole store in memory), sharded (a few person shards at a time, bounded memory) "
+            "or spark; default PRIVSEG_ENGINE.",
+        ),
+    ] = None,
+    spark_master: Annotated[
+        str | None, typer.Option(help="Spark master URL for --engine spark (default PRIVSEG_SPARK_MASTER).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Recompute the membership snapshot of every active segment. Prints no segment sizes: exact
@@ -174,12 +185,17 @@ def segments_compute(
         as_of = as_of.replace(tzinfo=UTC)
     with _progress(as_json) as progress:
         snap, timings = engine.compute_snapshot(
-            store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of, progress=progress
+            store=dep.store,
+            compiler=dep.compiler(),
+            keyset=dep.keyset,
+            as_of=as_of,
+            progress=progress,
+            runner=dep.snapshot_runner(engine_name, spark_master=spark_master),
         )
     text = (
         f"snapshot {snap.id}: {len(snap.segments)} segments over {snap.people} people at {snap.as_of} "
         f"({timings['features_count']:.0f} distinct features; "
-        + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "features_count")
+        + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k not in ("features_count", "groups"))
         + ")"
     )
     _emit({**asdict(snap), "timings": timings}, as_json, text)

@@ -43,7 +43,11 @@ def store(request: Request, dep: Dep, _who: Admin) -> Response:
 async def recompute(request: Request, dep: Dep, session: Admin) -> Response:
     await web.checked_form(request, session)
     await run_in_threadpool(
-        engine.compute_snapshot, store=dep.store, compiler=dep.compiler(), keyset=dep.keyset
+        engine.compute_snapshot,
+        store=dep.store,
+        compiler=dep.compiler(),
+        keyset=dep.keyset,
+        runner=dep.snapshot_runner(),
     )
     return web.redirect("/admin")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -25,9 +26,10 @@ import polars as pl
 
 from privseg import audit, fsutil
 from privseg.db import transaction
-from privseg.errors import Conflict, NotFound
+from privseg.errors import Conflict, NotFound, StoreError
 from privseg.keyset import Keyset
 from privseg.segments import features as feature_engine
+from privseg.segments import staging
 from privseg.segments.compiler import Compiler, Plan
 from privseg.segments.definitions import Stored, active
 from privseg.store import Store
@@ -73,14 +75,12 @@ def _quiet(_message: str) -> None:
     pass
 
 
-def membership(
-    compiler: Compiler, store: Store, as_of: datetime, progress: Progress = _quiet
-) -> tuple[pl.DataFrame, dict[str, float]]:
-    """Evaluate every active segment for every person in the store (see :func:`evaluate`)."""
-    t0 = time.perf_counter()
-    plan = compiler.compile(as_of)
-    progress(f"loading the store for {len(plan.segments)} segments")
-    profiles_lf, events_lf = store.scan_profiles(), store.scan_events()
+def load(
+    plan: Plan, compiler: Compiler, store: Store, group: range | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The profile and event columns ``plan`` reads, up to its ``as_of``: of everyone, or of the
+    people in the shards of ``group``."""
+    profiles_lf, events_lf = store.scan_profiles(group), store.scan_events(group)
     wanted = plan.profile_columns()
     if profiles_lf is not None:
         available = profiles_lf.collect_schema().names()
@@ -94,18 +94,44 @@ def membership(
         if c not in profiles.columns and c in compiler.schema.profile
     )
     if events_lf is not None:
-        events = events_lf.select(plan.event_columns()).filter(pl.col("ts") <= as_of).collect()
+        events = events_lf.select(plan.event_columns()).filter(pl.col("ts") <= plan.as_of).collect()
     else:
         events = pl.DataFrame(
             schema={"pid": pl.String, "ts": feature_engine.TS_DTYPE, "event_type": pl.String}
         )
-    load = time.perf_counter() - t0
+    return profiles, events
+
+
+def membership(
+    compiler: Compiler, store: Store, as_of: datetime, progress: Progress = _quiet
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Evaluate every active segment for every person in the store (see :func:`evaluate`)."""
+    t0 = time.perf_counter()
+    plan = compiler.compile(as_of)
+    progress(f"loading the store for {len(plan.segments)} segments")
+    profiles, events = load(plan, compiler, store)
+    load_time = time.perf_counter() - t0
     progress(
         f"computing {len(plan.features)} features over {events.height:,} events and evaluating "
         f"{len(plan.segments)} segments for {profiles.height:,}+ people"
     )
     members, timings = evaluate(plan, profiles=profiles, events=events)
-    return members, {"load": load, **timings}
+    return members, {"load": load_time, **timings}
+
+
+Runner = Callable[[Compiler, Store, datetime, Path, Progress], dict[str, float]]
+"""Computes the membership of every active segment at an instant and writes it into a staging
+folder as Parquet parts (``pid`` plus one Boolean column per segment; every person in exactly one
+part); returns its timings. See :func:`local_runner`, segments/sharded.py and privseg/spark/."""
+
+
+def local_runner(
+    compiler: Compiler, store: Store, as_of: datetime, folder: Path, progress: Progress = _quiet
+) -> dict[str, float]:
+    """The whole store in memory at once: the fastest while it fits."""
+    members, timings = membership(compiler, store, as_of, progress)
+    members.write_parquet(folder / "part-00000.parquet", compression="zstd")
+    return timings
 
 
 def evaluate(
@@ -151,50 +177,78 @@ def compute_snapshot(
     keyset: Keyset,
     as_of: datetime | None = None,
     progress: Progress = _quiet,
+    runner: Runner = local_runner,
 ) -> tuple[Snapshot, dict[str, float]]:
     """Compute and record a snapshot of every active segment at ``as_of`` (default: now, UTC)."""
     as_of = (as_of or datetime.now(UTC)).astimezone(UTC)
     conn = store.conn
     defs = active(conn)
     batches = [b.id for b in store.batches()]
-    members, timings = membership(compiler, store, as_of, progress)
-    progress(f"writing the snapshot ({members.height:,} people x {members.width - 1} segments)")
-
-    folder = fsutil.private_dir(store.data_dir / "snapshots")
     seg_versions = {i: s.version for (k, i), s in defs.items() if k == "segment"}
     trait_versions = {i: s.version for (k, i), s in defs.items() if k == "trait"}
-    categories = {sid: list(compiler.effective(sid).categories) for sid in seg_versions}
-    policy_hash = compiler.categories.content_hash
-    key_version = store.key_version()
-    computed_at = datetime.now(UTC).isoformat(timespec="seconds")
-    t = time.perf_counter()
-    # Under the store's writer lock, so that clearing files left by a snapshot writer that crashed
-    # before its commit can never delete the file another writer is about to record.
-    with store.writer_lock():
-        _remove_unrecorded(conn, folder)
-        final = _write_file(folder, as_of, members)
-        snap = _record(
-            conn,
-            keyset,
-            final,
-            Snapshot(
-                0,
-                as_of.isoformat(),
-                computed_at,
-                final.name,
-                members.height,
-                seg_versions,
-                trait_versions,
-                batches,
-                policy_hash,
-                categories,
-                key_version,
-            ),
-        )
-        _remove_unrecorded(conn, folder)  # the ones just pruned
+    with staging.folder(store.data_dir) as stage:
+        timings = runner(compiler, store, as_of, stage, progress)
+        parts = staging.parts(stage)
+        progress(f"writing the snapshot ({len(seg_versions)} segments, {len(parts)} part(s))")
+
+        folder = fsutil.private_dir(store.data_dir / "snapshots")
+        categories = {sid: list(compiler.effective(sid).categories) for sid in seg_versions}
+        policy_hash = compiler.categories.content_hash
+        key_version = store.key_version()
+        computed_at = datetime.now(UTC).isoformat(timespec="seconds")
+        t = time.perf_counter()
+        # Under the store's writer lock, so that clearing files left by a snapshot writer that crashed
+        # before its commit can never delete the file another writer is about to record.
+        with store.writer_lock():
+            _remove_unrecorded(conn, folder)
+            staging.sweep(store.data_dir)
+            final, people = _publish_parts(folder, as_of, parts, [*seg_versions])
+            snap = _record(
+                conn,
+                keyset,
+                final,
+                Snapshot(
+                    0,
+                    as_of.isoformat(),
+                    computed_at,
+                    final.name,
+                    people,
+                    seg_versions,
+                    trait_versions,
+                    batches,
+                    policy_hash,
+                    categories,
+                    key_version,
+                ),
+            )
+            _remove_unrecorded(conn, folder)  # the ones just pruned
     timings["write"] = time.perf_counter() - t
-    log.info("snapshot %d: %d segments over %d people", snap.id, len(seg_versions), members.height)
+    log.info("snapshot %d: %d segments over %d people", snap.id, len(seg_versions), people)
     return snap, timings
+
+
+def _publish_parts(folder: Path, as_of: datetime, parts: list[Path], segments: list[str]) -> tuple[Path, int]:
+    """Publish a computation's parts as one snapshot file under a new name; the file and its row
+    count. Every part must have exactly ``pid`` and the segment columns (a part from an engine that
+    lost or added a column would shift every release read by name)."""
+    expected = ["pid", *segments]
+    for part in parts:
+        names = pl.read_parquet_schema(part)
+        if sorted(names) != sorted(expected):
+            raise StoreError(f"a membership part does not have the snapshot's columns ({part.name})")
+    final = folder / f"{as_of:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = fsutil.tmp_path_for(final)
+    if not parts:
+        pl.DataFrame(schema={"pid": pl.String, **dict.fromkeys(segments, pl.Boolean)}).write_parquet(tmp)
+    elif len(parts) == 1:
+        os.replace(parts[0], tmp)  # same file system: the staging folder is inside the data directory
+    else:
+        # Streamed part by part: memory stays at one part's size, not the snapshot's.
+        scans = [pl.scan_parquet(p).select(expected) for p in parts]
+        pl.concat(scans, how="vertical").sink_parquet(tmp, compression="zstd")
+    fsutil.publish(tmp, final)
+    people = int(pl.scan_parquet(final).select(pl.len()).collect().item())
+    return final, people
 
 
 def _record(conn: sqlite3.Connection, keyset: Keyset, final: Path, snap: Snapshot) -> Snapshot:

@@ -131,7 +131,9 @@ def snapshot_status(dep: DepDep, who: AdminOrMarketer) -> SnapshotStatus:
 @router.post("/snapshots")
 def recompute(dep: DepDep, _who: Admin) -> Recomputed:
     """Recompute the membership snapshot of every active segment now."""
-    snap, timings = engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
+    snap, timings = engine.compute_snapshot(
+        store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, runner=dep.snapshot_runner()
+    )
     return Recomputed(
         snapshot=SnapshotInfo.model_validate(snap.public() | {"people": snap.people}), timings=timings
     )

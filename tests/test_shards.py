@@ -1,0 +1,243 @@
+"""Person shards: the store partitioned by person, and the sharded engine giving the unsharded
+engine's memberships exactly, in bounded pieces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from privseg import shards
+from privseg.db import get_meta
+from privseg.demo_data import DemoFiles
+from privseg.deployment import Deployment
+from privseg.ingest.files import ingest_files
+from privseg.pseudonym import Pseudonymizer
+from privseg.segments import engine, staging
+from privseg.segments.sharded import parts_for, sharded_runner
+from privseg.settings import Settings
+from tests.conftest import (
+    AS_OF,
+    PROFILE_HEADER,
+    make_settings,
+    prepare,
+    prepare_patched,
+    profile_row,
+    write_csv,
+)
+
+
+def test_shards_of_real_pseudonyms_are_spread_and_stable(dep: Deployment) -> None:
+    pseudo = Pseudonymizer(dep.keyset, "email")
+    pids = pseudo.encrypt_series(pl.Series([f"person{i}@example.com" for i in range(20_000)]))
+    frame = pl.DataFrame({"pid": pids}).with_columns(shards.shard_expr(64))
+    sizes = frame.group_by("shard").len().get_column("len")
+    assert frame.get_column("shard").n_unique() == 64
+    # 20,000 over 64 shards: 312 expected, a binomial spread of about 17.
+    assert sizes.min() > 230 and sizes.max() < 400  # type: ignore[operator]
+    again = pl.DataFrame({"pid": pids}).with_columns(shards.shard_expr(64))
+    assert again.equals(frame)
+    # A coarser count is the finer one folded: shard mod 8 (the 18 bits are read the same way).
+    coarse = pl.DataFrame({"pid": pids}).with_columns(shards.shard_expr(8)).get_column("shard")
+    assert (coarse == frame.get_column("shard") % 8).all()
+
+
+def test_shard_count_must_be_a_power_of_two() -> None:
+    for bad in (0, 3, 100, 8192):
+        with pytest.raises(ValueError, match="power of two"):
+            shards.check_count(bad)
+    with pytest.raises(ValueError, match="power of two"):
+        Settings(shards=48)
+    assert [len(g) for g in shards.groups(64, 3)] == [22, 21, 21]
+    assert [g.start for g in shards.groups(4, 9)] == [0, 1, 2, 3]
+
+
+def test_store_files_carry_sorted_shards_and_the_count_is_fixed_at_creation(
+    tmp_path: Path, demo_files: DemoFiles
+) -> None:
+    settings = make_settings(tmp_path).model_copy(update={"shards": 16})
+    from privseg.keyset import create_keyset
+
+    create_keyset(settings.keyset, "test")
+    dep = Deployment(settings)
+    try:
+        prepare(dep, demo_files.customers, demo_files.events, snapshots=())
+        assert get_meta(dep.store.conn, "shards") == "16"
+        for batch in dep.store.batches():
+            frame = pl.read_parquet(dep.store.path_of(batch))
+            assert frame.get_column("shard").is_sorted()
+            assert frame.get_column("shard").equals(frame.select(shards.shard_expr(16)).to_series())
+        # The store's readers never show the column.
+        assert "shard" not in dep.store.scan_events().collect_schema()  # type: ignore[union-attr]
+        assert "shard" not in dep.store.scan_profiles().collect_schema()  # type: ignore[union-attr]
+    finally:
+        dep.close()
+    # Another process configured for 64 shards keeps the store's 16: mixed counts would split a
+    # person's rows across shards.
+    later = Deployment(settings.model_copy(update={"shards": 64}))
+    try:
+        assert later.store.shard_count() == 16
+        rows = [profile_row("NEW1")]
+        path = write_csv(tmp_path / "more.csv", PROFILE_HEADER, rows)
+        ingest_files(
+            store=later.store, keyset=later.keyset, policy=later.ingest_policy, kind="profiles", paths=[path]
+        )
+        newest = later.store.batches("profiles")[-1]
+        assert pl.read_parquet(later.store.path_of(newest)).get_column("shard").max() < 16  # type: ignore[operator]
+    finally:
+        later.close()
+
+
+def test_groups_of_shards_partition_people_and_their_rows(ready: Deployment) -> None:
+    store = ready.store
+    whole_events = store.scan_events().collect()  # type: ignore[union-attr]
+    whole_profiles = store.scan_profiles().collect()  # type: ignore[union-attr]
+    seen_people: set[str] = set()
+    events_rows = profile_rows = 0
+    for group in shards.groups(store.shard_count(), 5):
+        events = store.scan_events(group).collect()  # type: ignore[union-attr]
+        profiles = store.scan_profiles(group).collect()  # type: ignore[union-attr]
+        people = set(events.get_column("pid")) | set(profiles.get_column("pid"))
+        assert not people & seen_people, "a person's rows must all be in one group"
+        seen_people |= people
+        events_rows += events.height
+        profile_rows += profiles.height
+    assert events_rows == whole_events.height
+    assert profile_rows == whole_profiles.height
+    assert seen_people == set(whole_events.get_column("pid")) | set(whole_profiles.get_column("pid"))
+
+
+def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(sorted(frame.columns)).sort("pid")
+
+
+@pytest.fixture
+def ready(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
+    return prepare_patched(dep, demo_files, tmp_path)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 64])
+def test_sharded_engine_gives_the_local_engine_memberships_cell_by_cell(
+    ready: Deployment, parts: int, tmp_path: Path
+) -> None:
+    compiler = ready.compiler()
+    local, _ = engine.membership(compiler, ready.store, AS_OF)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    timings = sharded_runner(parts=parts)(compiler, ready.store, AS_OF, folder, lambda _m: None)
+    assert timings["groups"] == parts
+    written = staging.parts(folder)
+    assert len(written) == parts
+    sharded = pl.concat([pl.read_parquet(p) for p in written], how="vertical")
+    assert local.height == sharded.height == sharded.get_column("pid").n_unique()
+    assert _sorted(sharded).equals(_sorted(local))
+    # Not a vacuous comparison: the example segments hold people and leave people out.
+    sums = local.drop("pid").sum().row(0)
+    assert any(s > 0 for s in sums) and any(s < local.height for s in sums)
+
+
+def test_sharded_snapshot_releases_the_same_exact_counts(ready: Deployment) -> None:
+    compiler = ready.compiler()
+    local, _ = engine.compute_snapshot(store=ready.store, compiler=compiler, keyset=ready.keyset, as_of=AS_OF)
+    sharded, timings = engine.compute_snapshot(
+        store=ready.store,
+        compiler=compiler,
+        keyset=ready.keyset,
+        as_of=AS_OF,
+        runner=sharded_runner(parts=4),
+    )
+    assert timings["groups"] == 4
+    assert sharded.people == local.people
+    a = pl.read_parquet(engine.snapshot_path(ready.store, local))
+    b = pl.read_parquet(engine.snapshot_path(ready.store, sharded))
+    assert _sorted(a).equals(_sorted(b))
+    assert not any(staging.root(ready.store.data_dir).iterdir()), "staging folders are removed"
+
+
+def test_a_failed_computation_leaves_no_snapshot_and_no_staged_rows(ready: Deployment) -> None:
+    def failing(*args: object) -> dict[str, float]:
+        compiler, store, as_of, folder, progress = args
+        sharded_runner(parts=2)(compiler, store, as_of, folder, progress)  # type: ignore[arg-type]
+        raise RuntimeError("task lost")
+
+    snapshots = ready.store.data_dir / "snapshots"
+    before = os.listdir(snapshots) if snapshots.exists() else []
+    with pytest.raises(RuntimeError, match="task lost"):
+        engine.compute_snapshot(
+            store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF, runner=failing
+        )
+    assert engine.latest(ready.store.conn) is None
+    assert (os.listdir(snapshots) if snapshots.exists() else []) == before
+    assert not any(staging.root(ready.store.data_dir).iterdir())
+
+
+def test_staging_left_by_a_dead_process_is_swept_but_a_live_one_is_kept(ready: Deployment) -> None:
+    data = ready.store.data_dir
+    dead = staging.root(data) / "dead"
+    dead.mkdir(parents=True)
+    (dead / staging.LOCK).touch()
+    (dead / "part-00000.parquet").write_bytes(b"person rows")
+    with staging.folder(data) as live:
+        assert staging.sweep(data) == 1
+        assert live.exists() and not dead.exists()
+    assert not live.exists()
+
+
+def test_a_part_with_other_columns_is_refused(ready: Deployment) -> None:
+    def shifted(
+        compiler: object, store: object, as_of: object, folder: Path, progress: object
+    ) -> dict[str, float]:
+        pl.DataFrame({"pid": ["k1.x"], "not_a_segment": [True]}).write_parquet(folder / "part-0.parquet")
+        return {}
+
+    from privseg.errors import StoreError
+
+    with pytest.raises(StoreError, match="columns"):
+        engine.compute_snapshot(
+            store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF, runner=shifted
+        )
+    assert engine.latest(ready.store.conn) is None
+
+
+def test_parts_follow_the_memory_budget(ready: Deployment) -> None:
+    plan = ready.compiler().compile(AS_OF)
+    store = ready.store
+    assert parts_for(plan, store, 1e12) == 1
+    tiny = parts_for(plan, store, 1e5)
+    assert tiny == store.shard_count()
+    middle = parts_for(plan, store, 4e6)
+    assert 1 < middle < store.shard_count() and middle & (middle - 1) == 0
+
+
+def test_unsharded_files_from_before_are_read_shard_by_shard(ready: Deployment) -> None:
+    """A store written before shards existed has no shard column: readers compute it."""
+    store = ready.store
+    for batch in store.batches():
+        path = store.path_of(batch)
+        pl.read_parquet(path).drop("shard").write_parquet(path.with_suffix(".tmp"))
+        shutil.move(path.with_suffix(".tmp"), path)
+    local, _ = engine.membership(ready.compiler(), store, AS_OF)
+    parts = []
+    for group in shards.groups(store.shard_count(), 4):
+        plan = ready.compiler().compile(AS_OF)
+        profiles, events = engine.load(plan, ready.compiler(), store, group)
+        parts.append(engine.evaluate(plan, profiles=profiles, events=events)[0])
+    assert _sorted(pl.concat(parts)).equals(_sorted(local))
+
+
+def test_cli_computes_with_the_sharded_engine(ready: Deployment, settings: Settings) -> None:
+    from tests.conftest import run_cli
+
+    out = run_cli(
+        settings, "segments", "compute", "--engine", "sharded", "--as-of", AS_OF.isoformat(), "--json"
+    )
+    assert '"groups"' in out.stdout
+    snap = engine.latest(ready.store.conn)
+    assert snap is not None
+    local, _ = engine.membership(ready.compiler(), ready.store, AS_OF)
+    assert _sorted(pl.read_parquet(engine.snapshot_path(ready.store, snap))).equals(_sorted(local))
+    bad = run_cli(settings, "segments", "compute", "--engine", "gpu", check=False)
+    assert bad.returncode == 2 and "unknown engine" in bad.stderr

