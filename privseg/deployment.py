@@ -113,7 +113,9 @@ class Deployment:
             from privseg.spark.runner import spark_runner
 
             return spark_runner(
-                master=spark_master or self.settings.spark_master, store_uri=self.settings.spark_store_uri
+                master=spark_master or self.settings.spark_master,
+                store_uri=self.settings.spark_store_uri,
+                conf=self.settings.spark_conf,
             )
         raise InvalidInput(f"unknown engine {name!r}: local, sharded or spark")
 

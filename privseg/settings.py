@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         description="Where Spark executors read the store's data directory (e.g. s3a://bucket/privseg/data "
         "or a shared mount); default: the local data directory (local[N] masters).",
     )
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description='Extra Spark settings for the spark engine, as JSON (e.g. {"spark.executor.memory": '
+        '"8g"}); a local master gets spark.driver.memory 4g unless set here.',
+    )
     console_idle_minutes: float = Field(
         30.0, gt=0, description="A console session ends after this many minutes without a request."
     )

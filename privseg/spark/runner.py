@@ -10,6 +10,7 @@ removed.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,21 +20,28 @@ import polars as pl
 
 from privseg import shards
 from privseg.errors import StoreError
+from privseg.segments import staging
 from privseg.segments.compiler import Compiler, Plan
 from privseg.segments.engine import Progress, Runner
 from privseg.segments.features import TS_DTYPE
 from privseg.spark import session as spark_session
-from privseg.spark.kernel import BATCH, EVENT, KIND, PROFILE, Kernel, event_column, profile_column
+from privseg.spark.kernel import BATCH, EVENT, KIND, PROFILE, Kernel, event_column, profile_column, unpack
 from privseg.store import Store
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
-OUTPUT = "members"
+PACKED = "packed"
 
 
-def spark_runner(*, master: str, store_uri: str | None = None, partitions: int | None = None) -> Runner:
+def spark_runner(
+    *,
+    master: str,
+    store_uri: str | None = None,
+    partitions: int | None = None,
+    conf: dict[str, str] | None = None,
+) -> Runner:
     """A runner on the Spark cluster at ``master``; ``store_uri``: where executors read the store's
     data directory (default: its local path, right for ``local[N]`` masters and shared mounts)."""
 
@@ -42,15 +50,15 @@ def spark_runner(*, master: str, store_uri: str | None = None, partitions: int |
     ) -> dict[str, float]:
         plan = compiler.compile(as_of)
         t = time.perf_counter()
-        with spark_session.session(master) as spark:
+        with spark_session.session(master, conf=conf) as spark:
             started = time.perf_counter() - t
             progress(f"Spark session on {master} ({started:.1f}s); evaluating {len(plan.segments)} segments")
             t = time.perf_counter()
             frame, kernel = _inputs(spark, plan, compiler, store, store_uri or str(store.data_dir))
             count = partitions or max(spark.sparkContext.defaultParallelism, min(store.shard_count(), 64))
-            result = frame.repartition(count, shards.SHARD).mapInArrow(kernel, _schema(plan))
+            result = frame.repartition(count, shards.SHARD).mapInArrow(kernel, "pid string, bits binary")
             try:
-                result.write.mode("errorifexists").option("compression", "zstd").parquet(str(folder / OUTPUT))
+                result.write.mode("errorifexists").option("compression", "zstd").parquet(str(folder / PACKED))
             except Exception as exc:
                 # The JVM's message may quote a row; the failed task's log on the cluster has it.
                 log.error("the Spark job failed: %s", type(exc).__name__)
@@ -58,9 +66,13 @@ def spark_runner(*, master: str, store_uri: str | None = None, partitions: int |
                     "the Spark job computing the snapshot failed (the failed task's log on the cluster "
                     "says why); no snapshot was recorded"
                 ) from None
+        job = time.perf_counter() - t
+        t = time.perf_counter()
+        _unpack_parts(folder, list(plan.segments))
         return {
             "spark_session": started,
-            "spark_job": time.perf_counter() - t,
+            "spark_job": job,
+            "unpack": time.perf_counter() - t,
             "features_count": len(plan.features),
             "partitions": count,
         }
@@ -68,8 +80,16 @@ def spark_runner(*, master: str, store_uri: str | None = None, partitions: int |
     return run
 
 
-def _schema(plan: Plan) -> str:
-    return ", ".join(["pid string", *(f"`{sid}` boolean" for sid in plan.segments)])
+def _unpack_parts(folder: Path, segments: list[str]) -> None:
+    """Turn each packed part the executors wrote into a part of Boolean columns, one at a time (memory:
+    one part), and remove the packed output."""
+    packed = folder / PACKED
+    for i, part in enumerate(staging.parts(packed)):
+        unpack(pl.read_parquet(part), segments).write_parquet(
+            folder / f"part-{i:05d}.parquet", compression="zstd"
+        )
+        part.unlink()
+    shutil.rmtree(packed, ignore_errors=True)
 
 
 def _inputs(

@@ -36,7 +36,9 @@ def java_home() -> Path:
 
 
 @contextmanager
-def session(master: str, *, app: str = "privseg") -> Iterator[SparkSession]:
+def session(
+    master: str, *, app: str = "privseg", conf: dict[str, str] | None = None
+) -> Iterator[SparkSession]:
     """A Spark session for ``master``: an already running one is reused and left running (tests keep
     one per module), one started here is stopped on exit."""
     try:
