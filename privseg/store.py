@@ -389,6 +389,7 @@ class Store:
         out: dict[str, Any] = {
             "namespace": get_meta(self.conn, "namespace"),
             "key_version": self.key_version(),
+            "shards": self.shard_count(),
         }
         for kind in KINDS:
             bs = self.batches(kind)

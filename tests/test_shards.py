@@ -17,7 +17,7 @@ from privseg.deployment import Deployment
 from privseg.ingest.files import ingest_files
 from privseg.pseudonym import Pseudonymizer
 from privseg.segments import engine, staging
-from privseg.segments.sharded import parts_for, sharded_runner
+from privseg.segments.sharded import estimate_bytes, parts_for, sharded_runner
 from privseg.settings import Settings
 from tests.conftest import (
     AS_OF,
@@ -181,6 +181,7 @@ def test_staging_left_by_a_dead_process_is_swept_but_a_live_one_is_kept(ready: D
     (dead / staging.LOCK).touch()
     (dead / "part-00000.parquet").write_bytes(b"person rows")
     with staging.folder(data) as live:
+        assert live.stat().st_mode & 0o777 == 0o700
         assert staging.sweep(data) == 1
         assert live.exists() and not dead.exists()
     assert not live.exists()
@@ -205,11 +206,10 @@ def test_a_part_with_other_columns_is_refused(ready: Deployment) -> None:
 def test_parts_follow_the_memory_budget(ready: Deployment) -> None:
     plan = ready.compiler().compile(AS_OF)
     store = ready.store
-    assert parts_for(plan, store, 1e12) == 1
-    tiny = parts_for(plan, store, 1e5)
-    assert tiny == store.shard_count()
-    middle = parts_for(plan, store, 4e6)
-    assert 1 < middle < store.shard_count() and middle & (middle - 1) == 0
+    whole = estimate_bytes(plan, store)
+    assert parts_for(plan, store, whole * 2) == 1
+    assert parts_for(plan, store, whole / 5) == 8  # 5 groups needed: the next power of two
+    assert parts_for(plan, store, whole / 1000) == store.shard_count()  # never more than the shards
 
 
 def test_unsharded_files_from_before_are_read_shard_by_shard(ready: Deployment) -> None:

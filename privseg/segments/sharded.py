@@ -20,23 +20,28 @@ from privseg.segments.compiler import Compiler, Plan
 from privseg.segments.engine import Progress, Runner, evaluate, load
 from privseg.store import Store
 
-# Bytes per person and per event row the evaluation holds at its peak, measured with
-# benchmarks/scale.py (peak RSS over people and events at 1M customers, 2,000 segments, the local
-# engine); the factor 2 leaves room for Polars' intermediates and the allocator.
-BYTES_PER_COLUMN = 8
+# What the evaluation holds at its peak, per person and per event row, fitted to benchmarks/scale.py
+# (2,000 segments over 559 features and 213 shared conditions, 1M customers and 10M events: the local
+# engine peaked at 3.7 GB; this model says 4.5 GB before the margin): a feature column is a 4-byte
+# count or an 8-byte sum or time, a shared condition a Boolean (1 byte while built), a membership a
+# bit; an event row holds its read columns. The margin covers Polars' intermediates.
+BYTES_PER_FEATURE = 6
+BYTES_PER_SHARED = 1
 BYTES_PER_EVENT_COLUMN = 12
-SAFETY = 2.0
+MARGIN = 1.25
 
 
 def estimate_bytes(plan: Plan, store: Store) -> int:
-    """Memory to evaluate the whole store at once (an upper bound: people are counted per batch)."""
+    """Memory to evaluate the whole store at once (people are counted per batch: an upper bound)."""
     profile_batches, event_batches = store.batches("profiles"), store.batches("events")
     people = sum(b.people for b in profile_batches) or sum(b.people for b in event_batches)
     events = sum(b.rows for b in event_batches)
-    columns = len(plan.features) + len(plan.derived) + sum(len(level) for level in plan.shared)
-    per_person = BYTES_PER_COLUMN * columns + len(plan.segments) // 8 + 64
+    shared = len(plan.derived) + sum(len(level) for level in plan.shared)
+    per_person = (
+        BYTES_PER_FEATURE * len(plan.features) + BYTES_PER_SHARED * shared + len(plan.segments) // 8 + 64
+    )
     per_event = BYTES_PER_EVENT_COLUMN * len(plan.event_columns())
-    return int(SAFETY * (people * per_person + events * per_event))
+    return int(MARGIN * (people * per_person + events * per_event))
 
 
 def parts_for(plan: Plan, store: Store, memory_bytes: float) -> int:

@@ -106,6 +106,7 @@ def unpack(packed: pl.DataFrame, segments: list[str]) -> pl.DataFrame:
     width = (len(segments) + 7) // 8
     raw = np.frombuffer(b"".join(packed.get_column("bits").to_list()), dtype=np.uint8)
     bits = np.unpackbits(raw.reshape(packed.height, width), axis=1, count=len(segments)).astype(np.bool_)
-    return pl.DataFrame({"pid": packed.get_column("pid")}).with_columns(
-        pl.Series(sid, bits[:, i]) for i, sid in enumerate(segments)
+    return pl.concat(
+        [packed.select("pid"), pl.from_numpy(bits, schema=dict.fromkeys(segments, pl.Boolean), orient="row")],
+        how="horizontal",
     )
