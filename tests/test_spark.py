@@ -107,7 +107,9 @@ def test_no_person_row_is_collected_to_the_driver(
         monkeypatch.setattr(RDD, name, refused)
     folder = tmp_path / "stage"
     folder.mkdir()
-    timings = spark_runner(master="local[2]")(ready.compiler(), ready.store, AS_OF, folder, lambda _m: None)
+    # Executors read the store through a URI (PRIVSEG_SPARK_STORE_URI), as they would s3a:// on a cluster.
+    runner = spark_runner(master="local[2]", store_uri=f"file://{ready.store.data_dir}")
+    timings = runner(ready.compiler(), ready.store, AS_OF, folder, lambda _m: None)
     assert all(isinstance(v, int | float) for v in timings.values()), "only figures come back"
     assert staging.parts(folder)
 
