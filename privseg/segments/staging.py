@@ -29,7 +29,8 @@ def root(data_dir: Path) -> Path:
 @contextmanager
 def folder(data_dir: Path) -> Iterator[Path]:
     """A new private staging folder, locked by this process and removed on exit."""
-    path = fsutil.private_dir(root(data_dir) / uuid.uuid4().hex)
+    # (private_dir's mode applies to the leaf only: the root is made private first.)
+    path = fsutil.private_dir(fsutil.private_dir(root(data_dir)) / uuid.uuid4().hex)
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
