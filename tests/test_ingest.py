@@ -3,7 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import polars as pl
@@ -94,7 +94,17 @@ def test_events_are_parsed_to_utc(dep: Deployment, tmp_path: Path) -> None:
     df = dep.store.scan_events().collect()  # type: ignore[union-attr]
     assert df.schema["ts"] == pl.Datetime("us", "UTC")
     assert df.get_column("ts").dt.hour().to_list() == [10, 10, 10, 10]
-    assert df.get_column("value").to_list() == [19.99, 19.99, None, 19.99]
+    # Rows are stored sorted by person shard (a person's rows keep their order, people do not): so
+    # each person's rows are checked in the file's order.
+    per_person = sorted(
+        df.group_by("pid", maintain_order=True).agg("value", "ts").select("value", "ts").rows(),
+        key=lambda r: r[1][0] != r[1][1],
+    )
+    t10 = datetime(2026, 5, 30, 10, tzinfo=UTC)
+    assert per_person == [  # C1: both at 10:00 UTC; C2: the null value, then the .250 s page view
+        ([19.99, 19.99], [t10, t10]),
+        ([None, 19.99], [t10, t10.replace(microsecond=250_000)]),
+    ]
     assert df.get_column("campaign").null_count() == 1
     assert df.get_column("variant").null_count() == 4  # column absent from the file
 
