@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+OWNER_LOCK = ".in-use"
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -69,3 +75,49 @@ def write_private_bytes(final: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+@contextmanager
+def owned_folder(root: Path) -> Iterator[Path]:
+    """A new private folder under ``root`` (made private too), held by this process (a lock inside it)
+    while in use and removed after, whatever happens: for files that must not outlive their use
+    (raw uploads, a computation's person-level parts)."""
+    folder = Path(tempfile.mkdtemp(dir=private_dir(root)))
+    fd = os.open(folder / OWNER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_abandoned(root: Path, *, lockless: bool) -> int:
+    """Delete the :func:`owned_folder` folders under ``root`` whose owner is gone (their lock is free);
+    with ``lockless``, also those without a lock (killed between creating the folder and locking it;
+    only safe when no owner can be starting, e.g. at server start). Returns how many."""
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in root.iterdir():
+        try:
+            fd: int | None = os.open(folder / OWNER_LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            if not lockless:
+                continue
+            fd = None
+        except NotADirectoryError:
+            folder.unlink(missing_ok=True)
+            removed += 1
+            continue
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its owner is at work
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        except BlockingIOError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from privseg import shards
+from privseg import fsutil, shards
 from privseg.db import get_meta
 from privseg.demo_data import DemoFiles
 from privseg.deployment import Deployment
@@ -178,7 +178,7 @@ def test_staging_left_by_a_dead_process_is_swept_but_a_live_one_is_kept(ready: D
     data = ready.store.data_dir
     dead = staging.root(data) / "dead"
     dead.mkdir(parents=True)
-    (dead / staging.LOCK).touch()
+    (dead / fsutil.OWNER_LOCK).touch()
     (dead / "part-00000.parquet").write_bytes(b"person rows")
     with staging.folder(data) as live:
         assert live.stat().st_mode & 0o777 == 0o700

@@ -5,20 +5,16 @@ sub-folder locked while in use, and anything a killed server left behind is dele
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from privseg.errors import InvalidInput, PayloadTooLarge
-from privseg.fsutil import private_dir
+from privseg.fsutil import owned_folder, remove_abandoned
 
 log = logging.getLogger(__name__)
-_LOCK = ".in-use"
 
 
 def upload_name(filename: str) -> str:
@@ -47,44 +43,14 @@ async def receive(chunks: AsyncIterator[bytes], path: Path, limit: int) -> int:
     return size
 
 
-@contextmanager
-def upload_folder(root: Path) -> Iterator[Path]:
+def upload_folder(root: Path) -> AbstractContextManager[Path]:
     """A fresh private folder for one upload, locked while the upload is in flight, removed after."""
-    folder = Path(tempfile.mkdtemp(dir=private_dir(root)))
-    fd = os.open(folder / _LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.close(fd)
+    return owned_folder(root)
 
 
 def clear_stale(root: Path) -> int:
     """Delete upload folders nobody holds (their server died mid-upload); returns how many."""
-    if not root.is_dir():
-        return 0
-    removed = 0
-    for folder in root.iterdir():
-        lock = folder / _LOCK
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None  # a folder killed before its lock existed
-        except NotADirectoryError:
-            folder.unlink(missing_ok=True)
-            removed += 1
-            continue
-        try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: an upload in flight elsewhere
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
-        except BlockingIOError:
-            pass
-        finally:
-            if fd is not None:
-                os.close(fd)
+    removed = remove_abandoned(root, lockless=True)
     if removed:
         log.warning("removed %d upload(s) left by a server that stopped mid-upload", removed)
     return removed

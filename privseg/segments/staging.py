@@ -9,35 +9,19 @@ snapshot writer sweeps every folder whose lock it can take.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from privseg import fsutil
-
-LOCK = ".owner.lock"
 
 
 def root(data_dir: Path) -> Path:
     return data_dir / "staging"
 
 
-@contextmanager
-def folder(data_dir: Path) -> Iterator[Path]:
+def folder(data_dir: Path) -> AbstractContextManager[Path]:
     """A new private staging folder, locked by this process and removed on exit."""
-    # (private_dir's mode applies to the leaf only: the root is made private first.)
-    path = fsutil.private_dir(fsutil.private_dir(root(data_dir)) / uuid.uuid4().hex)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
+    return fsutil.owned_folder(root(data_dir))
 
 
 def parts(path: Path) -> list[Path]:
@@ -46,24 +30,6 @@ def parts(path: Path) -> list[Path]:
 
 
 def sweep(data_dir: Path) -> int:
-    """Remove staging folders whose owner is gone; returns how many."""
-    base = root(data_dir)
-    if not base.exists():
-        return 0
-    removed = 0
-    for path in base.iterdir():
-        try:
-            fd = os.open(path / LOCK, os.O_RDWR)
-        except FileNotFoundError:
-            continue  # its owner is between creating the folder and locking it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue  # its computation is running
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
-        finally:
-            os.close(fd)
-    return removed
+    """Remove staging folders whose owner is gone; returns how many. (A folder not yet locked is
+    left: its owner may be starting.)"""
+    return fsutil.remove_abandoned(root(data_dir), lockless=False)
