@@ -7,7 +7,10 @@ identifiers, key material or field values from customer data.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (not imported at run time: the CLI's start-up must not pay for pydantic)
+    from pydantic import ValidationError
 
 
 class PrivsegError(Exception):

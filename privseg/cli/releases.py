@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from privseg.cli.shell import (
     JsonOpt,
@@ -171,6 +170,8 @@ def trend_cmd(
 ) -> None:
     """A DP trend: people per calendar period over a window, as one release (first events through the
     binary-tree mechanism, whose error grows with log T rather than T)."""
+    from pydantic import ValidationError  # (here: the CLI's start-up does not import pydantic)
+
     from privseg import release
 
     try:
@@ -208,6 +209,8 @@ def personas_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """DP personas: k behavioural centers by differentially private k-means over chosen features."""
+    from pydantic import ValidationError  # (here: the CLI's start-up does not import pydantic)
+
     from privseg import release
 
     try:
