@@ -11,8 +11,10 @@ requests/s, p50 and p99 latency, and the ratio of HTTP p50 to in-process p50.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -86,6 +88,50 @@ def _load(
     for t in threads:
         t.join()
     return time.perf_counter() - t0, latencies, errors
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
+def _wrk(
+    url: str, concurrency: int, seconds: int, body: str | None = None, token: str = ""
+) -> dict[str, Any]:
+    """Requests/s and latency percentiles from wrk (a C load generator: the Python client above
+    saturates its own core long before the server does). ``body``: POST it as JSON."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        if body is not None:
+            fh.write(_WRK_SCRIPT % (body, token))
+        script = fh.name
+    try:
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", script, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(script)
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        assert match, out
+        return float(match.group(1)) * units[match.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    assert rps, out
+    return {
+        "rps": float(rps.group(1)),
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+    }
 
 
 def main() -> None:
@@ -201,6 +247,30 @@ def main() -> None:
                             f"{_pct(lat, 0.5) / base_p50:.2f}",
                         ]
                     )
+            if shutil.which("wrk"):
+                # The same cached report from wrk, and /healthz (the cheapest route of the same server:
+                # what the framework and uvicorn cost) as its floor.
+                for c in (32,):
+                    for kind, url, body in (
+                        ("cached (wrk)", f"{base}/v1/reports/cohort", json.dumps(cached_body)),
+                        ("healthz (wrk)", f"{base}/healthz", None),
+                    ):
+                        r = _wrk(url, c, 10, body, token)
+                        results[f"{kind.split()[0]}_wrk_c{c}"] = r
+                        rows.append(
+                            [
+                                kind,
+                                c,
+                                f"{r['rps']:.1f}",
+                                f"{r['p50'] * 1000:.1f}",
+                                f"{r['p99'] * 1000:.1f}",
+                                r["errors"],
+                                "-",
+                                "-",
+                            ]
+                        )
+            else:
+                print("wrk not found (apt-get install wrk): the wrk rows are skipped", file=sys.stderr)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)

@@ -234,6 +234,18 @@ def test_identical_requests_are_cached_and_free(ready: Deployment) -> None:
     engine.compute_snapshot(store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF)
     third = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
     assert not third["cached"] and spent(ready) == ledger.to_micro(1.0)
+    # The HTTP path sends a cached release as its stored text: byte for byte what encoding the
+    # cached answer gives, and it spends nothing either.
+    req = release.CohortReportRequest(
+        segments=["cart_abandoners_7d", "frequent_buyers"], breakdown=["age_band"]
+    )
+    text = release.run_json(ready.release_context(), req, "growth_team")
+    assert text == json.dumps(release.run(ready.release_context(), req, "growth_team"))
+    assert json.loads(text) == {**third, "cached": True, "charged_epsilon": 0.0}
+    assert spent(ready) == ledger.to_micro(1.0)
+    fresh = release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"])
+    first_text = release.run_json(ready.release_context(), fresh, "growth_team")
+    assert json.loads(first_text)["cached"] is False and spent(ready) == ledger.to_micro(1.5)
 
 
 def test_dry_run_states_cost_and_accuracy_and_spends_nothing(ready: Deployment) -> None:

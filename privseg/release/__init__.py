@@ -6,7 +6,7 @@ charges, draws OpenDP noise, suppresses and caches for all of them.
 """
 
 from privseg.release.context import ReleaseContext
-from privseg.release.engine import PENDING_TIMEOUT, cache_key, dry_run, plan, release, run, text
+from privseg.release.engine import PENDING_TIMEOUT, cache_key, dry_run, plan, release, run, run_json, text
 from privseg.release.kinds.ab_lift import LiftRequest
 from privseg.release.kinds.audience_insight import InsightRequest, PartnerInsightRequest
 from privseg.release.kinds.cohort_report import CohortReportRequest, Measure
@@ -45,5 +45,6 @@ __all__ = [
     "release",
     "released",
     "run",
+    "run_json",
     "text",
 ]

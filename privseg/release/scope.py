@@ -106,12 +106,12 @@ def snapshot(ctx: ReleaseContext, snapshot_id: int | None = None) -> engine.Snap
         if snap is None or snap.file is None:
             raise NotFound("no membership snapshot yet: run `privseg segments compute`")
         return _same_key(ctx, snap)
-    found = [s for s in engine.snapshots(ctx.store.conn) if s.id == snapshot_id]
-    if not found:
+    found = engine.get(ctx.store.conn, snapshot_id)
+    if found is None:
         raise NotFound(f"no snapshot {snapshot_id}")
-    if found[0].file is None:
+    if found.file is None:
         raise NotFound(f"snapshot {snapshot_id} was pruned (only the last {engine.KEEP_SNAPSHOTS} are kept)")
-    return _same_key(ctx, found[0])
+    return _same_key(ctx, found)
 
 
 def _same_key(ctx: ReleaseContext, snap: engine.Snapshot) -> engine.Snapshot:

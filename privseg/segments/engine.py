@@ -329,17 +329,25 @@ def _row(r: tuple[Any, ...]) -> Snapshot:
     )
 
 
+_COLUMNS = (
+    "id, as_of, computed_at, file, people, segments, traits, batches, policy_hash, categories, key_version"
+)
+
+
 def snapshots(conn: sqlite3.Connection) -> list[Snapshot]:
-    rows = conn.execute(
-        "SELECT id, as_of, computed_at, file, people, segments, traits, batches, policy_hash, categories, "
-        "key_version FROM snapshots ORDER BY id"
-    ).fetchall()
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM snapshots ORDER BY id").fetchall()
     return [_row(r) for r in rows]
 
 
 def latest(conn: sqlite3.Connection) -> Snapshot | None:
-    all_ = snapshots(conn)
-    return all_[-1] if all_ else None
+    # One row, not every snapshot ever computed: every release asks (rows outlive their pruned files).
+    row = conn.execute(f"SELECT {_COLUMNS} FROM snapshots ORDER BY id DESC LIMIT 1").fetchone()
+    return None if row is None else _row(row)
+
+
+def get(conn: sqlite3.Connection, snapshot_id: int) -> Snapshot | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+    return None if row is None else _row(row)
 
 
 def staleness(store: Store, snap: Snapshot | None, *, policy_hash: str) -> list[str]:
