@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         8.0,
         gt=0,
         description="The sharded engine loads as many shards at a time as fit this much memory (estimated "
-        "from the store's size on disk).",
+        "from the manifest's people and event counts and the columns the segments read).",
     )
     spark_master: str = Field(
         "local[2]", description="Spark master URL for the spark engine (local[N], spark://host:port, yarn)."

@@ -55,7 +55,9 @@ def spark_runner(
             progress(f"Spark session on {master} ({started:.1f}s); evaluating {len(plan.segments)} segments")
             t = time.perf_counter()
             frame, kernel = _inputs(spark, plan, compiler, store, store_uri or str(store.data_dir))
-            count = partitions or max(spark.sparkContext.defaultParallelism, min(store.shard_count(), 64))
+            # One partition per shard (hashed: a partition may get two small ones, another none), so a
+            # task's memory follows the shard size, as the scaling model in the README assumes.
+            count = partitions or max(spark.sparkContext.defaultParallelism, store.shard_count())
             result = frame.repartition(count, shards.SHARD).mapInArrow(kernel, "pid string, bits binary")
             try:
                 result.write.mode("errorifexists").option("compression", "zstd").parquet(str(folder / PACKED))
