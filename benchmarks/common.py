@@ -52,3 +52,20 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def large_budget_policies(tmp: Path) -> Path:
+    """A copy of policies/ under ``tmp`` whose budgets no benchmark run exhausts (each run spends real
+    budget on its store: with the shipped budgets, a few runs in one 30-day period use it all up)."""
+    import shutil
+
+    import yaml
+
+    target = tmp / "policies"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "policies", target)
+    for f in (target / "categories").glob("*.yaml"):
+        doc = yaml.safe_load(f.read_text())
+        doc["budget"]["per_recipient"] = 100_000.0 if doc["name"] == "general" else 1.0
+        doc["budget"]["category_cap"] = 1_000_000.0 if doc["name"] == "general" else 2.0
+        f.write_text(yaml.safe_dump(doc))
+    return target

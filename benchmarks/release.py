@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import print_table, run_phase, write_results
-from benchmarks.segments import _deployment, definitions
+from benchmarks.common import large_budget_policies, print_table, run_phase, write_results
+from benchmarks.segments import _bench_home, definitions
 
 HERE = Path(__file__).resolve()
 DIMS = ["age_band", "region"]
@@ -36,10 +36,16 @@ RECIPIENTS = ["growth_team", "crm_team", "brand_team"]
 
 
 def _prepare(customers: int) -> tuple[Any, list[str]]:
+    from privseg.deployment import Deployment
     from privseg.segments import definitions as defs
     from privseg.segments import engine
+    from privseg.settings import Settings
 
-    dep = _deployment(customers)
+    # The same large-budget policies as the server benchmark (same content, same policy hash, so the
+    # two share a snapshot): the benchmark can run again and again on one store.
+    home = _bench_home(customers)
+    policies = large_budget_policies(Path(tempfile.mkdtemp()))
+    dep = Deployment(Settings(home=home, keyset=home / "keyset.json", policy_dir=policies))
     # General segments: the report is by age band and region for every marketer, which general allows.
     docs = definitions(20, seed=99, general_only=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:

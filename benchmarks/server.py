@@ -27,27 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import print_table, write_results
+from benchmarks.common import large_budget_policies, print_table, write_results
 from benchmarks.release import _prepare
 from benchmarks.segments import _bench_home
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-
-
-def _policies(tmp: Path) -> Path:
-    target = tmp / "policies"
-    shutil.copytree(REPO / "policies", target)
-    for f in (target / "categories").glob("*.yaml"):
-        doc = yaml.safe_load(f.read_text())
-        doc["budget"]["per_recipient"] = 100_000.0 if doc["name"] == "general" else 1.0
-        doc["budget"]["category_cap"] = 1_000_000.0 if doc["name"] == "general" else 2.0
-        f.write_text(yaml.safe_dump(doc))
-    return target
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -151,7 +138,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         home = _bench_home(args.customers)
-        settings = Settings(home=home, keyset=home / "keyset.json", policy_dir=_policies(Path(tmp)))
+        settings = Settings(
+            home=home, keyset=home / "keyset.json", policy_dir=large_budget_policies(Path(tmp))
+        )
         dep, seg_ids = _prepare(args.customers)  # 20 applied segments and a current snapshot
         dep.close()
         dep = Deployment(settings)
