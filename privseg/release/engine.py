@@ -58,12 +58,7 @@ def cached_text(ctx: ReleaseContext, plan: ReleasePlan) -> str | None:
     """The stored release for ``plan`` as JSON text, marked cached (None: not released yet). The same
     text ``json.dumps`` gives for :func:`release`'s cached answer: the stored object with ``cached``
     and ``charged_epsilon`` appended (the stored result has neither key)."""
-    row = ctx.store.conn.execute(_LOOKUP, (cache_key(plan),)).fetchone()
-    if row is None or row[1] != "done":
-        return None
-    stored: str = row[2]
-    metrics.CACHE_HITS.labels(plan.kind).inc()
-    return stored[:-1] + ', "cached": true, "charged_epsilon": 0.0}'
+    return _cached_text(ctx.store.conn.execute(_LOOKUP, (cache_key(plan),)).fetchone(), plan)
 
 
 def _planned(ctx: ReleaseContext, req: ReleaseRequest, recipient: str, then: Callable[[ReleasePlan], T]) -> T:
@@ -94,11 +89,19 @@ def cache_key(plan: ReleasePlan) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
+def _cached_text(row: Any, plan: ReleasePlan) -> str | None:
+    """A looked-up release row's stored result, marked cached (None: no finished release)."""
     if row is None or row[1] != "done":
         return None
+    stored: str = row[2]
     metrics.CACHE_HITS.labels(plan.kind).inc()
-    return {**json.loads(row[2]), "cached": True, "charged_epsilon": 0.0}
+    return stored[:-1] + ', "cached": true, "charged_epsilon": 0.0}'
+
+
+def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
+    # Parsed from the very text the HTTP path sends, so the two answers cannot drift apart.
+    text = _cached_text(row, plan)
+    return None if text is None else dict(json.loads(text))
 
 
 def objectives(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[Objective, ...]:
