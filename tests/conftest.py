@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,6 +18,9 @@ from privseg.demo_data import DemoFiles, generate
 from privseg.deployment import Deployment
 from privseg.keyset import create_keyset
 from privseg.settings import Settings
+
+if TYPE_CHECKING:
+    import polars as pl
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
@@ -162,7 +166,8 @@ def prepare(
         engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=as_of)
 
 
-def prepare_patched(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
+@pytest.fixture
+def patched(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
     """The demo store with the example segments (every leaf kind: windows, sequences, traits,
     buckets, references) and no snapshot, plus a patch batch of profiles: engines that split the
     work must merge profiles across batches exactly as the store does."""
@@ -178,6 +183,12 @@ def prepare_patched(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> D
     ingest_files(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind="profiles", paths=[path])
     assert len(dep.store.batches("profiles")) == 2
     return dep
+
+
+def by_pid(members: pl.DataFrame) -> pl.DataFrame:
+    """Memberships in a canonical order (columns by name, rows by pid): engines may order both
+    differently, cell-by-cell comparisons must not care."""
+    return members.select(sorted(members.columns)).sort("pid")
 
 
 @contextmanager

@@ -22,9 +22,9 @@ from privseg.settings import Settings
 from tests.conftest import (
     AS_OF,
     PROFILE_HEADER,
+    by_pid,
     make_settings,
     prepare,
-    prepare_patched,
     profile_row,
     write_csv,
 )
@@ -91,8 +91,8 @@ def test_store_files_carry_sorted_shards_and_the_count_is_fixed_at_creation(
         later.close()
 
 
-def test_groups_of_shards_partition_people_and_their_rows(ready: Deployment) -> None:
-    store = ready.store
+def test_groups_of_shards_partition_people_and_their_rows(patched: Deployment) -> None:
+    store = patched.store
     whole_events = store.scan_events().collect()  # type: ignore[union-attr]
     whole_profiles = store.scan_profiles().collect()  # type: ignore[union-attr]
     seen_people: set[str] = set()
@@ -110,72 +110,69 @@ def test_groups_of_shards_partition_people_and_their_rows(ready: Deployment) -> 
     assert seen_people == set(whole_events.get_column("pid")) | set(whole_profiles.get_column("pid"))
 
 
-def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.select(sorted(frame.columns)).sort("pid")
-
-
-@pytest.fixture
-def ready(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
-    return prepare_patched(dep, demo_files, tmp_path)
-
-
 @pytest.mark.parametrize("parts", [1, 3, 64])
 def test_sharded_engine_gives_the_local_engine_memberships_cell_by_cell(
-    ready: Deployment, parts: int, tmp_path: Path
+    patched: Deployment, parts: int, tmp_path: Path
 ) -> None:
-    compiler = ready.compiler()
-    local, _ = engine.membership(compiler, ready.store, AS_OF)
+    compiler = patched.compiler()
+    local, _ = engine.membership(compiler, patched.store, AS_OF)
     folder = tmp_path / "parts"
     folder.mkdir()
-    timings = sharded_runner(parts=parts)(compiler, ready.store, AS_OF, folder, lambda _m: None)
+    timings = sharded_runner(parts=parts)(compiler, patched.store, AS_OF, folder, lambda _m: None)
     assert timings["groups"] == parts
     written = staging.parts(folder)
     assert len(written) == parts
     sharded = pl.concat([pl.read_parquet(p) for p in written], how="vertical")
     assert local.height == sharded.height == sharded.get_column("pid").n_unique()
-    assert _sorted(sharded).equals(_sorted(local))
+    assert by_pid(sharded).equals(by_pid(local))
     # Not a vacuous comparison: the example segments hold people and leave people out.
     sums = local.drop("pid").sum().row(0)
     assert any(s > 0 for s in sums) and any(s < local.height for s in sums)
 
 
-def test_sharded_snapshot_releases_the_same_exact_counts(ready: Deployment) -> None:
-    compiler = ready.compiler()
-    local, _ = engine.compute_snapshot(store=ready.store, compiler=compiler, keyset=ready.keyset, as_of=AS_OF)
+def test_sharded_snapshot_releases_the_same_exact_counts(patched: Deployment) -> None:
+    compiler = patched.compiler()
+    local, _ = engine.compute_snapshot(
+        store=patched.store, compiler=compiler, keyset=patched.keyset, as_of=AS_OF
+    )
     sharded, timings = engine.compute_snapshot(
-        store=ready.store,
+        store=patched.store,
         compiler=compiler,
-        keyset=ready.keyset,
+        keyset=patched.keyset,
         as_of=AS_OF,
         runner=sharded_runner(parts=4),
     )
     assert timings["groups"] == 4
     assert sharded.people == local.people
-    a = pl.read_parquet(engine.snapshot_path(ready.store, local))
-    b = pl.read_parquet(engine.snapshot_path(ready.store, sharded))
-    assert _sorted(a).equals(_sorted(b))
-    assert not any(staging.root(ready.store.data_dir).iterdir()), "staging folders are removed"
+    a = pl.read_parquet(engine.snapshot_path(patched.store, local))
+    b = pl.read_parquet(engine.snapshot_path(patched.store, sharded))
+    assert by_pid(a).equals(by_pid(b))
+    assert not any(staging.root(patched.store.data_dir).iterdir()), "staging folders are removed"
 
 
-def test_a_failed_computation_leaves_no_snapshot_and_no_staged_rows(ready: Deployment) -> None:
+def test_a_failed_computation_leaves_no_snapshot_and_no_staged_rows(patched: Deployment) -> None:
     def failing(*args: object) -> dict[str, float]:
         compiler, store, as_of, folder, progress = args
         sharded_runner(parts=2)(compiler, store, as_of, folder, progress)  # type: ignore[arg-type]
         raise RuntimeError("task lost")
 
-    snapshots = ready.store.data_dir / "snapshots"
+    snapshots = patched.store.data_dir / "snapshots"
     before = os.listdir(snapshots) if snapshots.exists() else []
     with pytest.raises(RuntimeError, match="task lost"):
         engine.compute_snapshot(
-            store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF, runner=failing
+            store=patched.store,
+            compiler=patched.compiler(),
+            keyset=patched.keyset,
+            as_of=AS_OF,
+            runner=failing,
         )
-    assert engine.latest(ready.store.conn) is None
+    assert engine.latest(patched.store.conn) is None
     assert (os.listdir(snapshots) if snapshots.exists() else []) == before
-    assert not any(staging.root(ready.store.data_dir).iterdir())
+    assert not any(staging.root(patched.store.data_dir).iterdir())
 
 
-def test_staging_left_by_a_dead_process_is_swept_but_a_live_one_is_kept(ready: Deployment) -> None:
-    data = ready.store.data_dir
+def test_staging_left_by_a_dead_process_is_swept_but_a_live_one_is_kept(patched: Deployment) -> None:
+    data = patched.store.data_dir
     dead = staging.root(data) / "dead"
     dead.mkdir(parents=True)
     (dead / fsutil.OWNER_LOCK).touch()
@@ -187,7 +184,7 @@ def test_staging_left_by_a_dead_process_is_swept_but_a_live_one_is_kept(ready: D
     assert not live.exists()
 
 
-def test_a_part_with_other_columns_is_refused(ready: Deployment) -> None:
+def test_a_part_with_other_columns_is_refused(patched: Deployment) -> None:
     def shifted(
         compiler: object, store: object, as_of: object, folder: Path, progress: object
     ) -> dict[str, float]:
@@ -198,59 +195,65 @@ def test_a_part_with_other_columns_is_refused(ready: Deployment) -> None:
 
     with pytest.raises(StoreError, match="columns"):
         engine.compute_snapshot(
-            store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF, runner=shifted
+            store=patched.store,
+            compiler=patched.compiler(),
+            keyset=patched.keyset,
+            as_of=AS_OF,
+            runner=shifted,
         )
-    assert engine.latest(ready.store.conn) is None
+    assert engine.latest(patched.store.conn) is None
 
 
-def test_parts_follow_the_memory_budget(ready: Deployment) -> None:
-    plan = ready.compiler().compile(AS_OF)
-    store = ready.store
+def test_parts_follow_the_memory_budget(patched: Deployment) -> None:
+    plan = patched.compiler().compile(AS_OF)
+    store = patched.store
     whole = estimate_bytes(plan, store)
     assert parts_for(plan, store, whole * 2) == 1
     assert parts_for(plan, store, whole / 5) == 8  # 5 groups needed: the next power of two
     assert parts_for(plan, store, whole / 1000) == store.shard_count()  # never more than the shards
 
 
-def test_unsharded_files_from_before_are_read_shard_by_shard(ready: Deployment) -> None:
+def test_unsharded_files_from_before_are_read_shard_by_shard(patched: Deployment) -> None:
     """A store written before shards existed has no shard column: readers compute it."""
-    store = ready.store
+    store = patched.store
     for batch in store.batches():
         path = store.path_of(batch)
         pl.read_parquet(path).drop("shard").write_parquet(path.with_suffix(".tmp"))
         shutil.move(path.with_suffix(".tmp"), path)
-    local, _ = engine.membership(ready.compiler(), store, AS_OF)
+    local, _ = engine.membership(patched.compiler(), store, AS_OF)
     parts = []
     for group in shards.groups(store.shard_count(), 4):
-        plan = ready.compiler().compile(AS_OF)
-        profiles, events = engine.load(plan, ready.compiler(), store, group)
+        plan = patched.compiler().compile(AS_OF)
+        profiles, events = engine.load(plan, patched.compiler(), store, group)
         parts.append(engine.evaluate(plan, profiles=profiles, events=events)[0])
-    assert _sorted(pl.concat(parts)).equals(_sorted(local))
+    assert by_pid(pl.concat(parts)).equals(by_pid(local))
 
 
-def test_cli_computes_with_the_sharded_engine(ready: Deployment, settings: Settings) -> None:
+def test_cli_computes_with_the_sharded_engine(patched: Deployment, settings: Settings) -> None:
     from tests.conftest import run_cli
 
     out = run_cli(
         settings, "segments", "compute", "--engine", "sharded", "--as-of", AS_OF.isoformat(), "--json"
     )
     assert '"groups"' in out.stdout
-    snap = engine.latest(ready.store.conn)
+    snap = engine.latest(patched.store.conn)
     assert snap is not None
-    local, _ = engine.membership(ready.compiler(), ready.store, AS_OF)
-    assert _sorted(pl.read_parquet(engine.snapshot_path(ready.store, snap))).equals(_sorted(local))
+    local, _ = engine.membership(patched.compiler(), patched.store, AS_OF)
+    assert by_pid(pl.read_parquet(engine.snapshot_path(patched.store, snap))).equals(by_pid(local))
     bad = run_cli(settings, "segments", "compute", "--engine", "gpu", check=False)
     assert bad.returncode == 2 and "unknown engine" in bad.stderr
 
 
-def test_after_a_key_rotation_every_row_is_in_its_new_pseudonyms_shard(ready: Deployment) -> None:
+def test_after_a_key_rotation_every_row_is_in_its_new_pseudonyms_shard(patched: Deployment) -> None:
     """A rotation rewrites every pseudonym, so every shard moves with it (rows are re-sharded by the
     one file writer), and the sharded engine still gives the local engine's memberships."""
     from privseg import maintenance
 
-    before = {b.file for b in ready.store.batches()}
-    maintenance.rotate_keys(store=ready.store, keyset_path=ready.settings.keyset, policy=ready.ingest_policy)
-    dep = Deployment(ready.settings)
+    before = {b.file for b in patched.store.batches()}
+    maintenance.rotate_keys(
+        store=patched.store, keyset_path=patched.settings.keyset, policy=patched.ingest_policy
+    )
+    dep = Deployment(patched.settings)
     try:
         assert {b.file for b in dep.store.batches()}.isdisjoint(before), "every batch file was rewritten"
         for batch in dep.store.batches():
@@ -263,6 +266,6 @@ def test_after_a_key_rotation_every_row_is_in_its_new_pseudonyms_shard(ready: De
         folder.mkdir()
         sharded_runner(parts=4)(dep.compiler(), dep.store, AS_OF, folder, lambda _m: None)
         parts = pl.concat([pl.read_parquet(p) for p in staging.parts(folder)])
-        assert _sorted(parts).equals(_sorted(local))
+        assert by_pid(parts).equals(by_pid(local))
     finally:
         dep.close()

@@ -14,14 +14,13 @@ import polars as pl
 import pytest
 
 from privseg import release
-from privseg.demo_data import DemoFiles
 from privseg.deployment import Deployment
 from privseg.errors import StoreError
 from privseg.release.kinds import cohort_report
 from privseg.segments import engine, staging
 from privseg.spark import session as spark_session
 from privseg.spark.runner import spark_runner
-from tests.conftest import AS_OF, prepare_patched
+from tests.conftest import AS_OF, by_pid
 
 pytestmark = pytest.mark.slow
 
@@ -32,44 +31,39 @@ def spark() -> Iterator[Any]:
         yield s
 
 
-@pytest.fixture
-def ready(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deployment:
-    return prepare_patched(dep, demo_files, tmp_path)
-
-
-def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.select(sorted(frame.columns)).sort("pid")
-
-
 def test_spark_memberships_equal_the_local_engine_cell_by_cell(
-    spark: Any, ready: Deployment, tmp_path: Path
+    spark: Any, patched: Deployment, tmp_path: Path
 ) -> None:
-    compiler = ready.compiler()
-    local, _ = engine.membership(compiler, ready.store, AS_OF)
+    compiler = patched.compiler()
+    local, _ = engine.membership(compiler, patched.store, AS_OF)
     folder = tmp_path / "stage"
     folder.mkdir()
-    timings = spark_runner(master="local[2]")(compiler, ready.store, AS_OF, folder, lambda _m: None)
+    timings = spark_runner(master="local[2]")(compiler, patched.store, AS_OF, folder, lambda _m: None)
     parts = staging.parts(folder)
     assert len(parts) > 1, "the work was split over several tasks"
     written = pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
     assert written.height == local.height == written.get_column("pid").n_unique()
-    assert _sorted(written).equals(_sorted(local))
+    assert by_pid(written).equals(by_pid(local))
     sums = local.drop("pid").sum().row(0)
     assert any(s > 0 for s in sums) and any(s < local.height for s in sums)
     assert timings["partitions"] >= 2
 
 
-def test_spark_snapshot_gives_the_same_exact_release_aggregates(spark: Any, ready: Deployment) -> None:
-    ctx = ready.release_context()
+def test_spark_snapshot_gives_the_same_exact_release_aggregates(spark: Any, patched: Deployment) -> None:
+    ctx = patched.release_context()
     request = cohort_report.CohortReportRequest(
         segments=["frequent_buyers", "cart_abandoners_7d"],
         breakdown=["region"],
         measures=["count", "spend"],
     )
     cells = []
-    for runner in (engine.local_runner, ready.snapshot_runner("spark", spark_master="local[2]")):
+    for runner in (engine.local_runner, patched.snapshot_runner("spark", spark_master="local[2]")):
         snap, _ = engine.compute_snapshot(
-            store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF, runner=runner
+            store=patched.store,
+            compiler=patched.compiler(),
+            keyset=patched.keyset,
+            as_of=AS_OF,
+            runner=runner,
         )
         plan = cohort_report.plan(ctx, request, "growth_team")
         assert plan.snapshot.id == snap.id
@@ -82,7 +76,7 @@ def test_spark_snapshot_gives_the_same_exact_release_aggregates(spark: Any, read
 
 
 def test_no_person_row_is_collected_to_the_driver(
-    spark: Any, ready: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spark: Any, patched: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every way a DataFrame's rows come back to the Python driver is closed while the job runs: the
     memberships must go from the executors to the staging folder directly."""
@@ -108,35 +102,38 @@ def test_no_person_row_is_collected_to_the_driver(
     folder = tmp_path / "stage"
     folder.mkdir()
     # Executors read the store through a URI (PRIVSEG_SPARK_STORE_URI), as they would s3a:// on a cluster.
-    runner = spark_runner(master="local[2]", store_uri=f"file://{ready.store.data_dir}")
-    timings = runner(ready.compiler(), ready.store, AS_OF, folder, lambda _m: None)
+    runner = spark_runner(master="local[2]", store_uri=f"file://{patched.store.data_dir}")
+    timings = runner(patched.compiler(), patched.store, AS_OF, folder, lambda _m: None)
     assert all(isinstance(v, int | float) for v in timings.values()), "only figures come back"
     assert staging.parts(folder)
 
 
 def test_a_failed_task_leaves_no_snapshot(
-    spark: Any, ready: Deployment, caplog: pytest.LogCaptureFixture
+    spark: Any, patched: Deployment, caplog: pytest.LogCaptureFixture
 ) -> None:
-    batch = ready.store.batches("events")[0]
-    path = ready.store.path_of(batch)
+    batch = patched.store.batches("events")[0]
+    path = patched.store.path_of(batch)
     # Corrupt the data pages and keep the footer: the schema still reads, the task reading it fails.
     data = bytearray(path.read_bytes())
     footer = int.from_bytes(data[-8:-4], "little") + 8
     data[4 : len(data) - footer] = b"\xff" * (len(data) - footer - 4)
     path.write_bytes(bytes(data))
+    caplog.set_level("ERROR", logger="privseg.spark.runner")
     with pytest.raises(StoreError, match="Spark job") as raised:
         engine.compute_snapshot(
-            store=ready.store,
-            compiler=ready.compiler(),
-            keyset=ready.keyset,
+            store=patched.store,
+            compiler=patched.compiler(),
+            keyset=patched.keyset,
             as_of=AS_OF,
             runner=spark_runner(master="local[2]"),
         )
-    assert engine.latest(ready.store.conn) is None
-    snapshots = ready.store.data_dir / "snapshots"
+    assert engine.latest(patched.store.conn) is None
+    snapshots = patched.store.data_dir / "snapshots"
     assert not snapshots.exists() or not any(snapshots.iterdir())
-    assert not any(staging.root(ready.store.data_dir).iterdir()), "the staged parts are removed"
+    assert not any(staging.root(patched.store.data_dir).iterdir()), "the staged parts are removed"
     assert batch.file not in str(raised.value)
+    # privseg's own log line names the failure's class only (the JVM's message may quote a row).
+    assert "the Spark job failed: " in caplog.text and batch.file not in caplog.text
 
 
 def test_without_pyspark_the_engine_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
