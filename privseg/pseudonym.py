@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from privseg.errors import InvalidInput, InvalidPseudonym
 from privseg.keyset import Keyset
+from privseg.shards import KEY, KEY_DTYPE, key_expr, siv_keys
 from privseg.siv import BatchSIV
 
 # Bump when a normalization rule changes: it is part of the associated data, so old and new
@@ -115,6 +116,7 @@ def _unpad(data: bytes) -> bytes:
 class EncryptedColumn:
     tokens: pl.Series
     distinct: int  # number of distinct identifiers, i.e. people
+    shard_keys: pl.Series  # per row, the token's shard key (shards.KEY): what shards.key_expr reads
 
 
 class Pseudonymizer:
@@ -189,9 +191,10 @@ class Pseudonymizer:
         b64 = b64.str.replace_all("/", "_", literal=True).str.strip_chars_end("=")
         return pl.select(pl.format(f"k{self.version}.{{}}", pl.lit(b64))).to_series()
 
-    def _seal_batched(self, values: pl.Series) -> pl.Series:
+    def _seal_batched(self, values: pl.Series) -> tuple[pl.Series, pl.Series]:
         """:meth:`encrypt` for many values with :class:`~privseg.siv.BatchSIV` (byte-identical to the
-        stock path, tests/test_siv.py): values of one padded length are encrypted as one array."""
+        stock path, tests/test_siv.py): values of one padded length are encrypted as one array.
+        Returns the tokens and their shard keys (taken from the SIV bytes at hand)."""
         lengths = values.str.len_bytes()
         if values.is_null().any() or (lengths == 0).any():
             raise InvalidInput("an identifier is empty after normalization")
@@ -200,7 +203,7 @@ class Pseudonymizer:
             self._batches[self.version] = BatchSIV(key, self._ad(self.version))
         siv, prefix = self._batches[self.version], f"k{self.version}.".encode()
         padded = (lengths // _BLOCK + 1) * _BLOCK
-        parts, positions = [], []
+        parts, keys, positions = [], [], []
         for size in padded.unique().sort().to_list():
             where = (padded == size).arg_true()
             group = values.gather(where).cast(pl.Binary).to_list()
@@ -210,24 +213,29 @@ class Pseudonymizer:
             tokens[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
             tokens[:, len(prefix) :] = chars
             parts.append(pl.Series(tokens.view(f"S{tokens.shape[1]}").ravel()).cast(pl.String))
+            keys.append(pl.Series(siv_keys(sealed), dtype=KEY_DTYPE))
             positions.append(where)
-        return pl.concat(parts).gather(pl.concat(positions).arg_sort())
+        order = pl.concat(positions).arg_sort()
+        return pl.concat(parts).gather(order), pl.concat(keys).gather(order)
 
     def encrypt_column(self, normalized: pl.Series) -> EncryptedColumn:
         """Pseudonyms for a column of normalized identifiers, encrypting each distinct value once.
 
-        Events repeat people, so the column is reduced to its distinct values (dense rank + sorted
-        unique, then a gather: the fastest route measured here, see benchmarks/ingest.py), which
-        also gives the number of people for free. The column must hold no nulls or empty strings.
-        Not a Categorical: its global string cache would keep raw identifiers in memory for the
-        life of the process.
+        Events repeat people, so the column is reduced to its distinct values (a dense rank, then a
+        gather: the fastest route measured here, see benchmarks/ingest.py), which also gives the
+        number of people for free. The column must hold no nulls or empty strings. Not a
+        Categorical: its global string cache would keep raw identifiers in memory for the life of
+        the process.
         """
         distinct, codes = self._distinct(normalized)
         if distinct.len() >= BATCH_MIN:
-            tokens = self._seal_batched(distinct)
+            tokens, keys = self._seal_batched(distinct)
         else:
             tokens = self._seal_many(distinct.cast(pl.Binary).to_list())
-        return EncryptedColumn(tokens.gather(codes).rename(normalized.name), distinct.len())
+            keys = tokens.to_frame("pid").select(key_expr()).to_series()
+        return EncryptedColumn(
+            tokens.gather(codes).rename(normalized.name), distinct.len(), keys.gather(codes).rename(KEY)
+        )
 
     def encrypt_series(self, normalized: pl.Series) -> pl.Series:
         return self.encrypt_column(normalized).tokens
@@ -242,5 +250,9 @@ class Pseudonymizer:
         """Sorted distinct values and, per row, the index of its value among them."""
         if values.null_count():
             raise InvalidInput("an identifier is missing")
-        codes = values.rank("dense").cast(pl.UInt32) - 1
-        return values.unique().sort(), codes
+        codes = (values.rank("dense").cast(pl.UInt32) - 1).to_numpy()
+        # A row of each value, by code (the last one written wins): a gather of the distinct values
+        # instead of a second hash pass (unique + sort) over every row.
+        first = np.empty(int(codes.max()) + 1 if codes.size else 0, dtype=np.int64)
+        first[codes] = np.arange(codes.size, dtype=np.int64)
+        return values.gather(first), pl.Series(codes)

@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from privseg import shards
 from privseg.errors import InvalidInput, InvalidPseudonym
 from privseg.keyset import Keyset, add_pseudonym_version, create_keyset
 from privseg.pseudonym import IdType, Pseudonymizer, normalize, normalize_expr
@@ -139,3 +140,4 @@ def test_series_encryption_matches_scalar_and_encrypts_each_distinct_value_once(
     assert out.to_list() == [p.encrypt(v) for v in values]
     assert calls == [4]
     assert p.decrypt_series(out).to_list() == values
+    assert column.shard_keys.to_list() == out.to_frame("pid").select(shards.key_expr()).to_series().to_list()

@@ -69,7 +69,10 @@ def test_store_files_carry_sorted_shards_and_the_count_is_fixed_at_creation(
         for batch in dep.store.batches():
             frame = pl.read_parquet(dep.store.path_of(batch))
             assert frame.get_column("shard").is_sorted()
+            # Ingest hands the writer shard keys from the SIV bytes: they agree with the pids, and the
+            # working column is not stored.
             assert frame.get_column("shard").equals(frame.select(shards.shard_expr(16)).to_series())
+            assert shards.KEY not in frame.columns
         # The store's readers never show the column.
         assert "shard" not in dep.store.scan_events().collect_schema()  # type: ignore[union-attr]
         assert "shard" not in dep.store.scan_profiles().collect_schema()  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from privseg import shards
 from privseg.keyset import Keyset
 from privseg.pseudonym import BATCH_MIN, IdType, Pseudonymizer
 from privseg.siv import BatchSIV
@@ -69,10 +70,14 @@ def test_a_million_identifiers_give_the_stock_pseudonyms(tmp_path) -> None:  # t
     rng = np.random.default_rng(7)
     # Realistic lengths (5 to 60 bytes, so several padded sizes), all distinct.
     ids = [f"{i}.{'x' * int(n)}@example.com" for i, n in enumerate(rng.integers(0, 45, 1_000_000))]
-    batched = pz._seal_batched(pl.Series(ids))
+    batched, keys = pz._seal_batched(pl.Series(ids))
     stock = pz._seal_many([s.encode() for s in ids])
     assert batched.equals(stock)
     assert [pz.decrypt(t) for t in batched.head(1000).to_list()] == ids[:1000]
+    # The shard keys taken from the SIV bytes are the ones read back off the tokens, and they spread.
+    read_back = stock.to_frame("pid").select(shards.key_expr()).to_series()
+    assert keys.equals(read_back, check_names=False)
+    assert keys.n_unique() > 200_000
 
 
 LENGTH_CLASSES = st.one_of(
@@ -92,7 +97,9 @@ def test_identifiers_of_every_length_class(ids: list[str]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         pz = _pseudonymizer(Path(tmp))
-        assert pz._seal_batched(pl.Series(ids, dtype=pl.String)).to_list() == [pz.encrypt(i) for i in ids]
+        tokens, keys = pz._seal_batched(pl.Series(ids, dtype=pl.String))
+        assert tokens.to_list() == [pz.encrypt(i) for i in ids]
+        assert keys.equals(tokens.to_frame("pid").select(shards.key_expr()).to_series(), check_names=False)
 
 
 def test_an_empty_identifier_is_refused_by_the_batched_path_too(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,7 @@ on public edges, postal codes to regions. Values outside the rules are checks, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
 
 import polars as pl
@@ -11,11 +11,16 @@ import polars as pl
 from privseg.ingest.checks import Checks, source_text, typed_column
 from privseg.policy.ingest import AgeBandRule, NumberBandRule, RegionRule
 
+# Computes an expression once, as a working column, and returns a reference to it. Polars does not
+# share a sub-expression used several times in one select: a band on six edges evaluated the parsed
+# age seven times, and the checks twice more (3.7 s for a million birth dates; 0.3 s staged).
+Stage = Callable[[str, pl.Expr], pl.Expr]
 
-def age_band(name: str, rule: AgeBandRule, today: date, checks: Checks) -> pl.Expr:
-    text = source_text(name)
+
+def age_band(name: str, rule: AgeBandRule, today: date, checks: Checks, stage: Stage) -> pl.Expr:
+    text = stage(f"{name}\x00text", source_text(name))
     if rule.from_type == "date":
-        born = text.str.to_date("%Y-%m-%d", strict=False)
+        born = stage(f"{name}\x00born", text.str.to_date("%Y-%m-%d", strict=False, cache=False))
         checks.add(text.is_not_null() & born.is_null(), name, "not a date in YYYY-MM-DD form")
         later_in_year = (born.dt.month().cast(pl.Int32) * 100 + born.dt.day().cast(pl.Int32)) > (
             today.month * 100 + today.day
@@ -28,6 +33,7 @@ def age_band(name: str, rule: AgeBandRule, today: date, checks: Checks) -> pl.Ex
     else:
         age = text.cast(pl.Int32, strict=False)
         checks.add(text.is_not_null() & age.is_null(), name, "not a whole number of years")
+    age = stage(f"{name}\x00age", age)
     outside = (age < 0) | (age > 120)
     if rule.out_of_range == "unknown":
         age = pl.when(outside).then(None).otherwise(age)
@@ -36,10 +42,10 @@ def age_band(name: str, rule: AgeBandRule, today: date, checks: Checks) -> pl.Ex
     return band(age, rule.edges, rule.bands())
 
 
-def number_band(name: str, rule: NumberBandRule, checks: Checks) -> pl.Expr:
+def number_band(name: str, rule: NumberBandRule, checks: Checks, stage: Stage) -> pl.Expr:
     """The band of a number on public edges; blank is unknown (null), text that is no number an error."""
-    text = source_text(name)
-    value = text.cast(pl.Float64, strict=False)
+    text = stage(f"{name}\x00text", source_text(name))
+    value = stage(f"{name}\x00number", text.cast(pl.Float64, strict=False))
     checks.add(text.is_not_null() & (value.is_null() | ~value.is_finite()), name, "not a number")
     return band(value, rule.edges, rule.labels)
 

@@ -14,7 +14,7 @@ import polars as pl
 from privseg.batches import Kind
 from privseg.errors import InvalidInput
 from privseg.ingest.checks import ROW, Checks, source_text, typed_column
-from privseg.ingest.generalize import age_band, number_band, region
+from privseg.ingest.generalize import Stage, age_band, number_band, region
 from privseg.ingest.result import IngestResult, Mode
 from privseg.ingest.sources import column_label
 from privseg.policy.ingest import (
@@ -51,36 +51,39 @@ _TS_FORMATS: tuple[tuple[str, bool], ...] = (
 _FUTURE_TOLERANCE = timedelta(days=1)
 
 
-def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Checks) -> pl.Expr:
+def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Checks, stage: Stage) -> pl.Expr:
     """Expression for the parsed column; registers the checks that find invalid rows."""
     typed = pl.col(typed_column(name))
-    given = pl.col(name).is_not_null() & (pl.col(name).cast(pl.String).str.strip_chars() != "")
+    is_text = schema[name] == pl.String
+    # The stripped text (blank: missing), computed once for the parse and every check that reads it.
+    text = stage(f"{name}\x00text", source_text(name)) if is_text else pl.lit(None, dtype=pl.String)
+    given = text.is_not_null()
     if isinstance(spec, ListAttr):
-        is_list = schema[name] == pl.List(pl.String)
-        items = pl.col(name) if is_list else source_text(name).str.split(spec.separator)
+        items = text.str.split(spec.separator) if is_text else pl.col(name)
         out = items.list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != ""))
         out = out.list.unique(maintain_order=True)
         bad = typed.list.eval(~pl.element().is_in(list(spec.values))).list.any()
         checks.add(bad, name, f"an item is not one of {list(spec.values)}")
-    elif schema[name] != pl.String:
+    elif not is_text:
         checks.add(pl.col(name).is_not_null(), name, "expected a single value, found a list")
         out = pl.lit(None, dtype=_dtype(spec))
     elif isinstance(spec, CategoryAttr):
         folded = {raw: value for value, raws in spec.fold.items() for raw in raws}
-        out = source_text(name).replace(folded) if folded else source_text(name)
+        out = text.replace(folded) if folded else text
         checks.add(
             typed.is_not_null() & ~typed.is_in(list(spec.values)), name, f"not one of {list(spec.values)}"
         )
     elif isinstance(spec, BoolAttr):
-        low = source_text(name).str.to_lowercase()
+        low = text.str.to_lowercase()
         out = pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False)
         checks.add(given & typed.is_null(), name, "not a boolean (true/false, yes/no, 1/0)")
     elif isinstance(spec, DateAttr):
-        out = source_text(name).str.to_date("%Y-%m-%d", strict=False)
+        out = text.str.to_date("%Y-%m-%d", strict=False, cache=False)
         checks.add(given & typed.is_null(), name, "not a date in YYYY-MM-DD form")
     elif isinstance(spec, FloatAttr | IntAttr):
         is_float = isinstance(spec, FloatAttr)
-        out = number = source_text(name).cast(pl.Float64 if is_float else pl.Int64, strict=False)
+        number = stage(f"{name}\x00number", text.cast(pl.Float64 if is_float else pl.Int64, strict=False))
+        out = number
         # On the number as read, not the stored value (which out_of_range may have made unknown).
         unparsed = given & number.is_null()
         if is_float:
@@ -102,7 +105,7 @@ def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Chec
                 checks.add(typed > spec.max, name, f"above the maximum {spec.max}")
     else:
         assert isinstance(spec, StringAttr)
-        out = source_text(name)
+        out = text
         checks.add(typed.str.len_chars() > spec.max_length, name, f"longer than {spec.max_length} characters")
         # Free text is where identifiers leak in (an e-mail pasted into a campaign name).
         checks.add(
@@ -117,23 +120,24 @@ def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Chec
 
 def _parse_timestamps(text: pl.Series) -> pl.Series:
     """ISO 8601 text to UTC datetimes (null where unparsable)."""
-    text = text.str.strip_chars()
-    out: pl.Series | None = None
+    # The first format on the text as given: the common case, without copying every value to strip
+    # it. Each later pass (stripped, every format) sees only the rows still missing. No parse cache:
+    # event times are nearly all distinct, so it only costs (measured: 1.6 s -> 1.0 s per 10M rows).
+    out = _parse_timestamp_form(text, *_TS_FORMATS[0])
     for fmt, aware in _TS_FORMATS:
-        todo = text if out is None else text.filter(out.is_null() & text.is_not_null())
-        if todo.len() == 0:
+        missing = out.is_null() & text.is_not_null()
+        if not missing.any():
             break
-        if aware:
-            parsed = todo.str.to_datetime(fmt, strict=False, time_zone="UTC", time_unit="us")
-        else:
-            parsed = todo.str.to_datetime(fmt, strict=False, time_unit="us").dt.replace_time_zone("UTC")
-        if out is None:
-            out = parsed
-        else:
-            missing = (out.is_null() & text.is_not_null()).arg_true()
-            out = out.scatter(missing, parsed)
-    assert out is not None
+        parsed = _parse_timestamp_form(text.filter(missing).str.strip_chars(), fmt, aware)
+        out = out.scatter(missing.arg_true(), parsed)
     return out
+
+
+def _parse_timestamp_form(text: pl.Series, fmt: str, aware: bool) -> pl.Series:
+    if aware:
+        return text.str.to_datetime(fmt, strict=False, time_zone="UTC", time_unit="us", cache=False)
+    parsed = text.str.to_datetime(fmt, strict=False, time_unit="us", cache=False)
+    return parsed.dt.replace_time_zone("UTC")
 
 
 def _check_columns(raw: pl.DataFrame, kind: Kind, policy: IngestPolicy, source: str, patch: bool) -> None:
@@ -173,6 +177,12 @@ class _Plan:
     parsed: dict[str, pl.Expr] = field(default_factory=dict)
     outputs: list[pl.Expr] = field(default_factory=list)
     generalized: list[str] = field(default_factory=list)
+    staged: list[tuple[str, pl.Expr]] = field(default_factory=list)  # computed first, in this order
+
+    def stage(self, name: str, expr: pl.Expr) -> pl.Expr:
+        """``expr`` computed once as working column ``name``, before the parsed columns and checks."""
+        self.staged.append((name, expr))
+        return pl.col(name)
 
 
 def _generalize(plan: _Plan, policy: IngestPolicy, now: datetime) -> None:
@@ -183,9 +193,9 @@ def _generalize(plan: _Plan, policy: IngestPolicy, now: datetime) -> None:
             continue
         plan.generalized.append(name)
         if isinstance(rule, AgeBandRule):
-            plan.parsed[name] = age_band(name, rule, now.date(), plan.checks)
+            plan.parsed[name] = age_band(name, rule, now.date(), plan.checks, plan.stage)
         elif isinstance(rule, NumberBandRule):
-            plan.parsed[name] = number_band(name, rule, plan.checks)
+            plan.parsed[name] = number_band(name, rule, plan.checks, plan.stage)
         else:
             plan.parsed[name] = region(name, rule, plan.checks)
         plan.outputs.append(pl.col(typed_column(name)).alias(rule.to))
@@ -207,7 +217,7 @@ def _attributes(plan: _Plan, kind: Kind, policy: IngestPolicy) -> None:
     section = policy.profiles if kind == "profiles" else policy.events
     for name, spec in section.attributes.items():
         if name in plan.df.columns:
-            plan.parsed[name] = _parse_attribute(plan.df.schema, name, spec, plan.checks)
+            plan.parsed[name] = _parse_attribute(plan.df.schema, name, spec, plan.checks, plan.stage)
             plan.outputs.append(pl.col(typed_column(name)).alias(name))
         elif not plan.patch:
             plan.outputs.append(pl.lit(None, dtype=_dtype(spec)).alias(name))
@@ -265,13 +275,15 @@ def transform(
         raise InvalidInput(
             f"{source}: the file carries no profile attribute to update (only the identity column)"
         )
-    work = plan.df.with_columns([expr.alias(typed_column(name)) for name, expr in plan.parsed.items()])
+    work = _with_staged(plan.df, plan.staged)
+    work = work.with_columns([expr.alias(typed_column(name)) for name, expr in plan.parsed.items()])
     plan.checks.raise_if_any(work)
     if kind == "profiles":
         plan.checks.add(pid.is_duplicated(), id_col, "the same person appears more than once in this batch")
         plan.checks.raise_if_any(work)
     encrypted = future.result()  # every identifier is valid here, so this did not raise
-    typed = work.select(pl.lit(encrypted.tokens).alias("pid"), *plan.outputs)
+    # The shard keys ride along to the store's writer (shards.KEY), which drops them.
+    typed = work.select(pl.lit(encrypted.tokens).alias("pid"), pl.lit(encrypted.shard_keys), *plan.outputs)
     people, expired = encrypted.distinct, 0
     if kind == "events":
         keep = pl.col("ts") >= now - timedelta(days=policy.retention_days)
@@ -293,6 +305,17 @@ def transform(
         mode=mode if kind == "profiles" else None,
     )
     return typed, result
+
+
+def _with_staged(df: pl.DataFrame, staged: list[tuple[str, pl.Expr]]) -> pl.DataFrame:
+    """``df`` with the staged columns, in as few passes as their dependencies allow: the expressions of
+    one pass run in parallel, and a pass ends where an expression reads a column of the same pass."""
+    batch: dict[str, pl.Expr] = {}
+    for name, expr in staged:
+        if batch and set(expr.meta.root_names()) & batch.keys():
+            df, batch = df.with_columns(**batch), {}
+        batch[name] = expr
+    return df.with_columns(**batch) if batch else df
 
 
 def _dtype(spec: Attribute) -> pl.DataType:
