@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 
 ROW_GROUP_ROWS = 64 * 1024
+# zstd's fastest level: 2% larger files than the default (3) and 0.4-0.8 s less per 10M events
+# (measured on a 1M-customer batch: 124 vs 122 MB, 2.7 vs 3.1 s). Pseudonyms are random text that no
+# level compresses, and the store is written far more often than it is archived.
+COMPRESSION_LEVEL = 1
 _VERIFIED: set[str] = set()  # data directories whose listed files this process has checked
 _PREPARED: set[str] = set()  # data directories this process has made (private) already
 
@@ -207,7 +211,13 @@ class Store:
         tmp = fsutil.tmp_path_for(final)
         # Sorted by shard in row groups small enough that a reader of a few shards skips the rest.
         sharded = shards.with_shards(df.drop(shards.SHARD, strict=False), self._record_shard_count())
-        sharded.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS)
+        sharded.write_parquet(
+            tmp,
+            compression="zstd",
+            compression_level=COMPRESSION_LEVEL,
+            statistics=True,
+            row_group_size=ROW_GROUP_ROWS,
+        )
         fsutil.publish(tmp, final)
         return name, final
 

@@ -111,6 +111,7 @@ def ingest_files(
                 now=now,
                 mode=mode,
             )
+            del raw  # the source text is no longer needed: not held while the batch is sorted and written
             if df.height == 0:
                 raise InvalidInput(
                     f"{path.name}: nothing to store: all {result.expired_events} events are older than the "

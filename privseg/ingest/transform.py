@@ -60,8 +60,9 @@ def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Chec
     given = text.is_not_null()
     if isinstance(spec, ListAttr):
         items = text.str.split(spec.separator) if is_text else pl.col(name)
-        out = items.list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != ""))
-        out = out.list.unique(maintain_order=True)
+        out = items.list.eval(
+            pl.element().str.strip_chars().replace("", None).drop_nulls().unique(maintain_order=True)
+        )
         bad = typed.list.eval(~pl.element().is_in(list(spec.values))).list.any()
         checks.add(bad, name, f"an item is not one of {list(spec.values)}")
     elif not is_text:
@@ -74,8 +75,8 @@ def _parse_attribute(schema: pl.Schema, name: str, spec: Attribute, checks: Chec
             typed.is_not_null() & ~typed.is_in(list(spec.values)), name, f"not one of {list(spec.values)}"
         )
     elif isinstance(spec, BoolAttr):
-        low = text.str.to_lowercase()
-        out = pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False)
+        words = {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)}
+        out = text.str.to_lowercase().replace_strict(words, default=None, return_dtype=pl.Boolean)
         checks.add(given & typed.is_null(), name, "not a boolean (true/false, yes/no, 1/0)")
     elif isinstance(spec, DateAttr):
         out = text.str.to_date("%Y-%m-%d", strict=False, cache=False)
@@ -278,10 +279,11 @@ def transform(
     work = _with_staged(plan.df, plan.staged)
     work = work.with_columns([expr.alias(typed_column(name)) for name, expr in plan.parsed.items()])
     plan.checks.raise_if_any(work)
-    if kind == "profiles":
+    encrypted = future.result()  # every identifier is valid here, so this did not raise
+    if kind == "profiles" and encrypted.distinct != work.height:
+        # The encryption counted the distinct people already: rows are only searched when some repeat.
         plan.checks.add(pid.is_duplicated(), id_col, "the same person appears more than once in this batch")
         plan.checks.raise_if_any(work)
-    encrypted = future.result()  # every identifier is valid here, so this did not raise
     # The shard keys ride along to the store's writer (shards.KEY), which drops them.
     typed = work.select(pl.lit(encrypted.tokens).alias("pid"), pl.lit(encrypted.shard_keys), *plan.outputs)
     people, expired = encrypted.distinct, 0
