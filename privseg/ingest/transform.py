@@ -5,7 +5,7 @@ identifiers dropped. Pseudonymization and storage are files.py's."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -179,6 +179,8 @@ class _Plan:
     outputs: list[pl.Expr] = field(default_factory=list)
     generalized: list[str] = field(default_factory=list)
     staged: list[tuple[str, pl.Expr]] = field(default_factory=list)  # computed first, in this order
+    # Working columns computed on the pool's threads while the staged ones are computed here.
+    background: dict[str, Future[pl.Series]] = field(default_factory=dict)
 
     def stage(self, name: str, expr: pl.Expr) -> pl.Expr:
         """``expr`` computed once as working column ``name``, before the parsed columns and checks."""
@@ -202,12 +204,17 @@ def _generalize(plan: _Plan, policy: IngestPolicy, now: datetime) -> None:
         plan.outputs.append(pl.col(typed_column(name)).alias(rule.to))
 
 
-def _timestamps(plan: _Plan, policy: IngestPolicy, now: datetime, source: str) -> None:
+def _timestamps(
+    plan: _Plan, policy: IngestPolicy, now: datetime, source: str, pool: ThreadPoolExecutor
+) -> None:
     ts_col = policy.events.timestamp
     if ts_col not in plan.df.columns:
         raise InvalidInput(f"{source}: the timestamp column {ts_col!r} is missing")
-    parsed = _parse_timestamps(plan.df.get_column(ts_col).cast(pl.String))
-    plan.df = plan.df.with_columns(parsed.alias(typed_column(ts_col)))
+    # Parsed on a thread: Polars parses one column on one core, and the other columns' work can run
+    # beside it.
+    plan.background[typed_column(ts_col)] = pool.submit(
+        _parse_timestamps, plan.df.get_column(ts_col).cast(pl.String)
+    )
     ts = pl.col(typed_column(ts_col))
     plan.checks.add(ts.is_null(), ts_col, "missing or not an ISO 8601 timestamp")
     plan.checks.add(ts > now + _FUTURE_TOLERANCE, ts_col, "more than a day in the future")
@@ -256,9 +263,6 @@ def transform(
     # the AES-SIV loop holds the GIL, Polars' work mostly does not, so the two overlap on two cores.
     # If the file turns out to be invalid, the tokens are simply thrown away.
     identifiers = raw.select(normalize_expr(pl.col(id_col).cast(pl.String), policy.identity.type)).to_series()
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(pseudonymizer.encrypt_column, identifiers.fill_null(""))
-    pool.shutdown(wait=False)
     # The same normalized column is what the checks look at: one normalization, one rule.
     plan = _Plan(
         raw.with_row_index(ROW, offset=1).with_columns(identifiers.alias(typed_column(id_col))),
@@ -267,16 +271,22 @@ def transform(
     )
     pid = pl.col(typed_column(id_col))
     plan.checks.add(pid.is_null() | (pid == ""), id_col, "the identifier is missing or empty")
-    if kind == "profiles":
-        _generalize(plan, policy, now)
-    else:
-        _timestamps(plan, policy, now, source)
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        future = pool.submit(pseudonymizer.encrypt_column, identifiers.fill_null(""))
+        if kind == "profiles":
+            _generalize(plan, policy, now)
+        else:
+            _timestamps(plan, policy, now, source, pool)
+    finally:
+        pool.shutdown(wait=False)  # the submitted work runs on; a refused file just drops its result
     _attributes(plan, kind, policy)
     if patch and not plan.outputs:
         raise InvalidInput(
             f"{source}: the file carries no profile attribute to update (only the identity column)"
         )
     work = _with_staged(plan.df, plan.staged)
+    work = work.with_columns(f.result().alias(name) for name, f in plan.background.items())
     work = work.with_columns([expr.alias(typed_column(name)) for name, expr in plan.parsed.items()])
     plan.checks.raise_if_any(work)
     encrypted = future.result()  # every identifier is valid here, so this did not raise
