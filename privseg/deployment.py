@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from privseg import audit
 from privseg.db import ConnectionPool, connect, get_meta, set_meta, transaction
 from privseg.errors import InvalidInput
 from privseg.keyset import Keyset, load_keyset
 from privseg.policy.categories import CategorySet
-from privseg.policy.checks import load_categories
 from privseg.policy.ingest import IngestPolicy, load_ingest_policy
-from privseg.release.context import ReleaseContext
-from privseg.schema import Schema
-from privseg.segments import engine
-from privseg.segments.compiler import Compiler
-from privseg.segments.definitions import active, build_compiler
-from privseg.segments.sensitivity import SensitivityIndex
 from privseg.settings import Settings
-from privseg.store import Store
+
+# The data stack (Polars, OpenDP, the segment compiler) is imported by the methods that need it: a
+# command that only reads the ledger or the policies (`privseg budget`) starts without it.
+if TYPE_CHECKING:
+    from privseg.release.context import ReleaseContext
+    from privseg.schema import Schema
+    from privseg.segments.compiler import Compiler
+    from privseg.segments.engine import Runner
+    from privseg.segments.sensitivity import SensitivityIndex
+    from privseg.store import Store
 
 
 class Deployment:
@@ -51,13 +55,15 @@ class Deployment:
     def categories(self) -> CategorySet:
         """The category policies, refused (PolicyError) if any finding stands against them. Reading
         them writes nothing; :meth:`record_policies` audits a set not seen before."""
+        from privseg.policy.checks import load_categories
+
         return load_categories(self.settings.policy_dir, self.schema)
 
     def record_policies(self) -> CategorySet:
         """Load the policies at start-up and record a set not seen before in the audit log, with its
         hash (the server and every CLI command that acts under policies call this once)."""
         cats = self.categories
-        conn = self.store.conn
+        conn = self.conn
         with transaction(conn):
             if get_meta(conn, "policy_hash") != cats.content_hash:
                 set_meta(conn, "policy_hash", cats.content_hash)
@@ -71,16 +77,23 @@ class Deployment:
 
     @cached_property
     def schema(self) -> Schema:
+        from privseg.schema import Schema
+
         return Schema.from_ingest_policy(self.ingest_policy)
 
     @cached_property
     def sensitivity(self) -> SensitivityIndex:
         """The category policies' sensitivity tags, indexed."""
+        from privseg.segments.sensitivity import SensitivityIndex
+
         return SensitivityIndex(self.categories, self.schema)
 
     def recompute_if_stale(self) -> None:
         """Recompute the membership snapshot if data or policies changed since the latest one (after
         an upload; run after the response has gone out)."""
+        from privseg.segments import engine
+        from privseg.segments.definitions import active
+
         stale = engine.staleness(
             self.store, engine.latest(self.store.conn), policy_hash=self.categories.content_hash
         )
@@ -98,13 +111,13 @@ class Deployment:
         finally:
             fresh.close()
 
-    def snapshot_runner(
-        self, engine_name: str | None = None, *, spark_master: str | None = None
-    ) -> engine.Runner:
+    def snapshot_runner(self, engine_name: str | None = None, *, spark_master: str | None = None) -> Runner:
         """How snapshots are computed: the configured engine (``PRIVSEG_ENGINE``) unless one is named."""
         name = engine_name or self.settings.engine
         if name == "local":
-            return engine.local_runner
+            from privseg.segments.engine import local_runner
+
+            return local_runner
         if name == "sharded":
             from privseg.segments.sharded import sharded_runner
 
@@ -121,10 +134,14 @@ class Deployment:
 
     def compiler(self) -> Compiler:
         """A compiler over the currently active definitions (they change as segments are applied)."""
+        from privseg.segments.definitions import active, build_compiler
+
         return build_compiler(active(self.store.conn), schema=self.schema, categories=self.categories)
 
     def release_context(self) -> ReleaseContext:
         """What release code needs, and nothing else."""
+        from privseg.release.context import ReleaseContext
+
         return ReleaseContext(
             store=self.store,
             keyset=self.keyset,
@@ -134,9 +151,15 @@ class Deployment:
         )
 
     @cached_property
+    def conn(self) -> sqlite3.Connection:
+        """The deployment's database connection (the store's; the ledger and audit log live there)."""
+        return self._pool.acquire() if self._pool is not None else connect(self.settings.db_path)
+
+    @cached_property
     def store(self) -> Store:
-        conn = self._pool.acquire() if self._pool is not None else connect(self.settings.db_path)
-        return Store(conn, self.settings.data_dir, new_shards=self.settings.shards)
+        from privseg.store import Store
+
+        return Store(self.conn, self.settings.data_dir, new_shards=self.settings.shards)
 
     def for_request(self) -> Deployment:
         """A deployment sharing what is already loaded (keyset, policies) but with its own database
@@ -150,12 +173,13 @@ class Deployment:
         return fork
 
     def close(self) -> None:
-        if "store" in self.__dict__:
+        self.__dict__.pop("store", None)
+        if "conn" in self.__dict__:
+            conn = self.__dict__.pop("conn")
             if self._pool is not None:
-                self._pool.release(self.store.conn)
+                self._pool.release(conn)
             else:
-                self.store.conn.close()
-            del self.__dict__["store"]
+                conn.close()
         if self._root_pool is not None:
             self._root_pool.close()
 

@@ -17,7 +17,6 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import polars as pl
@@ -25,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from privseg.errors import InvalidInput, InvalidPseudonym
+from privseg.identity import IdType as IdType  # re-exported: callers name it with the pseudonymizer
 from privseg.keyset import Keyset
 from privseg.shards import KEY, KEY_DTYPE, key_expr, siv_keys
 from privseg.siv import BatchSIV
@@ -36,12 +36,6 @@ _BLOCK = 16
 # Everything Python calls whitespace (Polars' default strip_chars() leaves e.g. U+001F in place).
 _WHITESPACE = "".join(ch for ch in map(chr, range(0x3001)) if ch.isspace())
 _TOKEN_RE = re.compile(r"^k([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)$")
-
-
-class IdType(StrEnum):
-    EMAIL = "email"
-    PHONE = "phone"
-    CUSTOMER_NUMBER = "customer_number"
 
 
 def normalize_expr(expr: pl.Expr, id_type: IdType) -> pl.Expr:

@@ -8,8 +8,7 @@ event types and values) and the segment language read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from privseg.errors import InvalidInput
 from privseg.policy.ingest import (
@@ -25,6 +24,9 @@ from privseg.policy.ingest import (
     StringAttr,
 )
 
+if TYPE_CHECKING:
+    import polars as pl
+
 
 @dataclass(frozen=True)
 class FieldType:
@@ -33,6 +35,8 @@ class FieldType:
 
     def dtype(self) -> pl.DataType:
         """How the store holds it."""
+        import polars as pl  # here: reading policies needs the schema, not Polars
+
         return {
             "list": pl.List(pl.String),
             "bool": pl.Boolean(),

@@ -19,6 +19,7 @@ from privseg.cli.shell import (
     _table,
     app,
     audit_app,
+    group,
     policy_app,
 )
 from privseg.errors import InvalidInput
@@ -153,7 +154,7 @@ def policy_diff(old: Path, new: Path, as_json: JsonOpt = False) -> None:
     _emit({"changes": changes, "looser": [c for c in changes if "LOOSER" in c]}, as_json, text)
 
 
-apikey_app = typer.Typer(no_args_is_help=True, help="Issue, list and revoke API keys.")
+apikey_app = group("Issue, list and revoke API keys.")
 app.add_typer(apikey_app, name="apikey")
 
 

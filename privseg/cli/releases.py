@@ -232,7 +232,7 @@ def budget(as_json: JsonOpt = False) -> None:
     from privseg import ledger
 
     dep = _deployment()
-    rows = ledger.status(dep.store.conn, dep.categories, datetime.now(UTC))
+    rows = ledger.status(dep.conn, dep.categories, datetime.now(UTC))
     table: list[list[Any]] = []
     for c in rows:
         table.append(
@@ -250,4 +250,4 @@ def budget(as_json: JsonOpt = False) -> None:
             for objective, o in r["objectives"].items():  # a category that splits its budget
                 table.append(["", f"  {objective}", f"{o['spent']:g}", f"{o['remaining']:g}", "", ""])
     columns = ["category", "recipient", "epsilon spent", "epsilon left", "releases", "period (days)"]
-    _emit(rows, as_json, _table(columns, table))
+    _emit(rows, as_json, None if as_json else _table(columns, table))

@@ -21,6 +21,7 @@ from privseg.errors import PolicyError
 from privseg.policy.categories import CategoryPolicy, CategorySet
 from privseg.policy.checks import candidate_findings, findings
 from privseg.policy.diff import diff
+from privseg.yamltext import parse_yaml
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 MAX_CANDIDATE_BYTES = 256 * 1024
@@ -71,7 +72,7 @@ async def policy_diff(request: Request, dep: Dep, session: Compliance) -> Respon
         if len(text.encode()) > MAX_CANDIDATE_BYTES:
             raise PolicyError(f"the candidate is larger than {MAX_CANDIDATE_BYTES} bytes")
         try:
-            doc = yaml.safe_load(text)
+            doc = parse_yaml(text)
         except yaml.YAMLError:
             raise PolicyError("candidate: not valid YAML") from None
         if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):

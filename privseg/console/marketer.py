@@ -18,6 +18,7 @@ from privseg.errors import NotFound, PrivsegError
 from privseg.segments import definitions
 from privseg.segments.language import DefinitionError
 from privseg.sessions import Session
+from privseg.yamltext import parse_yaml
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 MAX_EDITOR_BYTES = 256 * 1024
@@ -77,7 +78,7 @@ def _documents(text: str) -> list[definitions.Document]:
     if len(text.encode()) > MAX_EDITOR_BYTES:
         raise DefinitionError(f"the definition is larger than {MAX_EDITOR_BYTES} bytes")
     try:
-        doc = yaml.safe_load(text)
+        doc = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privseg.errors import PolicyError, describe_validation_error
+from privseg.yamltext import parse_yaml
 
 
 class _Strict(BaseModel):
@@ -209,7 +210,7 @@ def read_categories(policy_dir: Path) -> CategorySet:
     docs: dict[str, Any] = {}
     for path in sorted(folder.glob("*.yaml")):
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = parse_yaml(path.read_text(encoding="utf-8"))
             policy = CategoryPolicy.model_validate(doc)
         except yaml.YAMLError as exc:
             raise PolicyError(f"{path}: not valid YAML: {exc}") from None

@@ -11,7 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from privseg.errors import PolicyError, describe_validation_error
-from privseg.pseudonym import IdType
+from privseg.identity import IdType
+from privseg.yamltext import parse_yaml
 
 # Columns privseg writes itself; a policy may not reuse these names for source columns.
 RESERVED = frozenset({"pid", "ts", "age_band", "region"})
@@ -299,7 +300,7 @@ class IngestPolicy(_Strict):
 def load_ingest_policy(path: Path) -> IngestPolicy:
     """Load and validate ``ingest.yaml``; errors name the file and the path inside it."""
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PolicyError(f"no ingest policy at {path} (set PRIVSEG_POLICY_DIR)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -28,6 +28,7 @@ from privseg.segments import persona_source
 from privseg.segments.compiler import Compiler, references, traits_used
 from privseg.segments.language import DefinitionError, SegmentDef, TraitDef
 from privseg.segments.parser import Parser
+from privseg.yamltext import parse_yaml
 
 DefKind = Literal["segment", "trait"]
 ADMIN_CLI = "admin:cli"  # the actor of definitions applied from the command line
@@ -97,7 +98,7 @@ def read_documents(paths: list[Path]) -> list[Document]:
     out: list[Document] = []
     for path in paths:
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = parse_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DefinitionError(f"{path}: no such file") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
