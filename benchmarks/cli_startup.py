@@ -28,6 +28,16 @@ TYPER_FLOOR = (
     "import typer\napp = typer.Typer(add_completion=False)\n@app.command()\ndef hello() -> None:\n"
     "    'Say hello.'\n@app.command()\ndef bye() -> None:\n    'Say bye.'\napp(['--help'])\n"
 )
+# The same app with Click's plain help, as privseg prints it (rich_markup_mode=None): the floor for
+# its --help. And a one-option command run for real: the floor for `privseg budget --json` (Typer
+# coerces options through pydantic).
+TYPER_PLAIN_FLOOR = TYPER_FLOOR.replace("add_completion=False", "add_completion=False, rich_markup_mode=None")
+TYPER_OPTION_FLOOR = (
+    "import typer\napp = typer.Typer(add_completion=False)\n@app.command()\n"
+    "def hello(as_json: bool = typer.Option(False, '--json')) -> None:\n"
+    "    print('{}' if as_json else 'hi')\n"
+    "@app.command()\ndef bye() -> None:\n    'Say bye.'\napp(['hello', '--json'])\n"
+)
 
 
 def _time(cmd: list[str], runs: int, env: dict[str, str] | None = None) -> float:
@@ -58,6 +68,8 @@ def main() -> None:
         rows = {
             "python -c pass": _time([py, "-c", "pass"], args.runs),
             "typer floor (2 commands, --help)": _time([py, "-c", TYPER_FLOOR], args.runs),
+            "typer floor, plain help": _time([py, "-c", TYPER_PLAIN_FLOOR], args.runs),
+            "typer floor, a command with --json": _time([py, "-c", TYPER_OPTION_FLOOR], args.runs),
             "privseg --help": _time([privseg, "--help"], args.runs),
             "privseg budget --json": _time([privseg, "budget", "--json"], args.runs, env),
         }
