@@ -235,7 +235,7 @@ def test_failed_authentication_is_audited_without_the_token(
 
 
 def test_partners_see_only_their_own_grants(api: tuple[TestClient, dict[str, str], Deployment]) -> None:
-    client, tokens, _dep = api
+    client, tokens, dep = api
     alpha = client.get("/v1/audiences", headers={"Authorization": f"Bearer {tokens['partner']}"}).json()
     beta = client.get("/v1/audiences", headers={"Authorization": f"Bearer {tokens['other_partner']}"}).json()
     assert "hearing_aid_interest_55plus" in {g["segment"] for g in alpha}
@@ -246,6 +246,10 @@ def test_partners_see_only_their_own_grants(api: tuple[TestClient, dict[str, str
         headers={"Authorization": f"Bearer {tokens['other_partner']}"},
     )
     assert refused.status_code == 403 and "adnet_beta" in _problem(refused)["detail"]
+    # The server first looks for a stored release on its event loop; a refusal found there is left to
+    # the release path, which audits it.
+    last = audit.entries(dep.store.conn, limit=1000)[-1]
+    assert last.event == "refusal" and last.details["recipient"] == "adnet_beta"
 
 
 def test_reports_go_to_the_callers_own_identity_and_budget(

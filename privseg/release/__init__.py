@@ -6,7 +6,17 @@ charges, draws OpenDP noise, suppresses and caches for all of them.
 """
 
 from privseg.release.context import ReleaseContext
-from privseg.release.engine import PENDING_TIMEOUT, cache_key, dry_run, plan, release, run, run_json, text
+from privseg.release.engine import (
+    PENDING_TIMEOUT,
+    cache_key,
+    dry_run,
+    plan,
+    release,
+    run,
+    run_json,
+    stored_json,
+    text,
+)
 from privseg.release.kinds.ab_lift import LiftRequest
 from privseg.release.kinds.audience_insight import InsightRequest, PartnerInsightRequest
 from privseg.release.kinds.cohort_report import CohortReportRequest, Measure
@@ -46,5 +56,6 @@ __all__ = [
     "released",
     "run",
     "run_json",
+    "stored_json",
     "text",
 ]

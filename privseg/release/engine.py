@@ -54,6 +54,20 @@ def run_json(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> str:
     return _planned(ctx, req, recipient, answer)
 
 
+def stored_json(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> str | None:
+    """:func:`run_json`'s answer if it is a stored release, else None (then call :func:`run_json`).
+    Plans and reads one row, spends and writes nothing: cheap enough for the server's event loop,
+    which answers a repeated request without a worker thread. A request that would be refused gets
+    None, so that its refusal is audited by :func:`run_json`, off the loop."""
+    if req.dry_run:
+        return None
+    try:
+        planned = for_request(req).plan(ctx, req, recipient)
+    except (PolicyViolation, NotPermitted, BudgetExhausted):
+        return None
+    return cached_text(ctx, planned)
+
+
 def cached_text(ctx: ReleaseContext, plan: ReleasePlan) -> str | None:
     """The stored release for ``plan`` as JSON text, marked cached (None: not released yet). The same
     text ``json.dumps`` gives for :func:`release`'s cached answer: the stored object with ``cached``
