@@ -46,6 +46,7 @@ CORE = {
     "privseg.db",
     "privseg.fsutil",
     "privseg.keyset",
+    "privseg.identity",
     "privseg.pseudonym",
     "privseg.siv",
     "privseg.audit",
@@ -58,6 +59,7 @@ CORE = {
     "privseg.policy.checks",
     "privseg.policy.diff",
     "privseg.policy.ingest",
+    "privseg.yamltext",
 }
 
 
