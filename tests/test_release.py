@@ -309,6 +309,31 @@ def test_counts_on_cached_cell_codes_equal_the_string_group_by(ready: Deployment
     assert sum(fast) > 0 and (not by or 0 in fast)  # non-vacuous: people counted, and empty cells too
 
 
+def test_a_cold_cache_entry_is_built_once_under_concurrent_releases() -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[int] = []
+
+    def build() -> object:
+        calls.append(1)
+        time.sleep(0.2)  # long enough that every caller arrives while it is being built
+        return object()
+
+    cache: dict[tuple[str], object] = {}
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: release_data._once(cache, ("k",), build, keep=4), range(8)))
+    assert len(calls) == 1 and all(g is got[0] for g in got)
+
+    # A build that fails leaves no entry and no stuck lock: the next caller builds again.
+    def failing() -> object:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        release_data._once(cache, ("other",), failing, keep=4)
+    assert release_data._once(cache, ("other",), object, keep=4) is cache[("other",)]
+
+
 def test_segment_movement_between_two_snapshots(ready: Deployment) -> None:
     import polars as pl
 

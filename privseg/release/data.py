@@ -7,8 +7,9 @@ returned.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import polars as pl
 
@@ -38,6 +39,9 @@ class CellCodes:
 
 
 _CELLS_CACHE: dict[tuple[str, str, tuple[str, ...]], CellCodes] = {}
+_BUILDING: dict[Hashable, threading.Lock] = {}  # one lock per cache key being built
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 def step_events(ctx: ReleaseContext, step: Step) -> pl.LazyFrame | None:
@@ -59,10 +63,11 @@ def dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
     snapshot: the join on pseudonyms is the slow part of a release, and a snapshot never changes)."""
     # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
     key = (str(ctx.store.data_dir.resolve()), f"{snap.id}/{snap.file}")
-    with _DIMS_LOCK:
-        cached = _DIMS_CACHE.get(key)
-    if cached is not None:
-        return cached
+    # A few snapshots at most: the latest, and those movement reads.
+    return _once(_DIMS_CACHE, key, lambda: _dimensions(ctx, snap), keep=4)
+
+
+def _dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
     policies = ctx.categories.categories.values()
     dims = sorted(
         {d for c in policies for d in c.allowed_dimensions()} | {c.consent_attribute for c in policies}
@@ -80,12 +85,31 @@ def dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
             .with_columns([pl.lit(None, dtype=pl.String).alias(d) for d in dims if d not in available])
             .collect()
         )
-    frame = frame.drop("pid")
+    return frame.drop("pid")
+
+
+def _once(cache: dict[K, V], key: K, build: Callable[[], V], *, keep: int) -> V:
+    """``cache[key]``, built by one caller while concurrent callers of the same key wait for it: with
+    a cold cache, concurrent fresh releases each built the same frame at once (p99 of 3.9 s at
+    concurrency 8, benchmarks/server.py). At most ``keep`` entries, the oldest dropped first."""
     with _DIMS_LOCK:
-        if len(_DIMS_CACHE) >= 4:  # a few snapshots at most: the latest, and those movement reads
-            _DIMS_CACHE.pop(next(iter(_DIMS_CACHE)))
-        _DIMS_CACHE[key] = frame
-    return frame
+        if key in cache:
+            return cache[key]
+        building = _BUILDING.setdefault(key, threading.Lock())
+    with building:
+        with _DIMS_LOCK:
+            if key in cache:
+                return cache[key]
+        try:
+            value = build()
+            with _DIMS_LOCK:
+                if len(cache) >= keep:
+                    cache.pop(next(iter(cache)))
+                cache[key] = value
+        finally:
+            with _DIMS_LOCK:
+                _BUILDING.pop(key, None)
+    return value
 
 
 def members(ctx: ReleaseContext, plan: ReleasePlan, also: Sequence[str] = ()) -> pl.DataFrame:
@@ -114,11 +138,11 @@ def cell_codes(ctx: ReleaseContext, snap: engine.Snapshot, breakdown: Sequence[s
     snapshot and breakdown, so that a release groups one integer column instead of strings (the
     string group-by was half of a fresh report's time, benchmarks/release.py)."""
     key = (str(ctx.store.data_dir.resolve()), f"{snap.id}/{snap.file}", tuple(breakdown))
-    with _DIMS_LOCK:
-        cached = _CELLS_CACHE.get(key)
-    if cached is not None:
-        return cached
-    frame = dimensions(ctx, snap)
+    # Snapshots x breakdowns in use; each is 8 bytes per person.
+    return _once(_CELLS_CACHE, key, lambda: _cell_codes(dimensions(ctx, snap), breakdown), keep=64)
+
+
+def _cell_codes(frame: pl.DataFrame, breakdown: Sequence[str]) -> CellCodes:
     cell = pl.zeros(frame.height, dtype=pl.UInt64, eager=True)
     labels: list[list[str]] = []
     for dim in breakdown:
@@ -126,12 +150,7 @@ def cell_codes(ctx: ReleaseContext, snap: engine.Snapshot, breakdown: Sequence[s
         labels.append(values.unique().sort().to_list())
         # A row's cell: its dimensions' label indices in mixed radix.
         cell = cell * len(labels[-1]) + (values.rank("dense") - 1).cast(pl.UInt64)
-    out = CellCodes(cell.rename(_CELL), labels)
-    with _DIMS_LOCK:
-        if len(_CELLS_CACHE) >= 64:  # snapshots x breakdowns in use; each is 8 bytes per person
-            _CELLS_CACHE.pop(next(iter(_CELLS_CACHE)))
-        _CELLS_CACHE[key] = out
-    return out
+    return CellCodes(cell.rename(_CELL), labels)
 
 
 def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
