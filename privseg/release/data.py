@@ -90,8 +90,8 @@ def _dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
 
 def _once(cache: dict[K, V], key: K, build: Callable[[], V], *, keep: int) -> V:
     """``cache[key]``, built by one caller while concurrent callers of the same key wait for it: with
-    a cold cache, concurrent fresh releases each built the same frame at once (p99 of 3.9 s at
-    concurrency 8, benchmarks/server.py). At most ``keep`` entries, the oldest dropped first."""
+    a cold cache, concurrent fresh releases each built the same frame (a join over every person) at
+    once. At most ``keep`` entries, the oldest dropped first."""
     with _DIMS_LOCK:
         if key in cache:
             return cache[key]
