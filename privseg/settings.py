@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         description="Largest decompressed size of a .gz source; a file past it is refused (gzip bombs).",
     )
 
+    warm_release_cache: bool = Field(
+        True,
+        description="Each `privseg serve` worker builds the latest snapshot's release dimensions (a join "
+        "over every person) at start and after each refresh, instead of in its first fresh release "
+        "(which then waited ~2.7 s at a million people). Costs that memory in every worker up front.",
+    )
     snapshot_refresh_seconds: float = Field(
         300.0,
         ge=0,

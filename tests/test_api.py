@@ -32,3 +32,29 @@ def test_privseg_serve_answers_on_loopback_and_stops(dep: Deployment) -> None:
         response = httpx2.get(f"{base}/readyz", timeout=5)
         assert response.status_code == 200 and response.json()["ready"] is True
     assert proc.poll() is not None  # stopped, and (checked by the helper) cleanly
+
+
+def test_a_server_builds_the_release_dimensions_at_start(dep: Deployment, demo_files) -> None:  # type: ignore[no-untyped-def]
+    # A worker's first fresh release must not pay the join over every person (a cold worker's
+    # requests waited ~2.7 s at a million people): the server builds it when it starts.
+    from privseg.release import data as release_data
+    from privseg.segments import engine
+    from tests.conftest import prepare
+
+    prepare(dep, demo_files.customers, demo_files.events)
+    snap = engine.latest(dep.store.conn)
+    assert snap is not None
+    key = (str(dep.store.data_dir.resolve()), f"{snap.id}/{snap.file}")
+    release_data._DIMS_CACHE.clear()
+    app = create_app(dep)
+    with TestClient(app):
+        app.state.release_warmer.join(timeout=60)
+        assert key in release_data._DIMS_CACHE
+    # Off by setting: nothing is built ahead.
+    release_data._DIMS_CACHE.clear()
+    off = Deployment(dep.settings.model_copy(update={"warm_release_cache": False}))
+    app = create_app(off)
+    with TestClient(app):
+        app.state.release_warmer.join(timeout=60)
+        assert key not in release_data._DIMS_CACHE
+    off.close()

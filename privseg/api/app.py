@@ -71,6 +71,23 @@ def anchor_writer(dep: Deployment) -> audit.AnchorWriter | None:
 INTAKE_MERGE_AT = 50  # intake batches before the refresher merges them
 
 
+def warm_release_cache(dep: Deployment) -> None:
+    """The latest snapshot's release dimensions, built now (on a background thread) rather than in
+    the first fresh release: over HTTP with two workers, the requests that reached a cold worker
+    waited ~2.7 s for it (benchmarks/server.py, fresh reports at concurrency 8)."""
+    if not dep.settings.warm_release_cache:
+        return
+    from privseg.release import data as release_data
+
+    fork = dep.for_request()
+    try:
+        release_data.warm(fork.release_context())
+    except Exception as exc:  # a release will build it (and say why it cannot); say what, not the data
+        log.warning("release cache warm-up failed: %s", type(exc).__name__)
+    finally:
+        fork.close()
+
+
 class SnapshotRefresher:
     """Recomputes a stale snapshot every ``interval`` seconds in the background (live intake appends
     events all day). Readers keep using the current snapshot until the new one is recorded; writers are
@@ -88,6 +105,7 @@ class SnapshotRefresher:
                 # Live intake adds one small batch per call: merge them before the store grows wide.
                 compact_intake(store=fork.store, keyset=fork.keyset, at_least=INTAKE_MERGE_AT)
                 fork.recompute_if_stale()
+                warm_release_cache(self.dep)
             except Exception as exc:  # keep refreshing; say what failed without its message (data)
                 log.error("snapshot refresh failed: %s", type(exc).__name__)
             finally:
@@ -103,11 +121,15 @@ class SnapshotRefresher:
 
 def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Raw uploads a killed server left behind (identifiers included) go before anything else.
         uploads.clear_stale(dep.settings.uploads_path)
         # Policies are loaded (and a new set audited) once, here: requests only read them.
         dep.record_policies()
+        app.state.release_warmer = threading.Thread(
+            target=warm_release_cache, args=(dep,), name="privseg-release-warm", daemon=True
+        )
+        app.state.release_warmer.start()
         writer = anchor_writer(dep) if anchors else None
         if writer is not None:
             writer.start()

@@ -67,6 +67,16 @@ def dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
     return _once(_DIMS_CACHE, key, lambda: _dimensions(ctx, snap), keep=4)
 
 
+def warm(ctx: ReleaseContext) -> bool:
+    """Build the latest snapshot's dimension frame ahead of the first release that needs it; False
+    when there is no snapshot yet. A release arriving meanwhile waits for this build (see _once)."""
+    snap = engine.latest(ctx.store.conn)
+    if snap is None or not engine.snapshot_path(ctx.store, snap).exists():
+        return False
+    dimensions(ctx, snap)
+    return True
+
+
 def _dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
     policies = ctx.categories.categories.values()
     dims = sorted(
