@@ -22,6 +22,8 @@ from privseg.settings import Settings
 if TYPE_CHECKING:
     import polars as pl
 
+    from privseg.segments.engine import Runner, Snapshot
+
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
 AS_OF = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -183,6 +185,15 @@ def patched(dep: Deployment, demo_files: DemoFiles, tmp_path: Path) -> Deploymen
     ingest_files(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, kind="profiles", paths=[path])
     assert len(dep.store.batches("profiles")) == 2
     return dep
+
+
+def snapshot_with(dep: Deployment, runner: Runner) -> tuple[Snapshot, dict[str, float]]:
+    """A snapshot of ``dep``'s active segments at AS_OF, computed by ``runner``."""
+    from privseg.segments import engine
+
+    return engine.compute_snapshot(
+        store=dep.store, compiler=dep.compiler(), keyset=dep.keyset, as_of=AS_OF, runner=runner
+    )
 
 
 def by_pid(members: pl.DataFrame) -> pl.DataFrame:

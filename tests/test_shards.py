@@ -26,6 +26,7 @@ from tests.conftest import (
     make_settings,
     prepare,
     profile_row,
+    snapshot_with,
     write_csv,
 )
 
@@ -162,13 +163,7 @@ def test_a_failed_computation_leaves_no_snapshot_and_no_staged_rows(patched: Dep
     snapshots = patched.store.data_dir / "snapshots"
     before = os.listdir(snapshots) if snapshots.exists() else []
     with pytest.raises(RuntimeError, match="task lost"):
-        engine.compute_snapshot(
-            store=patched.store,
-            compiler=patched.compiler(),
-            keyset=patched.keyset,
-            as_of=AS_OF,
-            runner=failing,
-        )
+        snapshot_with(patched, failing)
     assert engine.latest(patched.store.conn) is None
     assert (os.listdir(snapshots) if snapshots.exists() else []) == before
     assert not any(staging.root(patched.store.data_dir).iterdir())
@@ -197,13 +192,7 @@ def test_a_part_with_other_columns_is_refused(patched: Deployment) -> None:
     from privseg.errors import StoreError
 
     with pytest.raises(StoreError, match="columns"):
-        engine.compute_snapshot(
-            store=patched.store,
-            compiler=patched.compiler(),
-            keyset=patched.keyset,
-            as_of=AS_OF,
-            runner=shifted,
-        )
+        snapshot_with(patched, shifted)
     assert engine.latest(patched.store.conn) is None
 
 

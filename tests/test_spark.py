@@ -20,7 +20,7 @@ from privseg.release.kinds import cohort_report
 from privseg.segments import engine, staging
 from privseg.spark import session as spark_session
 from privseg.spark.runner import spark_runner
-from tests.conftest import AS_OF, by_pid
+from tests.conftest import AS_OF, by_pid, snapshot_with
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,7 @@ def test_spark_snapshot_gives_the_same_exact_release_aggregates(spark: Any, patc
     )
     cells = []
     for runner in (engine.local_runner, patched.snapshot_runner("spark", spark_master="local[2]")):
-        snap, _ = engine.compute_snapshot(
-            store=patched.store,
-            compiler=patched.compiler(),
-            keyset=patched.keyset,
-            as_of=AS_OF,
-            runner=runner,
-        )
+        snap, _ = snapshot_with(patched, runner)
         plan = cohort_report.plan(ctx, request, "growth_team")
         assert plan.snapshot.id == snap.id
         cells.append(cohort_report.exact(ctx, plan))
@@ -120,13 +114,7 @@ def test_a_failed_task_leaves_no_snapshot(
     path.write_bytes(bytes(data))
     caplog.set_level("ERROR", logger="privseg.spark.runner")
     with pytest.raises(StoreError, match="Spark job") as raised:
-        engine.compute_snapshot(
-            store=patched.store,
-            compiler=patched.compiler(),
-            keyset=patched.keyset,
-            as_of=AS_OF,
-            runner=spark_runner(master="local[2]"),
-        )
+        snapshot_with(patched, spark_runner(master="local[2]"))
     assert engine.latest(patched.store.conn) is None
     snapshots = patched.store.data_dir / "snapshots"
     assert not snapshots.exists() or not any(snapshots.iterdir())
