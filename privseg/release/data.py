@@ -61,10 +61,13 @@ def memberships(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.LazyFrame:
 def dimensions(ctx: ReleaseContext, snap: engine.Snapshot) -> pl.DataFrame:
     """Every breakdown dimension and consent attribute, in the snapshot's row order (cached per
     snapshot: the join on pseudonyms is the slow part of a release, and a snapshot never changes)."""
-    # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
-    key = (str(ctx.store.data_dir.resolve()), f"{snap.id}/{snap.file}")
     # A few snapshots at most: the latest, and those movement reads.
-    return _once(_DIMS_CACHE, key, lambda: _dimensions(ctx, snap), keep=4)
+    return _once(_DIMS_CACHE, _snapshot_key(ctx, snap), lambda: _dimensions(ctx, snap), keep=4)
+
+
+def _snapshot_key(ctx: ReleaseContext, snap: engine.Snapshot) -> tuple[str, str]:
+    # Keyed by file: an erasure rewrites a snapshot under a new name, with different rows.
+    return str(ctx.store.data_dir.resolve()), f"{snap.id}/{snap.file}"
 
 
 def warm(ctx: ReleaseContext) -> bool:
@@ -147,7 +150,7 @@ def cell_codes(ctx: ReleaseContext, snap: engine.Snapshot, breakdown: Sequence[s
     dimension's labels (the text :func:`members` groups, unknown filled in): computed once per
     snapshot and breakdown, so that a release groups one integer column instead of strings (the
     string group-by was half of a fresh report's time, benchmarks/release.py)."""
-    key = (str(ctx.store.data_dir.resolve()), f"{snap.id}/{snap.file}", tuple(breakdown))
+    key = (*_snapshot_key(ctx, snap), tuple(breakdown))
     # Snapshots x breakdowns in use; each is 8 bytes per person.
     return _once(_CELLS_CACHE, key, lambda: _cell_codes(dimensions(ctx, snap), breakdown), keep=64)
 
