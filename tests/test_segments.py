@@ -56,6 +56,31 @@ def test_property_operators(condition: dict, expected: set[str]) -> None:  # typ
     assert members({"property": condition}, PEOPLE) == expected
 
 
+def test_category_conditions_read_as_categoricals_equal_the_text() -> None:
+    # The engine evaluates category attributes as Polars categoricals (faster is_in); every text
+    # operator must give what it gives on the plain text, nulls and values no one holds included.
+    conditions = [
+        {"gender": {"eq": "female"}},
+        {"gender": {"eq": "non_binary"}},  # held by no one
+        {"gender": {"neq": "male"}},
+        {"age_band": {"in": ["55-64", "65+", "<18"]}},
+        {"age_band": {"not_in": ["55-64", "<18"]}},
+        {"gender": {"not_in_or_unknown": ["male", "undisclosed"]}},
+        {"gender": {"is_null": True}},
+        {"age_band": {"is_set": True}},
+    ]
+    segments = [segment({"property": c}, sid=f"s{i}") for i, c in enumerate(conditions)]
+    segments.append(segment({"not": {"any": [{"property": c} for c in conditions[:4]]}}, sid="none_of"))
+    plan = compiler(segments).compile(AS_OF)
+    assert plan.categorical == {"gender", "age_band"}
+    fast, _ = engine.evaluate(plan, profiles=PEOPLE, events=events([]))
+    plan.categorical.clear()
+    text, _ = engine.evaluate(plan, profiles=PEOPLE, events=events([]))
+    assert fast.equals(text)
+    counts = fast.select(pl.exclude("pid").sum()).row(0, named=True)
+    assert counts == {"s0": 1, "s1": 0, "s2": 1, "s3": 2, "s4": 2, "s5": 2, "s6": 1, "s7": 3, "none_of": 1}
+
+
 def test_not_of_a_leaf_is_its_complement_including_nulls() -> None:
     assert members({"not": {"property": {"gender": {"eq": "female"}}}}, PEOPLE) == {"b", "c"}
 

@@ -130,7 +130,7 @@ def local_runner(
 ) -> dict[str, float]:
     """The whole store in memory at once: the fastest while it fits."""
     members, timings = membership(compiler, store, as_of, progress)
-    members.write_parquet(folder / "part-00000.parquet", compression="zstd")
+    staging.write_members(members, folder / "part-00000.parquet")
     return timings
 
 
@@ -143,14 +143,21 @@ def evaluate(
     t = time.perf_counter()
     as_of = plan.as_of
     events = events.filter(pl.col("ts") <= as_of)
-    # One person index: the profiles in their order, then people known only from events. A hash join
-    # maps events onto it (4x faster than a dense rank over every event's pseudonym, measured at 10M).
-    extra = (
-        events.select(pl.col("pid").unique()).join(profiles.select("pid"), on="pid", how="anti").sort("pid")
-    )
-    person = pl.concat([profiles, extra], how="diagonal_relaxed").with_row_index("pidx")
+    # One person index: the profiles in their order, then people known only from events (in pid
+    # order). One left join maps events onto it; people without a profile are looked for only among
+    # the events it left unmatched. (At 10M events: 0.7 s, where a distinct over every event's pid,
+    # an anti join and an inner join took 3.4 s.)
+    person = profiles.with_row_index("pidx")
+    events = events.join(person.select("pid", "pidx"), on="pid", how="left", maintain_order="left")
+    unmatched = events.filter(pl.col("pidx").is_null())
+    if unmatched.height:
+        extra = unmatched.select(pl.col("pid").unique().sort())
+        person = pl.concat([profiles, extra], how="diagonal_relaxed").with_row_index("pidx")
+        events = events.drop("pidx").join(
+            person.select("pid", "pidx"), on="pid", how="left", maintain_order="left"
+        )
     pids = person.get_column("pid")
-    events = events.join(person.select("pid", "pidx"), on="pid", how="inner").drop("pid")
+    events = events.drop("pid")
     timings["index"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -158,7 +165,8 @@ def evaluate(
     timings["features"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    frame = person.with_columns(list(columns.values())).lazy()
+    categorical = [c for c in plan.categorical if c in person.columns]
+    frame = person.with_columns(*columns.values(), pl.col(categorical).cast(pl.Categorical)).lazy()
     # Shared columns first (each distinct property condition and trait score, then referenced
     # segments level by level), so no segment recomputes what another already did.
     for stage in [plan.derived, *plan.shared]:
@@ -245,7 +253,7 @@ def _publish_parts(folder: Path, as_of: datetime, parts: list[Path], segments: l
     else:
         # Streamed part by part: memory stays at one part's size, not the snapshot's.
         scans = [pl.scan_parquet(p).select(expected) for p in parts]
-        pl.concat(scans, how="vertical").sink_parquet(tmp, compression="zstd")
+        pl.concat(scans, how="vertical").sink_parquet(tmp, compression="zstd", compression_level=1)
     fsutil.publish(tmp, final)
     people = int(pl.scan_parquet(final).select(pl.len()).collect().item())
     return final, people
@@ -300,7 +308,7 @@ def _write_file(folder: Path, as_of: datetime, members: pl.DataFrame) -> Path:
     """Write a snapshot file crash-safely under a new, unique name (never reused: caches key on it)."""
     final = folder / f"{as_of:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
     tmp = fsutil.tmp_path_for(final)
-    members.write_parquet(tmp, compression="zstd")
+    staging.write_members(members, tmp)
     fsutil.publish(tmp, final)
     return final
 

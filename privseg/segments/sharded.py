@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from privseg import shards
+from privseg.segments import staging
 from privseg.segments.compiler import Compiler, Plan
 from privseg.segments.engine import Progress, Runner, evaluate, load
 from privseg.store import Store
@@ -73,7 +74,7 @@ def sharded_runner(*, memory_gb: float = 8.0, parts: int | None = None) -> Runne
             for key, value in times.items():
                 if key != "features_count":
                     timings[key] += value
-            members.write_parquet(folder / f"part-{i:05d}.parquet", compression="zstd")
+            staging.write_members(members, folder / f"part-{i:05d}.parquet")
             del profiles, events, members
         return {**timings, "features_count": len(plan.features), "groups": len(groups)}
 

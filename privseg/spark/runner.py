@@ -87,9 +87,7 @@ def _unpack_parts(folder: Path, segments: list[str]) -> None:
     one part), and remove the packed output."""
     packed = folder / PACKED
     for i, part in enumerate(staging.parts(packed)):
-        unpack(pl.read_parquet(part), segments).write_parquet(
-            folder / f"part-{i:05d}.parquet", compression="zstd"
-        )
+        staging.write_members(unpack(pl.read_parquet(part), segments), folder / f"part-{i:05d}.parquet")
         part.unlink()
     shutil.rmtree(packed, ignore_errors=True)
 
