@@ -56,7 +56,7 @@ event_leaf = st.builds(
     st.sampled_from(TYPES),
     st.sampled_from(["electronics", "hearing_aids", None]),
     st.sampled_from(WINDOWS),
-    st.sampled_from(["count", "sum", "max"]),
+    st.sampled_from(["count", "sum", "avg", "min", "max"]),
     st.sampled_from(["gte", "lte", "eq"]),
     st.sampled_from([0, 1, 2, 5, 20]),
 )
@@ -132,10 +132,16 @@ def reference(
             and _in_window(ts, window)
             and (cat is None or f.get("product_category") == cat)
         ]
-        measure = next(m for m in ("count", "sum", "max") if m in body)
+        measure = next(m for m in ("count", "sum", "avg", "min", "max") if m in body)
         ((op, target),) = body[measure].items()
         values = [f["value"] for f in chosen if f.get("value") is not None]
-        got = {"count": len(chosen), "sum": sum(values), "max": max(values) if values else None}[measure]
+        got = {
+            "count": len(chosen),
+            "sum": sum(values),
+            "avg": sum(values) / len(values) if values else None,
+            "min": min(values) if values else None,
+            "max": max(values) if values else None,
+        }[measure]
         return _compare(got, op, target)
     assert key == "recency"
     mode = "within" if "within" in body else "not_within"
