@@ -46,6 +46,26 @@ def test_shards_of_real_pseudonyms_are_spread_and_stable(dep: Deployment) -> Non
     assert (coarse == frame.get_column("shard") % 8).all()
 
 
+@pytest.mark.parametrize("with_key", [True, False])
+def test_with_shards_sorts_by_shard_keeping_each_shards_row_order(dep: Deployment, with_key: bool) -> None:
+    pseudo = Pseudonymizer(dep.keyset, "email")
+    pids = pseudo.encrypt_series(pl.Series([f"p{i % 700}@example.com" for i in range(3_000)]))
+    # Several chunks, as a frame built from batches arrives.
+    frame = pl.concat(
+        [pl.DataFrame({"pid": pids[i : i + 1_000], "row": range(i, i + 1_000)}) for i in (0, 1_000, 2_000)],
+        rechunk=False,
+    )
+    if with_key:
+        frame = frame.with_columns(shards.key_expr().alias(shards.KEY))
+    out = shards.with_shards(frame, 16)
+    assert shards.KEY not in out.columns
+    assert out.height == frame.height and out.get_column("shard").is_sorted()
+    assert out.get_column("shard").equals(frame.select(shards.shard_expr(16)).to_series().sort())
+    # Within a shard, rows keep their order; nothing is lost or duplicated.
+    assert out.group_by("shard").agg(pl.col("row").is_sorted().alias("kept")).get_column("kept").all()
+    assert sorted(out.get_column("row").to_list()) == list(range(3_000))
+
+
 def test_shard_count_must_be_a_power_of_two() -> None:
     for bad in (0, 3, 100, 8192):
         with pytest.raises(ValueError, match="power of two"):
