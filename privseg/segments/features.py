@@ -2,14 +2,13 @@
 
 Events are partitioned once by event type. Features that share a step (event type + filters) share
 one filtered partition and its window masks; each is one numpy reduction over it into a dense column
-indexed by person. Steps run on a thread per core. Sequences use an as-of join per person; buckets
+indexed by person. Steps run on up to 4 threads. Sequences use an as-of join per person; buckets
 hash the pseudonym with a salt.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -128,8 +127,10 @@ def compute(
     for name, f in features.items():
         if isinstance(f, AggFeature | LastFeature):
             by_step[f.step].append((name, f))
-    # Steps on both cores: the work is numpy's and Polars', both outside the GIL.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    # Steps on several cores (numpy's and Polars' work runs outside the GIL), as many as Polars may use
+    # (POLARS_MAX_THREADS) up to 4: each step in flight holds its rows and arrays, and past a few
+    # threads the Python between the array calls is the limit.
+    with ThreadPoolExecutor(max_workers=min(pl.thread_pool_size(), 4)) as pool:
         for columns in pool.map(lambda step: _step(step, by_step[step], partitions, n, as_of), by_step):
             out.update(columns)
 
