@@ -37,6 +37,7 @@ def test_privseg_serve_answers_on_loopback_and_stops(dep: Deployment) -> None:
 def test_a_server_builds_the_release_dimensions_at_start(dep: Deployment, demo_files) -> None:  # type: ignore[no-untyped-def]
     # A worker's first fresh release must not pay the join over every person (a cold worker's
     # requests waited ~2.7 s at a million people): the server builds it when it starts.
+    from privseg import release
     from privseg.release import data as release_data
     from privseg.segments import engine
     from tests.conftest import prepare
@@ -45,16 +46,25 @@ def test_a_server_builds_the_release_dimensions_at_start(dep: Deployment, demo_f
     snap = engine.latest(dep.store.conn)
     assert snap is not None
     key = (str(dep.store.data_dir.resolve()), f"{snap.id}/{snap.file}")
+    # A breakdown released before: its cell codes are built ahead too (the newest first).
+    for by in (["age_band"], ["region", "age_band"]):
+        req = release.CohortReportRequest(segments=["cart_abandoners_7d"], breakdown=by)
+        release.run(dep.release_context(), req, "growth_team")
+    assert release_data.recent_breakdowns(dep.store.conn) == [("region", "age_band"), ("age_band",)]
+    cells = {(*key, ("age_band",)), (*key, ("region", "age_band"))}
     release_data._DIMS_CACHE.clear()
+    release_data._CELLS_CACHE.clear()
     app = create_app(dep)
     with TestClient(app):
         app.state.release_warmer.join(timeout=60)
         assert key in release_data._DIMS_CACHE
+        assert cells <= set(release_data._CELLS_CACHE)
     # Off by setting: nothing is built ahead.
     release_data._DIMS_CACHE.clear()
+    release_data._CELLS_CACHE.clear()
     off = Deployment(dep.settings.model_copy(update={"warm_release_cache": False}))
     app = create_app(off)
     with TestClient(app):
         app.state.release_warmer.join(timeout=60)
-        assert key not in release_data._DIMS_CACHE
+        assert key not in release_data._DIMS_CACHE and not release_data._CELLS_CACHE
     off.close()
