@@ -72,7 +72,7 @@ def _step(
     valued = any(isinstance(f, AggFeature) and f.measure != "count" for _, f in group)
     cols = part.select(
         pl.col("pidx"),
-        pl.col("ts").to_physical(),  # never null: evaluate keeps only events up to as_of
+        pl.col("ts").cast(TS_DTYPE).to_physical(),  # microseconds; never null (evaluate keeps ts <= as_of)
         *(window_mask(w, as_of, pl.col("ts")).fill_null(False).alias(f"w{i}") for i, w in enumerate(windows)),
         *([pl.col("value").fill_null(0.0), pl.col("value").is_not_null().alias("known")] if valued else []),
     )
