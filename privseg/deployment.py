@@ -13,17 +13,17 @@ import sys
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from privseg import audit
 from privseg.db import ConnectionPool, connect, get_meta, set_meta, transaction
 from privseg.errors import InvalidInput
-from privseg.keyset import Keyset, load_keyset
 from privseg.policy.categories import CategorySet
 from privseg.policy.ingest import IngestPolicy, load_ingest_policy
 from privseg.settings import Settings
 
-# The data stack (Polars, OpenDP, the segment compiler) is imported by the methods that need it: a
-# command that only reads the ledger or the policies (`privseg budget`) starts without it.
+# The data stack (Polars, OpenDP, the segment compiler) and the keyset and audit log (cryptography) are
+# imported by the methods that need them: a command that only reads the ledger or the policies
+# (`privseg budget`) starts without them.
 if TYPE_CHECKING:
+    from privseg.keyset import Keyset
     from privseg.release.context import ReleaseContext
     from privseg.schema import Schema
     from privseg.segments.compiler import Compiler
@@ -43,6 +43,8 @@ class Deployment:
     @cached_property
     def keyset(self) -> Keyset:
         """The keyset, refused if its keys are not the ones the store was written with."""
+        from privseg.keyset import load_keyset
+
         keyset = load_keyset(self.settings.keyset)
         self.store.check_keyset(keyset)
         return keyset
@@ -62,6 +64,8 @@ class Deployment:
     def record_policies(self) -> CategorySet:
         """Load the policies at start-up and record a set not seen before in the audit log, with its
         hash (the server and every CLI command that acts under policies call this once)."""
+        from privseg import audit
+
         cats = self.categories
         conn = self.conn
         with transaction(conn):
