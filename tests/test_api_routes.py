@@ -196,6 +196,35 @@ def test_the_matrix_covers_every_route(api: tuple[TestClient, dict[str, str], De
     assert routes == covered
 
 
+def test_no_two_routes_answer_the_same_request() -> None:
+    # The app includes its routers hot ones first (api/routes/__init__.py): that is safe only while
+    # no request can match two routes, whatever the order. Each route's path with its parameters
+    # filled in must match no other route of a shared method (a literal segment where another route
+    # has a parameter is caught from the literal's side).
+    import re
+
+    from fastapi.routing import APIRoute
+
+    from privseg.api.routes import ops, routers
+    from privseg.console import admin, auth, compliance, marketer, partner, releases
+
+    console = (auth, marketer, releases, compliance, partner, admin)
+    routes = [
+        route
+        for router in (*routers(), ops.router, *(m.router for m in console))
+        for route in router.routes
+        if isinstance(route, APIRoute)
+    ]
+    assert len(routes) > 50
+    clashes = [
+        (a.path, b.path)
+        for a in routes
+        for b in routes
+        if a is not b and a.methods & b.methods and b.path_regex.match(re.sub(r"\{[^}]+\}", "x1", a.path))
+    ]
+    assert clashes == []
+
+
 @pytest.mark.parametrize("route", sorted(MATRIX))
 def test_every_route_admits_exactly_its_roles(
     api: tuple[TestClient, dict[str, str], Deployment], route: str
