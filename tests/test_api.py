@@ -55,10 +55,11 @@ def test_a_server_builds_the_release_dimensions_at_start(dep: Deployment, demo_f
     release_data._DIMS_CACHE.clear()
     release_data._CELLS_CACHE.clear()
     app = create_app(dep)
-    with TestClient(app):
+    with TestClient(app) as client:
         app.state.release_warmer.join(timeout=60)
         assert key in release_data._DIMS_CACHE
         assert cells <= set(release_data._CELLS_CACHE)
+        assert client.get("/readyz").json()["warm"] is True
     # Off by setting: nothing is built ahead.
     release_data._DIMS_CACHE.clear()
     release_data._CELLS_CACHE.clear()

@@ -28,7 +28,8 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: keyset, policies and store can be opened."""
+    """Readiness: keyset, policies and store can be opened. ``warm``: this worker has built its
+    release caches since it started (a cold worker answers correctly, its first fresh reports slower)."""
     dep: Deployment = request.app.state.deployment
     checks: dict[str, str] = {}
     probe_dep = dep.for_request()
@@ -47,4 +48,6 @@ def readyz(request: Request) -> JSONResponse:
     finally:
         probe_dep.close()
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    warmer = getattr(request.app.state, "release_warmer", None)
+    warm = warmer is None or not warmer.is_alive()
+    return JSONResponse({"ready": ready, "warm": warm, "checks": checks}, status_code=200 if ready else 503)
