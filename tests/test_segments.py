@@ -146,6 +146,17 @@ def test_not_over_events_includes_people_without_events() -> None:
     assert members({"not": {"event": {"type": "purchase", "last": "7d"}}}, PEOPLE, EV) == {"c"}
 
 
+def test_events_of_people_without_a_profile_count_for_them_and_no_one_else() -> None:
+    prof = profiles({"a": {}})
+    ev = events([("a", D, "purchase", {}), ("b", D, "purchase", {}), ("b", 2 * D, "purchase", {})])
+    # A row without a pid (ingest refuses one; a frame built by hand may hold it) counts for no one.
+    ev = pl.concat([ev, ev.head(1).with_columns(pl.lit(None, dtype=pl.String).alias("pid"))])
+    twice = {"event": {"type": "purchase", "count": {"gte": 2}}}
+    # b has no profile, so no consent: a member of nothing, but its events are its own.
+    assert members(twice, prof, ev) == set()
+    assert members({"event": {"type": "purchase", "count": {"eq": 1}}}, prof, ev) == {"a"}
+
+
 def test_window_edges() -> None:
     prof = profiles({p: {} for p in "abcdefg"})
     ev = events(

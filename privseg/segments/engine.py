@@ -156,6 +156,8 @@ def evaluate(
         events = events.drop("pidx").join(
             person.select("pid", "pidx"), on="pid", how="left", maintain_order="left"
         )
+        # An event without a pid (never stored: ingest refuses it) matches no one, not a person index.
+        events = events.filter(pl.col("pidx").is_not_null())
     pids = person.get_column("pid")
     events = events.drop("pid")
     timings["index"] = time.perf_counter() - t
