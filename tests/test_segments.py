@@ -146,13 +146,14 @@ def test_not_over_events_includes_people_without_events() -> None:
     assert members({"not": {"event": {"type": "purchase", "last": "7d"}}}, PEOPLE, EV) == {"c"}
 
 
-def test_events_of_people_without_a_profile_count_for_them_and_no_one_else() -> None:
+def test_events_without_a_profile_or_a_pid_never_count_for_someone_else() -> None:
     prof = profiles({"a": {}})
     ev = events([("a", D, "purchase", {}), ("b", D, "purchase", {}), ("b", 2 * D, "purchase", {})])
     # A row without a pid (ingest refuses one; a frame built by hand may hold it) counts for no one.
     ev = pl.concat([ev, ev.head(1).with_columns(pl.lit(None, dtype=pl.String).alias("pid"))])
     twice = {"event": {"type": "purchase", "count": {"gte": 2}}}
-    # b has no profile, so no consent: a member of nothing, but its events are its own.
+    # b has no profile, so no consent (a member of nothing), and neither b's purchases nor the
+    # pid-less one are a's: a has exactly one.
     assert members(twice, prof, ev) == set()
     assert members({"event": {"type": "purchase", "count": {"eq": 1}}}, prof, ev) == {"a"}
 
