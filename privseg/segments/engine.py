@@ -255,7 +255,7 @@ def _publish_parts(folder: Path, as_of: datetime, parts: list[Path], segments: l
     else:
         # Streamed part by part: memory stays at one part's size, not the snapshot's.
         scans = [pl.scan_parquet(p).select(expected) for p in parts]
-        pl.concat(scans, how="vertical").sink_parquet(tmp, compression="zstd", compression_level=1)
+        pl.concat(scans, how="vertical").sink_parquet(tmp, **staging.PARQUET)
     fsutil.publish(tmp, final)
     people = int(pl.scan_parquet(final).select(pl.len()).collect().item())
     return final, people
