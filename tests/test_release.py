@@ -78,6 +78,31 @@ def test_noise_has_the_scale_opendp_states(ready: Deployment) -> None:
     )
 
 
+def test_a_long_vector_is_noised_in_parts_in_order_with_the_stated_scale() -> None:
+    from privseg.release.plan import _PARALLEL_FROM, Vector
+
+    vector = Vector("counts", sensitivity=2, epsilon=0.5)  # scale 4
+    n = 4 * _PARALLEL_FROM + 3  # parts of unequal length
+    exact = [i * 1_000 for i in range(n)]
+    draws: list[int] = []
+    for _ in range(5):
+        noisy = vector.noise(exact)
+        assert len(noisy) == n and all(type(v) is int for v in noisy)
+        # Each value stays next to its own exact count (noise beyond 500 at scale 4: p ~ 1e-54).
+        assert [round(v / 1_000) * 1_000 for v in noisy] == exact
+        draws += [v - x for v, x in zip(noisy, exact, strict=True)]
+    # The parts together have the whole vector's distribution: discrete Laplace with scale 4.
+    p = math.exp(-1 / vector.scale)
+    mean = sum(draws) / len(draws)
+    emp = sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)
+    assert abs(mean) < 0.3
+    assert emp == pytest.approx(2 * p / (1 - p) ** 2, rel=0.1)
+    # Independent draws: no two parts (nor two calls) repeat the same noise.
+    size = -(-n // 2)
+    assert draws[:size] != draws[size : 2 * size]
+    assert draws[:n] != draws[n : 2 * n]
+
+
 def test_an_empty_cell_is_almost_never_released(ready: Deployment) -> None:
     plan = release.plan(
         ready.release_context(),
@@ -309,6 +334,59 @@ def test_counts_on_cached_cell_codes_equal_the_string_group_by(ready: Deployment
     assert sum(fast) > 0 and (not by or 0 in fast)  # non-vacuous: people counted, and empty cells too
 
 
+def test_segment_counts_are_computed_once_per_snapshot_and_breakdown(
+    ready: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polars as pl
+
+    ctx = ready.release_context()
+
+    def plan_of(segments: list[str], by: list[str]) -> release.ReleasePlan:
+        return release.plan(ctx, release.CohortReportRequest(segments=segments, breakdown=by), "growth_team")
+
+    first = release_data.segment_counts(ctx, plan_of(GENERAL[:3], ["age_band"]))
+    read = pl.read_parquet
+    reads: list[list[str]] = []
+
+    def counting_read(path, columns=None, **kw):  # type: ignore[no-untyped-def]
+        reads.append(list(columns or []))
+        return read(path, columns=columns, **kw)
+
+    monkeypatch.setattr(pl, "read_parquet", counting_read)
+    # The same segments in another order, and one more: only the new one is read.
+    plan = plan_of([GENERAL[3], GENERAL[1], GENERAL[0], GENERAL[2]], ["age_band"])
+    again = release_data.segment_counts(ctx, plan)
+    assert reads == [[GENERAL[3]]]
+    cells = len(plan.keys)
+    by_segment = {s: again[i * cells : (i + 1) * cells] for i, s in enumerate(plan.segments)}
+    assert [v for s in GENERAL[:3] for v in by_segment[s]] == first
+    # Cached or not, they are the plain group-by's numbers.
+    table = release_data.per_cell(
+        plan, release_data.members(ctx, plan), [pl.col(s).sum().alias(s) for s in plan.segments]
+    )
+    assert again == [int(v) for s in plan.segments for v in table.get_column(s).to_list()]
+    # Another breakdown is another count.
+    reads.clear()
+    release_data.segment_counts(ctx, plan_of(GENERAL[:1], ["region"]))
+    assert reads == [[GENERAL[0]]]
+
+
+def test_the_count_cache_drops_the_least_recently_used_beyond_its_limit() -> None:
+    import numpy as np
+
+    cache = release_data._CountCache(limit=10)
+    for key in "abc":
+        cache.put(key, np.arange(4))
+    assert "a" not in cache and "b" in cache and "c" in cache  # 12 values > 10: the oldest went
+    assert cache.get("b") is not None  # now the most recently used
+    cache.put("d", np.arange(4))
+    assert "c" not in cache and "b" in cache and "d" in cache
+    hit = cache.get("d")
+    assert hit is not None and not hit.flags.writeable  # shared: nobody may change it in place
+    cache.put("e", np.arange(30))  # larger than the limit on its own: kept alone
+    assert "e" in cache and "b" not in cache and "d" not in cache
+
+
 def test_a_cold_cache_entry_is_built_once_under_concurrent_releases() -> None:
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -448,6 +526,15 @@ def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None
     # A new release on the rewritten snapshot uses dimensions aligned to its new rows.
     dims = release_data.dimensions(ready.release_context(), snap_after)
     assert dims.height == after.height
+    # Its counts are the rewritten snapshot's, not those cached for the old one: one fewer member.
+    ctx = ready.release_context()
+    plan = release.plan(
+        ctx,
+        release.CohortReportRequest(segments=["cart_abandoners_7d"], breakdown=["age_band"]),
+        "growth_team",
+    )
+    assert sum(release_data.segment_counts(ctx, plan)) == after.get_column("cart_abandoners_7d").sum()
+    assert after.get_column("cart_abandoners_7d").sum() == before.get_column("cart_abandoners_7d").sum() - 1
     out = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
     assert not out["cached"]
     # Running the erasure again finds nothing left anywhere.

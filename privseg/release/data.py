@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import polars as pl
 
 from privseg.release.context import ReleaseContext
@@ -24,12 +26,21 @@ _DIMS_CACHE: dict[tuple[str, str], pl.DataFrame] = {}
 _DIMS_LOCK = threading.Lock()
 _CELL = "__cell"
 WARM_BREAKDOWNS = 8  # cell codes built ahead per snapshot: each is 8 bytes per person
+# Exact per-cell counts kept in memory, in values (4 bytes each): 16 MB, e.g. a 60-cell breakdown's
+# counts for 66,000 segments. A snapshot never changes, so a segment's counts under a breakdown are
+# computed once; every release still draws fresh noise and is charged as usual.
+COUNTS_KEPT = 4_000_000
 
 
 @dataclass(frozen=True)
 class CellCodes:
     cell: pl.Series  # per row of the snapshot
     labels: list[list[str]]  # per dimension, its sorted labels
+    occupied: pl.Series  # the distinct cells rows carry, sorted: the order cached counts are kept in
+    positions: dict[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", {c: i for i, c in enumerate(self.occupied.to_list())})
 
     def of(self, key: Sequence[str]) -> int | None:
         """The cell of a public key (None: no row carries one of its labels)."""
@@ -42,6 +53,45 @@ class CellCodes:
 
 
 _CELLS_CACHE: dict[tuple[str, str, tuple[str, ...]], CellCodes] = {}
+
+
+class _CountCache:
+    """Exact per-cell counts by (snapshot, breakdown, segment), the least recently used dropped first
+    once more than ``limit`` values are held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        with self._lock:
+            if (hit := self._entries.get(key)) is not None:
+                self._entries.move_to_end(key)
+            return hit
+
+    def put(self, key: Hashable, counts: np.ndarray) -> None:
+        counts.flags.writeable = False  # shared by every later release of the segment
+        with self._lock:
+            if (old := self._entries.pop(key, None)) is not None:
+                self._held -= len(old)
+            self._entries[key] = counts
+            self._held += len(counts)
+            while self._held > self.limit and len(self._entries) > 1:
+                self._held -= len(self._entries.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._held = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+
+_COUNTS_CACHE = _CountCache(COUNTS_KEPT)
 _BUILDING: dict[Hashable, threading.Lock] = {}  # one lock per cache key being built
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -183,22 +233,37 @@ def _cell_codes(frame: pl.DataFrame, breakdown: Sequence[str]) -> CellCodes:
         labels.append(values.unique().sort().to_list())
         # A row's cell: its dimensions' label indices in mixed radix.
         cell = cell * len(labels[-1]) + (values.rank("dense") - 1).cast(pl.UInt64)
-    return CellCodes(cell.rename(_CELL), labels)
+    cell = cell.rename(_CELL)
+    return CellCodes(cell, labels, cell.unique().sort())
 
 
 def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
     """Members per cell, segment-major then cell order: what :func:`per_cell` gives for the plan's
-    segment sums over :func:`members` (tests compare the two), grouped on :func:`cell_codes`."""
-    frame = pl.read_parquet(engine.snapshot_path(ctx.store, plan.snapshot), columns=plan.segments)
-    sums = [pl.col(s).sum().alias(s) for s in plan.segments]
+    segment sums over :func:`members` (tests compare the two), grouped on :func:`cell_codes`. Each
+    segment's counts under a breakdown are computed once per snapshot (see COUNTS_KEPT)."""
     if not plan.breakdown:
-        return [int(v) for v in frame.select(sums).row(0)]
+        frame = pl.read_parquet(engine.snapshot_path(ctx.store, plan.snapshot), columns=plan.segments)
+        return [int(v) for v in frame.select([pl.col(s).sum() for s in plan.segments]).row(0)]
     codes = cell_codes(ctx, plan.snapshot, plan.breakdown)
-    table = frame.with_columns(codes.cell).group_by(_CELL).agg(sums)
-    found = dict(zip(table.get_column(_CELL).to_list(), table.select(plan.segments).rows(), strict=True))
-    zero = (0,) * len(plan.segments)
-    per_key = []
-    for key in plan.keys:  # a public key no row carries is a cell of zeros
-        cell = codes.of(key)
-        per_key.append(zero if cell is None else found.get(cell, zero))
-    return [int(row[j]) for j in range(len(plan.segments)) for row in per_key]
+    counts = _cell_counts(ctx, plan, codes)
+    # A public key no row carries is a cell of zeros.
+    at = [codes.positions.get(cell) if (cell := codes.of(key)) is not None else None for key in plan.keys]
+    return [0 if i is None else int(counts[s][i]) for s in plan.segments for i in at]
+
+
+def _cell_counts(ctx: ReleaseContext, plan: ReleasePlan, codes: CellCodes) -> dict[str, np.ndarray]:
+    """Per segment of the plan, its members in each of ``codes.occupied``: from the cache, the
+    missing ones by one group-by over the snapshot's integer cell codes."""
+    base = (*_snapshot_key(ctx, plan.snapshot), tuple(plan.breakdown))
+    found = {s: hit for s in plan.segments if (hit := _COUNTS_CACHE.get((*base, s))) is not None}
+    missing = [s for s in plan.segments if s not in found]
+    if not missing:
+        return found
+    frame = pl.read_parquet(engine.snapshot_path(ctx.store, plan.snapshot), columns=missing)
+    grouped = frame.with_columns(codes.cell).group_by(_CELL).agg([pl.col(s).sum() for s in missing])
+    # Every occupied cell has a row, so the join leaves no gap; the cells come out in codes' order.
+    table = codes.occupied.to_frame().join(grouped, on=_CELL, how="left", maintain_order="left")
+    for s in missing:
+        found[s] = table.get_column(s).to_numpy()
+        _COUNTS_CACHE.put((*base, s), found[s])
+    return found

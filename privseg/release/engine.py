@@ -236,7 +236,7 @@ def _draw_once(plan: ReleasePlan) -> NoiseFn:
         if name in drawn:
             raise RuntimeError(f"vector {name!r} was already noised: a second draw is not paid for")
         drawn.add(name)
-        return [int(x) for x in plan.vector(name).measurement()(exact)]
+        return plan.vector(name).noise(exact)
 
     return noise
 
@@ -246,7 +246,7 @@ def _noised(
 ) -> list[int]:
     """OpenDP's noise on a vector; for a series, each closed block's noise drawn once and kept."""
     if series_key is None:
-        return [int(x) for x in vector.measurement()(exact)]
+        return vector.noise(exact)
     closed = plan.closed(vector.name)
     return series.blocks(
         ctx.store.conn, series_key, vector, exact, range(len(exact)) if closed is None else closed

@@ -64,7 +64,7 @@ def blocks(
     new = [i for i in closed if i not in stored]
     if new:
         # Independent noise per coordinate: drawing the new blocks on their own is the same measurement.
-        noisy = [int(x) for x in vector.measurement()([exact[i] for i in new])]
+        noisy = vector.noise([exact[i] for i in new])
         with transaction(conn):
             conn.executemany(
                 "INSERT OR IGNORE INTO series_blocks (series_key, vector, block, value) VALUES (?, ?, ?, ?)",
