@@ -210,8 +210,8 @@ class Store:
         final = self.data_dir / kind / name
         tmp = fsutil.tmp_path_for(final)
         # Sorted by shard in row groups small enough that a reader of a few shards skips the rest.
-        sharded = shards.with_shards(df.drop(shards.SHARD, strict=False), self._record_shard_count())
-        sharded.write_parquet(
+        sharded = shards.by_shard(df.drop(shards.SHARD, strict=False), self._record_shard_count())
+        sharded.sink_parquet(
             tmp,
             compression="zstd",
             compression_level=COMPRESSION_LEVEL,

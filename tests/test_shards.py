@@ -47,7 +47,10 @@ def test_shards_of_real_pseudonyms_are_spread_and_stable(dep: Deployment) -> Non
 
 
 @pytest.mark.parametrize("with_key", [True, False])
-def test_with_shards_sorts_by_shard_keeping_each_shards_row_order(dep: Deployment, with_key: bool) -> None:
+@pytest.mark.parametrize("count", [16, 256])  # one pass per shard; one per run of four shards
+def test_by_shard_sorts_by_shard_keeping_each_shards_row_order(
+    dep: Deployment, with_key: bool, count: int
+) -> None:
     pseudo = Pseudonymizer(dep.keyset, "email")
     pids = pseudo.encrypt_series(pl.Series([f"p{i % 700}@example.com" for i in range(3_000)]))
     # Several chunks, as a frame built from batches arrives.
@@ -57,10 +60,11 @@ def test_with_shards_sorts_by_shard_keeping_each_shards_row_order(dep: Deploymen
     )
     if with_key:
         frame = frame.with_columns(shards.key_expr().alias(shards.KEY))
-    out = shards.with_shards(frame, 16)
-    assert shards.KEY not in out.columns
+    out = shards.by_shard(frame, count).collect()
+    assert out.columns == ["pid", "row", "shard"]
     assert out.height == frame.height and out.get_column("shard").is_sorted()
-    assert out.get_column("shard").equals(frame.select(shards.shard_expr(16)).to_series().sort())
+    assert out.get_column("shard").equals(frame.select(shards.shard_expr(count)).to_series().sort())
+    assert out.get_column("shard").n_unique() > count // 2  # at 256, runs of four shards each sorted
     # Within a shard, rows keep their order; nothing is lost or duplicated.
     assert out.group_by("shard").agg(pl.col("row").is_sorted().alias("kept")).get_column("kept").all()
     assert sorted(out.get_column("row").to_list()) == list(range(3_000))
