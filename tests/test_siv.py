@@ -80,6 +80,15 @@ def test_a_million_identifiers_give_the_stock_pseudonyms(tmp_path) -> None:  # t
     assert keys.n_unique() > 200_000
 
 
+@pytest.mark.parametrize("width", [10, 16, 32])  # sealed widths 32, 48, 64: each base64 tail (W % 3)
+def test_identifiers_of_one_length_give_the_stock_pseudonyms(tmp_path, width: int) -> None:  # type: ignore[no-untyped-def]
+    # All of one length (customer numbers): the padding is one reshape instead of a scatter.
+    pz = _pseudonymizer(tmp_path)
+    ids = [f"C{i:0{width - 1}d}" for i in range(5_000)]
+    batched, _keys = pz._seal_batched(pl.Series(ids))
+    assert batched.equals(pz._seal_many([s.encode() for s in ids]))
+
+
 LENGTH_CLASSES = st.one_of(
     st.text(min_size=1, max_size=1),
     st.text(min_size=15, max_size=17),
