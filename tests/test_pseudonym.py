@@ -141,3 +141,32 @@ def test_series_encryption_matches_scalar_and_encrypts_each_distinct_value_once(
     assert calls == [4]
     assert p.decrypt_series(out).to_list() == values
     assert column.shard_keys.to_list() == out.to_frame("pid").select(shards.key_expr()).to_series().to_list()
+
+
+@pytest.mark.parametrize("order", ["grouped", "time order"])
+def test_distinct_values_are_exact_in_any_row_order(order: str) -> None:
+    import random
+
+    people = [f"C{i:06d}" for i in range(2_000)] + ["é" * 13, "x"]
+    rows = [p for p in people for _ in range(1 + len(p) % 4)]
+    if order == "time order":
+        random.Random(5).shuffle(rows)
+    values = pl.Series("id", rows)
+    distinct, codes = Pseudonymizer._distinct(values)
+    assert distinct.len() == len(people) and distinct.n_unique() == len(people)
+    assert distinct.gather(codes).to_list() == rows
+
+
+def test_a_hash_collision_falls_back_to_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from privseg import pseudonym
+
+    # A hash that collides for every two values of the same length: the check must catch it.
+    monkeypatch.setattr(pseudonym, "_hash", lambda column: column.str.len_bytes().cast(pl.UInt64))
+    used: list[int] = []
+    exact = pseudonym._by_sort
+    monkeypatch.setattr(pseudonym, "_by_sort", lambda values: used.append(values.len()) or exact(values))
+    rows = ["b1", "b1", "a1", "b1", "ccc", "ccc", "a2", "a1"]
+    distinct, codes = Pseudonymizer._distinct(pl.Series(rows))
+    assert used == [6]  # the six runs, told apart exactly
+    assert sorted(distinct.to_list()) == ["a1", "a2", "b1", "ccc"]
+    assert distinct.gather(codes).to_list() == rows
