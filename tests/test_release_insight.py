@@ -75,27 +75,34 @@ def test_insight_is_charged_once_cached_and_priced(ready: Deployment) -> None:
 
 def test_insight_says_what_the_data_says(ready: Deployment) -> None:
     """Shares sum to about 1, shown cells clear the minimum, and the exact affinity index falls in the
-    released interval for nearly every shown cell."""
+    stated 95% interval for about 95% of shown cells."""
     ctx = ready.release_context()
     req = release.InsightRequest(segment="lapsed_customers", attributes=["age_band", "region"])
     out = release.run(ctx, req, "growth_team")
     plan = release.plan(ctx, req, "growth_team")
-    exact = KINDS["audience_insight"].exact(ctx, plan)["counts"]
+    kind = KINDS["audience_insight"]
+    exact = kind.exact(ctx, plan)["counts"]
     n = len(plan.keys)
+    # The release, and more draws of the same plan's noise through the kind's own post-processing
+    # (never returned): one release shows ~16 cells, too few to judge a 95% interval (three or more
+    # misses in 16 happen 0.7% of the time by chance).
+    draws = [out] + [kind.result(plan, {"counts": plan.counts.noise(exact)}) for _ in range(24)]
     covered = total = 0
-    for attribute in out["attributes"]:
-        cells = attribute["cells"]
-        assert all(c["count"] >= out["min_cohort_size"] for c in cells)
-        idx = [j for j, k in enumerate(plan.keys) if k[0] == attribute["attribute"]]
-        seg_total, base_total = sum(exact[j] for j in idx), sum(exact[n + j] for j in idx)
-        assert sum(c["share"] for c in cells) <= 1.0 + 1e-9
-        for c in cells:
-            j = next(j for j in idx if plan.keys[j][1] == c["value"])
-            true_affinity = (exact[j] / seg_total) / (exact[n + j] / base_total)
-            lo, hi = c["affinity_interval_95"]
-            total += 1
-            covered += lo <= true_affinity <= hi
-    assert total >= 8 and covered / total >= 0.8
+    for drawn in draws:
+        for attribute in drawn["attributes"]:
+            cells = attribute["cells"]
+            assert all(c["count"] >= out["min_cohort_size"] for c in cells)
+            idx = [j for j, k in enumerate(plan.keys) if k[0] == attribute["attribute"]]
+            seg_total, base_total = sum(exact[j] for j in idx), sum(exact[n + j] for j in idx)
+            assert sum(c["share"] for c in cells) <= 1.0 + 1e-9
+            for c in cells:
+                j = next(j for j in idx if plan.keys[j][1] == c["value"])
+                true_affinity = (exact[j] / seg_total) / (exact[n + j] / base_total)
+                lo, hi = c["affinity_interval_95"]
+                total += 1
+                covered += lo <= true_affinity <= hi
+    # ~400 cells: at 95% coverage, below 90% is more than four standard deviations away.
+    assert total >= 200 and 0.9 <= covered / total <= 0.99
 
 
 def test_insight_refusals_spend_nothing(ready: Deployment) -> None:
