@@ -205,6 +205,24 @@ _MIGRATIONS: tuple[str, ...] = (
 MAX_ID = 2**62
 
 
+BUSY_TIMEOUT = 30.0  # seconds a writer waits for the write lock before "database is locked"
+
+
+class Connection(sqlite3.Connection):
+    """A connection that knows the lock its process's writers queue on (see :func:`transaction`)."""
+
+    writers: threading.RLock
+
+
+_WRITERS: dict[str, threading.RLock] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writers(path: Path) -> threading.RLock:
+    with _WRITERS_GUARD:
+        return _WRITERS.setdefault(str(path.resolve()), threading.RLock())
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open the database (creating and migrating it if needed) in autocommit mode.
 
@@ -212,7 +230,10 @@ def connect(path: Path) -> sqlite3.Connection:
     takes the write lock up front (BEGIN IMMEDIATE): no two writers interleave read-then-write.
     """
     private_dir(path.parent)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False, factory=Connection
+    )
+    conn.writers = _writers(path)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a committed charge or batch survives power loss
     conn.execute("PRAGMA foreign_keys=ON")
@@ -280,14 +301,26 @@ def _statements(script: str) -> Iterator[str]:
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction, holding the write lock from the start; rolled back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
+    """One write transaction, holding the write lock from the start; rolled back on any error.
+
+    A process's writers queue on one lock before asking SQLite: a writer SQLite finds locked sleeps
+    and retries (1, 2, 5, ... up to 100 ms a time), so threads of one server worker waiting on each
+    other's commits slept far longer than the commits took. Now only one writer per process waits on
+    SQLite, for writers of other processes. Reentrant: a nested transaction still fails in SQLite."""
+    writers = getattr(conn, "writers", None)
+    if writers is not None and not writers.acquire(timeout=BUSY_TIMEOUT):
+        raise sqlite3.OperationalError("database is locked")
     try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if writers is not None:
+            writers.release()
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

@@ -301,3 +301,57 @@ def test_request_connections_are_pooled_and_a_dirty_one_is_not_lent_again(dep) -
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         conn.execute("SELECT 1")
     third.close()
+
+
+def test_writers_of_one_process_queue_and_a_stuck_writer_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from privseg import db
+
+    path = tmp_path / "state" / "privseg.db"
+    conns = [db.connect(path) for _ in range(9)]
+    with db.transaction(conns[0]) as c:
+        c.execute("INSERT INTO meta (key, value) VALUES ('n', '0')")
+
+    def bump(conn: sqlite3.Connection) -> None:  # read, then write: only safe if writers serialize
+        for _ in range(25):
+            with db.transaction(conn):
+                (n,) = conn.execute("SELECT value FROM meta WHERE key = 'n'").fetchone()
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'n'", (str(int(n) + 1),))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(bump, conns[1:]))
+    assert db.get_meta(conns[0], "n") == "200"
+    # A nested transaction still fails in SQLite, at once (the lock is reentrant, not a deadlock).
+    with (
+        db.transaction(conns[0]),
+        pytest.raises(sqlite3.OperationalError, match="within a transaction"),
+        db.transaction(conns[0]),
+    ):
+        pass
+    # A writer holding the lock past the busy timeout makes the others fail, not hang.
+    monkeypatch.setattr(db, "BUSY_TIMEOUT", 0.2)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with db.transaction(conns[1]):
+            holding.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    # The writer holds its process's lock, which every connection to this database shares.
+    assert all(c.writers is conns[1].writers for c in conns)  # type: ignore[attr-defined]
+    assert not conns[2].writers.acquire(blocking=False)  # type: ignore[attr-defined]
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"), db.transaction(conns[2]):
+        pass
+    done.set()
+    holder.join()
+    with db.transaction(conns[2]):  # and the lock is free again afterwards
+        pass
+    for conn in conns:
+        conn.close()
