@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     warm_release_cache: bool = Field(
         True,
         description="Each `privseg serve` worker builds the latest snapshot's release dimensions (a join "
-        "over every person) and the cell codes of the 8 breakdowns released most recently at start and "
-        "after each refresh, instead of in its first fresh releases (which then waited ~2.7 s at a "
-        "million people). Costs that memory in every worker up front.",
+        "over every person), the cell codes of the 8 breakdowns released most recently and the counts "
+        "of the segments released under them at start and after each refresh, instead of in its first "
+        "fresh releases (which then waited ~2.7 s at a million people). Costs that memory in every "
+        "worker up front.",
     )
     snapshot_refresh_seconds: float = Field(
         300.0,

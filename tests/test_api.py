@@ -50,22 +50,36 @@ def test_a_server_builds_the_release_dimensions_at_start(dep: Deployment, demo_f
     for by in (["age_band"], ["region", "age_band"]):
         req = release.CohortReportRequest(segments=["cart_abandoners_7d"], breakdown=by)
         release.run(dep.release_context(), req, "growth_team")
-    assert release_data.recent_breakdowns(dep.store.conn) == [("region", "age_band"), ("age_band",)]
+    # A later release adds a segment under the first breakdown.
+    req = release.CohortReportRequest(
+        segments=["cart_abandoners_7d", "frequent_buyers"], breakdown=["age_band"]
+    )
+    release.run(dep.release_context(), req, "growth_team")
+    recent = release_data.recent_breakdowns(dep.store.conn)
+    assert list(recent.items()) == [
+        (("age_band",), ["cart_abandoners_7d", "frequent_buyers"]),
+        (("region", "age_band"), ["cart_abandoners_7d"]),
+    ]
     cells = {(*key, ("age_band",)), (*key, ("region", "age_band"))}
+    counted = {(*key, by, s) for by, segments in recent.items() for s in segments}
     release_data._DIMS_CACHE.clear()
     release_data._CELLS_CACHE.clear()
+    release_data._COUNTS_CACHE.clear()
     app = create_app(dep)
     with TestClient(app) as client:
         app.state.release_warmer.join(timeout=60)
         assert key in release_data._DIMS_CACHE
         assert cells <= set(release_data._CELLS_CACHE)
+        assert all(k in release_data._COUNTS_CACHE for k in counted)
         assert client.get("/readyz").json()["warm"] is True
     # Off by setting: nothing is built ahead.
     release_data._DIMS_CACHE.clear()
     release_data._CELLS_CACHE.clear()
+    release_data._COUNTS_CACHE.clear()
     off = Deployment(dep.settings.model_copy(update={"warm_release_cache": False}))
     app = create_app(off)
     with TestClient(app):
         app.state.release_warmer.join(timeout=60)
         assert key not in release_data._DIMS_CACHE and not release_data._CELLS_CACHE
+        assert not any(k in release_data._COUNTS_CACHE for k in counted)
     off.close()
