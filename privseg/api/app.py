@@ -72,10 +72,10 @@ INTAKE_MERGE_AT = 50  # intake batches before the refresher merges them
 
 
 def warm_release_cache(dep: Deployment) -> None:
-    """The latest snapshot's release dimensions and recent breakdowns' cell codes (release_data.warm),
-    built now (on a background thread) rather than in the first fresh releases: over HTTP with two
-    workers, the requests that reached a cold worker waited ~2.7 s for it (benchmarks/server.py,
-    fresh reports at concurrency 8)."""
+    """The latest snapshot's release dimensions, and the recent breakdowns' cell codes and segment
+    counts (release_data.warm), built now (on a background thread) rather than in the first fresh
+    releases: over HTTP with two workers, the requests that reached a cold worker waited ~2.7 s for
+    it (benchmarks/server.py, fresh reports at concurrency 8)."""
     if not dep.settings.warm_release_cache:
         return
     from privseg.release import data as release_data
