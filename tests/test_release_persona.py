@@ -168,7 +168,22 @@ def test_a_persona_leaf_puts_each_member_in_its_nearest_released_persona(ready: 
     assert isinstance(plan, PersonaPlan)
     shown = [p for p in out["personas"] if p["center"] is not None]
     assert shown, out["personas"]
-    target = shown[0]["persona"]
+    # The release's own nearest-center rule, independently with numpy, on the release's snapshot data.
+    x = scaled_features(ctx, plan)
+    bounds = np.array(plan.bounds)
+    centers = [
+        None
+        if p["center"] is None
+        else (np.array([p["center"][n] for n in plan.names]) - bounds[:, 0]) / np.ptp(bounds, axis=1)
+        for p in out["personas"]
+    ]
+    dist = np.column_stack(
+        [((x - c) ** 2).sum(axis=1) if c is not None else np.full(len(x), np.inf) for c in centers]
+    )
+    nearest = np.bincount(dist.argmin(axis=1), minlength=len(centers))
+    # The shown persona nearest to most people: the first shown one had no one nearest in 2 of 300
+    # noise draws (throwaway script), which left the membership check below with nothing to check.
+    target = max((p["persona"] for p in shown), key=lambda j: nearest[j])
     doc = {
         "id": "persona_members",
         "objective": "brand",
@@ -188,19 +203,8 @@ def test_a_persona_leaf_puts_each_member_in_its_nearest_released_persona(ready: 
     leaf = stored["where"]["all"][1]["persona"]
     assert len(leaf["centers"]) == 3 and leaf["features"][0]["name"] == "orders"
     assert "nearest to persona" in ready.compiler().explain("persona_members")
-    # Membership against an independent assignment with numpy, on the release's own snapshot data.
-    x = scaled_features(ctx, plan)
-    bounds = np.array(plan.bounds)
-    centers = [
-        None
-        if p["center"] is None
-        else (np.array([p["center"][n] for n in plan.names]) - bounds[:, 0]) / np.ptp(bounds, axis=1)
-        for p in out["personas"]
-    ]
-    dist = np.column_stack(
-        [((x - c) ** 2).sum(axis=1) if c is not None else np.full(len(x), np.inf) for c in centers]
-    )
-    expected = int((dist.argmin(axis=1) == target).sum())
+    # Membership against the independent assignment.
+    expected = int(nearest[target])
     snap, _ = engine.compute_snapshot(
         store=ready.store, compiler=ready.compiler(), keyset=ready.keyset, as_of=AS_OF
     )
