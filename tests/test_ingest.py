@@ -11,19 +11,22 @@ import pytest
 
 from privseg.deployment import Deployment
 from privseg.errors import InvalidInput
+from privseg.ingest import sources
 from privseg.ingest.files import ingest_files
+from privseg.ingest.sources import read_source
 from privseg.pseudonym import Pseudonymizer
 from tests.conftest import AS_OF, EVENT_HEADER, PROFILE_HEADER, event_row, profile_row, write_csv
 
 
-def ingest(dep: Deployment, kind: str, *paths: Path) -> list:
+def ingest(dep: Deployment, kind: str, *paths: Path, encoding: str = "utf-8") -> list:
     return ingest_files(
         store=dep.store,
         keyset=dep.keyset,
         policy=dep.ingest_policy,
-        kind=kind,
+        kind=kind,  # type: ignore[arg-type]
         paths=list(paths),
-        now=AS_OF,  # type: ignore[arg-type]
+        now=AS_OF,
+        encoding=encoding,
     )
 
 
@@ -329,3 +332,83 @@ def test_an_unsupported_parquet_type_is_refused_naming_the_file(dep: Deployment,
     with pytest.raises(InvalidInput, match=r"odd\.parquet: column 'gender' has type Binary"):
         ingest(dep, "profiles", path)
     assert_nothing_stored(dep)
+
+
+def _events_cut_after_field(path: Path, fields_kept: int) -> bytes:
+    """The file as if the transfer stopped right after a separator of its last row: the row keeps its
+    first ``fields_kept`` fields and the rest of the line is gone."""
+    data = path.read_bytes().rstrip(b"\r\n")
+    head, last = data.rsplit(b"\n", 1)
+    return head + b"\n" + b",".join(last.split(b",")[:fields_kept]) + b"\n"
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_file_cut_between_two_fields_is_refused_not_stored_with_blanks(
+    dep: Deployment, tmp_path: Path, compressed: bool
+) -> None:
+    # Polars fills a short row's missing fields with nulls: the last event would be stored without its
+    # value and campaign, as if the file said they were blank.
+    whole = write_csv(tmp_path / "whole.csv", EVENT_HEADER, [event_row(f"C{i}") for i in range(50)])
+    cut = _events_cut_after_field(whole, 4)
+    path = tmp_path / ("cut.csv.gz" if compressed else "cut.csv")
+    path.write_bytes(gzip.compress(cut) if compressed else cut)
+    with pytest.raises(InvalidInput) as info:
+        ingest(dep, "events", path)
+    assert str(info.value) == f"{path.name}: line 51: expected 6 fields, found 4"
+    assert_nothing_stored(dep)
+
+
+def test_a_short_row_is_refused_in_another_encoding_and_with_quoted_values(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    # Quoted values holding the separator are not fields: the count must not be fooled by them in
+    # either direction (the same file, whole, is accepted with its values intact).
+    header = ",".join(f'"{h}"' for h in PROFILE_HEADER)
+    good = ['"C1","a@x.org","1980-01-01","02139","female","fitness;travel","true"']
+    short = ['"C2","b@x.org","1990-01-01","Cañada, Sur","male"']  # 5 fields, one with a comma in it
+    whole = tmp_path / "whole.csv"
+    whole.write_bytes("\n".join([header, *good, good[0].replace("C1", "C3")]).encode("latin-1") + b"\n")
+    path = tmp_path / "short.csv"
+    path.write_bytes("\n".join([header, *good, *short]).encode("latin-1") + b"\n")
+    with pytest.raises(InvalidInput) as info:
+        ingest(dep, "profiles", path, encoding="latin-1")
+    assert str(info.value) == "short.csv: line 3: expected 7 fields, found 5"
+    assert_nothing_stored(dep)
+    (result,) = ingest(dep, "profiles", whole, encoding="latin-1")
+    assert result.rows == 2
+
+
+def test_a_quoted_separator_in_a_value_or_the_header_is_not_a_field(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'id,"a,b",c\n"1,1","x,""y",3\n4,,\n')
+    df = read_source(path)
+    assert df.columns == ["id", "a,b", "c"]
+    assert df.rows() == [("1,1", 'x,"y', "3"), ("4", None, None)]
+
+
+def test_a_blank_line_is_named_not_read_as_a_row_of_missing_values(dep: Deployment, tmp_path: Path) -> None:
+    rows = [profile_row("C1"), profile_row("C2")]
+    data = write_csv(tmp_path / "p.csv", PROFILE_HEADER, rows).read_bytes().replace(b"\r\n", b"\n")
+    for name, content, line in (
+        ("middle.csv", data.replace(b"\nC2,", b"\n\nC2,"), 3),
+        ("end.csv", data + b"\n", 4),
+    ):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(InvalidInput) as info:
+            ingest(dep, "profiles", path)
+        assert str(info.value) == f"{name}: line {line}: blank line (expected 7 fields)"
+    assert_nothing_stored(dep)
+
+
+def test_a_separator_that_is_not_one_ascii_character_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1")])
+    for separator in ("§", ",,"):
+        with pytest.raises(InvalidInput, match=r"^separator: expected one ASCII character"):
+            read_source(path, separator=separator)
+
+
+def test_count_chars_counts_across_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "_COUNT_STEP", 7)
+    data = b'a,b;"c"\n' * 13 + b",,"
+    assert sources.count_chars(data, ',;"\n') == {c: data.count(c.encode()) for c in ',;"\n'}

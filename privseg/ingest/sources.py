@@ -8,12 +8,15 @@ import csv
 import gzip
 import io
 import json
+import mmap
 import re
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 from privseg.errors import InvalidInput
@@ -31,6 +34,10 @@ _SUFFIXES: dict[str, Format] = {
     ".jsonl.gz": "ndjson",
 }
 GZIP_MAGIC = b"\x1f\x8b"
+QUOTE = '"'
+# Bytes compared per step when counting characters: 4 MB stays in cache (700 MB: 0.12 s; 16 MB steps
+# 0.16-0.21 s; numpy's bincount of every byte value 2.7 s).
+_COUNT_STEP = 1 << 22
 PARQUET_MAGIC = b"PAR1"
 DEFAULT_MAX_DECOMPRESSED = 4 * 1024**3  # Settings.max_decompressed_bytes
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,63}$")
@@ -114,7 +121,9 @@ def sniff_separator(path: Path, encoding: str = "utf-8") -> str:
     )
 
 
-def _first_problem_csv(path: Path, separator: str, encoding: str) -> str:
+def _first_problem_csv(
+    path: Path, separator: str, encoding: str, otherwise: str = "could not be parsed as CSV"
+) -> str:
     """Find the first structurally bad line of a CSV: the error path only, so speed does not matter."""
     try:
         with _open_text(path, encoding) as fh:
@@ -123,6 +132,8 @@ def _first_problem_csv(path: Path, separator: str, encoding: str) -> str:
             for row in reader:
                 if width is None:
                     width = len(row)
+                elif not row and width > 1:
+                    return f"line {reader.line_num}: blank line (expected {width} fields)"
                 elif row and len(row) != width:
                     return f"line {reader.line_num}: expected {width} fields, found {len(row)}"
     except UnicodeDecodeError:
@@ -131,7 +142,44 @@ def _first_problem_csv(path: Path, separator: str, encoding: str) -> str:
         return "the gzip stream is corrupt or truncated"
     except csv.Error as exc:
         return f"malformed CSV ({exc})"
-    return "could not be parsed as CSV"
+    return otherwise
+
+
+def count_chars(
+    buffer: bytes | mmap.mmap, chars: str, counts: dict[str, int] | None = None
+) -> dict[str, int]:
+    """How often each of ``chars`` (single-byte characters) occurs in ``buffer``, added to ``counts``."""
+    counts = counts if counts is not None else {}
+    data = np.frombuffer(buffer, dtype=np.uint8)
+    codes = {char: ord(char) for char in chars}
+    for char in chars:
+        counts.setdefault(char, 0)
+    for start in range(0, data.size, _COUNT_STEP):
+        step = data[start : start + _COUNT_STEP]  # every character is counted while the step is in cache
+        for char, code in codes.items():
+            counts[char] += int(np.count_nonzero(step == code))
+    return counts
+
+
+def _file_counts(path: Path, chars: str) -> dict[str, int]:
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        counts = count_chars(view, chars)
+        del view  # numpy's view of the map must be gone before the map closes
+    return counts
+
+
+def _fields_add_up(df: pl.DataFrame, header: list[str], separator: str, counts: dict[str, int]) -> bool:
+    """Refuse a row with fewer fields than the header. Polars refuses a row with more, but fills a short
+    row's missing fields with nulls, so a file cut off between two fields (or a row that lost its last
+    values) would be stored as if those values were blank. Every row has at most ``len(header) - 1``
+    separators outside quotes (the parser saw to that), so they all have exactly that many if and only
+    if the file holds as many separators as the rows need, plus those in the header and inside quoted
+    values; the latter are counted only when the file has a quote character at all."""
+    inside = sum(name.count(separator) for name in header)
+    if counts.get(QUOTE, 0) and df.height:
+        per_column = [pl.col(c).str.count_matches(separator, literal=True).sum() for c in df.columns]
+        inside += int(df.select(pl.sum_horizontal(per_column)).item() or 0)
+    return counts[separator] == (len(header) - 1) * (df.height + 1) + inside  # + 1: the header line
 
 
 def _csv_header(path: Path, separator: str, encoding: str) -> list[str]:
@@ -155,17 +203,20 @@ def _check_names(path: Path, names: Iterable[str]) -> None:
         seen.add(name)
 
 
-def _check_gzip(path: Path, max_bytes: int) -> None:
+def _check_gzip(path: Path, max_bytes: int, chars: str) -> dict[str, int] | None:
     """Read a gzip stream through (constant memory) before anything parses it: Polars decompresses a
     truncated stream without complaint and returns what it got (a cut-off upload would silently lose
-    rows), and a small file can expand to far more than memory holds (a gzip bomb)."""
+    rows), and a small file can expand to far more than memory holds (a gzip bomb). Returns how often
+    each of ``chars`` occurs in the decompressed stream (None: not gzip)."""
     with open(path, "rb") as fh:
         if fh.read(2) != GZIP_MAGIC:
-            return
+            return None
     total = 0
+    counts: dict[str, int] = dict.fromkeys(chars, 0)
     try:
         with gzip.open(path, "rb") as fh:
             while chunk := fh.read(1 << 20):
+                count_chars(chunk, chars, counts)
                 total += len(chunk)
                 if total > max_bytes:
                     raise InvalidInput(
@@ -174,25 +225,44 @@ def _check_gzip(path: Path, max_bytes: int) -> None:
                     )
     except (OSError, EOFError, gzip.BadGzipFile):
         raise InvalidInput(f"{path.name}: the gzip stream is corrupt or truncated") from None
+    return counts
 
 
-def _read_csv(path: Path, separator: str | None, encoding: str) -> pl.DataFrame:
+def _read_csv(
+    path: Path, separator: str | None, encoding: str, gzip_counts: dict[str, int] | None
+) -> pl.DataFrame:
     if separator is None:
         separator = sniff_separator(path, encoding)
-    elif len(separator) != 1:
-        raise InvalidInput("separator: expected one character (e.g. ';' or a tab)")
-    _check_names(path, _csv_header(path, separator, encoding))
+    header = _csv_header(path, separator, encoding)
+    _check_names(path, header)
     utf8 = codecs.lookup(encoding).name == "utf-8"
     try:
         if utf8:
-            # An empty field is missing (null); a quoted "" is an empty string (Polars' default).
-            return pl.read_csv(path, separator=separator, infer_schema=False)
-        # Another encoding: decode strictly here (Polars' own decoding would not say where it failed).
-        with _open_text(path, encoding) as fh:
-            text = fh.read()
-        return pl.read_csv(io.BytesIO(text.encode("utf-8")), separator=separator, infer_schema=False)
+            # The count runs beside the parser (numpy releases the GIL): 0.3 s per 700 MB alone, ~0 beside.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                counting = pool.submit(_file_counts, path, separator + QUOTE) if gzip_counts is None else None
+                # An empty field is missing (null); a quoted "" is an empty string (Polars' default).
+                df = pl.read_csv(path, separator=separator, infer_schema=False)
+                counts = counting.result() if counting is not None else gzip_counts or {}
+        else:
+            # Another encoding: decode strictly here (Polars' own decoding would not say where it failed).
+            with _open_text(path, encoding) as fh:
+                data = fh.read().encode("utf-8")
+            df = pl.read_csv(io.BytesIO(data), separator=separator, infer_schema=False)
+            counts = count_chars(data, separator + QUOTE)
+            del data
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError):
         raise InvalidInput(f"{path.name}: {_first_problem_csv(path, separator, encoding)}") from None
+    if not _fields_add_up(df, header, separator, counts):
+        problem = _first_problem_csv(
+            path,
+            separator,
+            encoding,
+            otherwise="the rows do not add up to the header's fields (a quote character inside an "
+            "unquoted value?)",
+        )
+        raise InvalidInput(f"{path.name}: {problem}")
+    return df
 
 
 def _first_problem_ndjson(path: Path) -> str:
@@ -287,9 +357,13 @@ def read_source(
         raise InvalidInput(f"{path}: no such file")
     fmt = detect_format(path)
     encoding = check_encoding(encoding)
-    _check_gzip(path, max_decompressed_bytes)
+    if separator is not None and len(separator.encode("utf-8")) != 1:
+        raise InvalidInput("separator: expected one ASCII character (e.g. ';' or a tab)")
+    # A CSV's characters are counted as the stream is checked, for every separator it may turn out to use.
+    chars = "".join(dict.fromkeys([*SEPARATORS, *(separator or ""), QUOTE])) if fmt == "csv" else ""
+    gzip_counts = _check_gzip(path, max_decompressed_bytes, chars)
     if fmt == "csv":
-        df = _read_csv(path, separator, encoding)
+        df = _read_csv(path, separator, encoding, gzip_counts)
     elif fmt == "ndjson":
         df = _as_text(_read_ndjson(path, list_columns), list_columns, path.name)
     else:
