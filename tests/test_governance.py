@@ -786,3 +786,24 @@ def test_changing_a_trait_cannot_taint_the_general_segments_that_use_it(ready: D
         DefinitionError, match=r"segment 'rfm_at_risk': .*trait\.rfm_frequency .*reads cannabis data"
     ):
         definitions.apply_documents(ready.store.conn, ready.keyset, [("trait", unpinned, "t")], **kw)
+
+
+def test_budget_sums_read_an_index_alone(dep: Deployment) -> None:
+    # Every charge sums the period's charges (the recipient's, everyone's, each objective's) under the
+    # write lock: read from a covering index, their cost stays a fraction of reading the table's rows.
+    general = dep.categories.categories["general"]
+    budget = general.budget.model_copy(update={"objectives": {"brand": 0.2, "performance": 0.8}})
+    split = general.model_copy(update={"budget": budget})
+    conn = dep.store.conn
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        ledger.remaining(conn, split, "crm_team", AS_OF, ("brand", "performance"))
+        ledger.status(conn, dep.categories, AS_OF)
+    finally:
+        conn.set_trace_callback(None)
+    sums = [s for s in seen if "FROM ledger" in s]
+    assert len(sums) == 4 + len(dep.categories.categories)  # recipient, everyone, two objectives; status
+    for statement in sums:
+        plan = " ".join(str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}"))
+        assert "USING COVERING INDEX" in plan, (statement, plan)
