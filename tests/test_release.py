@@ -334,6 +334,21 @@ def test_counts_on_cached_cell_codes_equal_the_string_group_by(ready: Deployment
     assert sum(fast) > 0 and (not by or 0 in fast)  # non-vacuous: people counted, and empty cells too
 
 
+def _column_reads(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The columns of every Parquet read from now on (what the count cache saves)."""
+    import polars as pl
+
+    read = pl.read_parquet
+    reads: list[list[str]] = []
+
+    def counting_read(path, columns=None, **kw):  # type: ignore[no-untyped-def]
+        reads.append(list(columns or []))
+        return read(path, columns=columns, **kw)
+
+    monkeypatch.setattr(pl, "read_parquet", counting_read)
+    return reads
+
+
 def test_segment_counts_are_computed_once_per_snapshot_and_breakdown(
     ready: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,14 +360,7 @@ def test_segment_counts_are_computed_once_per_snapshot_and_breakdown(
         return release.plan(ctx, release.CohortReportRequest(segments=segments, breakdown=by), "growth_team")
 
     first = release_data.segment_counts(ctx, plan_of(GENERAL[:3], ["age_band"]))
-    read = pl.read_parquet
-    reads: list[list[str]] = []
-
-    def counting_read(path, columns=None, **kw):  # type: ignore[no-untyped-def]
-        reads.append(list(columns or []))
-        return read(path, columns=columns, **kw)
-
-    monkeypatch.setattr(pl, "read_parquet", counting_read)
+    reads = _column_reads(monkeypatch)
     # The same segments in another order, and one more: only the new one is read.
     plan = plan_of([GENERAL[3], GENERAL[1], GENERAL[0], GENERAL[2]], ["age_band"])
     again = release_data.segment_counts(ctx, plan)
@@ -369,6 +377,80 @@ def test_segment_counts_are_computed_once_per_snapshot_and_breakdown(
     reads.clear()
     release_data.segment_counts(ctx, plan_of(GENERAL[:1], ["region"]))
     assert reads == [[GENERAL[0]]]
+
+
+class _NoDatabase:
+    """A store whose database may not be touched (work ahead of a charge runs beside its transaction)."""
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+
+    @property
+    def conn(self) -> None:
+        raise AssertionError("work ahead of the charge touched the database")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_counts_ahead_of_the_charge_touch_no_database_and_are_the_exact_counts(
+    ready: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import polars as pl
+
+    ctx = ready.release_context()
+    away = dataclasses.replace(ctx, store=_NoDatabase(ctx.store))  # type: ignore[arg-type]
+    asked = release.CohortReportRequest(segments=GENERAL[:3], breakdown=["region"])
+    plan = release.plan(ctx, asked, "crm_team")
+    reads = _column_reads(monkeypatch)
+    release_data.count_ahead(away, plan)
+    assert reads == []  # the cell codes are not built (that reads the database): nothing done ahead
+    release_data.cell_codes(ctx, plan.snapshot, plan.breakdown)
+    release_data.count_ahead(away, plan)
+    assert reads == [GENERAL[:3]]
+    reads.clear()
+    counts = release_data.segment_counts(ctx, plan)
+    assert reads == []  # done ahead: the release reads nothing more
+    table = release_data.per_cell(
+        plan, release_data.members(ctx, plan), [pl.col(s).sum().alias(s) for s in plan.segments]
+    )
+    assert counts == [int(v) for s in plan.segments for v in table.get_column(s).to_list()]
+
+
+def test_a_release_does_not_fail_with_its_work_ahead_and_logs_no_value(
+    ready: Deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+
+    from privseg.release.registry import KINDS
+
+    def failing(ctx: object, plan: object) -> None:
+        raise ValueError("count 4711 of a cell")
+
+    kind = KINDS["cohort_report"]
+    monkeypatch.setitem(KINDS, "cohort_report", dataclasses.replace(kind, ahead=failing))
+    before = spent(ready)
+    out = report(ready, GENERAL[:2])
+    assert out["charged_epsilon"] == 0.5 and spent(ready) == before + 500_000
+    assert sum(c["count"] for r in out["results"] for c in r["cells"]) > 0  # exact() counted instead
+    assert "work ahead of a release failed (ValueError)" in caplog.text
+    assert "4711" not in caplog.text
+
+
+def test_work_ahead_not_yet_started_is_cancelled_not_waited_for() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from privseg.release import engine as release_engine
+
+    gate, ran = threading.Event(), []
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(gate.wait, 10)  # the pool's only thread is busy
+        ahead = pool.submit(ran.append, 1)
+        release_engine._settle(ahead)
+        gate.set()
+    assert ahead.cancelled() and ran == []
 
 
 def test_the_count_cache_drops_the_least_recently_used_beyond_its_limit() -> None:

@@ -262,6 +262,18 @@ def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
     return [0 if i is None else int(counts[s][i]) for s in plan.segments for i in at]
 
 
+def count_ahead(ctx: ReleaseContext, plan: ReleasePlan) -> None:
+    """Count the plan's segments not yet counted under its breakdown, if the breakdown's cell codes
+    are built (building them reads the database, which this must not): what :func:`segment_counts`
+    would otherwise compute after the charge, computed while it commits. The counts stay in memory."""
+    if not plan.breakdown:
+        return
+    with _DIMS_LOCK:
+        codes = _CELLS_CACHE.get((*_snapshot_key(ctx, plan.snapshot), tuple(plan.breakdown)))
+    if codes is not None:
+        _cell_counts(ctx, plan.snapshot, plan.breakdown, plan.segments, codes)
+
+
 def _cell_counts(
     ctx: ReleaseContext,
     snap: engine.Snapshot,

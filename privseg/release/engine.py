@@ -2,7 +2,8 @@
 
 A request is planned by its kind (policy checks, cells, the sensitivity of each vector), charged to
 the ledger in a write transaction that commits *before* any noise is drawn, then computed: the kind's
-exact vectors, each put through its OpenDP measurement, then the kind's post-processing. Identical
+exact vectors, each put through its OpenDP measurement, then the kind's post-processing. A kind may
+start exact work while the charge commits (its ``ahead``: exact values, in memory only). Identical
 requests on the same snapshot and policy return the stored release and spend nothing (no averaging
 attacks). A refused request is audited as a refusal.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -28,6 +31,9 @@ from privseg.release.registry import KINDS, NoiseFn, ReleaseRequest, for_request
 from privseg.segments import definitions
 
 PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
+# Runs kinds' `ahead` work beside the charges of this process's releases (two cores: two at once).
+_AHEAD = ThreadPoolExecutor(2, thread_name_prefix="privseg-ahead")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _LOOKUP = "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1"
 
@@ -196,19 +202,25 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     # charges. (Checked again under the lock below, where it decides.)
     if (hit := _cached(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
         return hit
-    with transaction(conn):
-        row = conn.execute(_LOOKUP, (key,)).fetchone()
-        if (hit := _cached(row, plan)) is not None:
-            return hit
-        if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
-            raise Conflict("an identical release is being computed; retry in a moment")
-        series_key = series.key(plan) if plan.series is not None else None
-        if series_key is not None and series.started(conn, series_key):
-            release_id, charged = _continue(ctx, plan, key, series_key, now), 0.0
-        else:
-            release_id, charged = _charge(ctx, plan, key, now), plan.epsilon
-            if series_key is not None:
-                series.start(conn, series_key, release_id, plan.recipient, now)
+    # Exact work only (nothing drawn, nothing returned): it overlaps the charge's commit and fsync.
+    ahead = _AHEAD.submit(kind.ahead, ctx, plan) if kind.ahead is not None else None
+    try:
+        with transaction(conn):
+            row = conn.execute(_LOOKUP, (key,)).fetchone()
+            if (hit := _cached(row, plan)) is not None:
+                return hit
+            if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
+                raise Conflict("an identical release is being computed; retry in a moment")
+            series_key = series.key(plan) if plan.series is not None else None
+            if series_key is not None and series.started(conn, series_key):
+                release_id, charged = _continue(ctx, plan, key, series_key, now), 0.0
+            else:
+                release_id, charged = _charge(ctx, plan, key, now), plan.epsilon
+                if series_key is not None:
+                    series.start(conn, series_key, release_id, plan.recipient, now)
+    finally:
+        if ahead is not None:
+            _settle(ahead)
     # Committed: from here on the budget is spent whatever happens.
     for member in plan.charged if charged else ():
         metrics.EPSILON_CHARGED.labels(member.name).inc(plan.epsilon)
@@ -225,6 +237,18 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
             "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
         )
     return {**result, "cached": False, "charged_epsilon": charged}
+
+
+def _settle(ahead: Future[None]) -> None:
+    """Wait for the work started ahead of the charge, unless it has not started (then ``exact`` does
+    it). Its failure is not the release's: ``exact`` computes whatever it left undone, and raises
+    its own errors."""
+    if ahead.cancel():
+        return
+    try:
+        ahead.result()
+    except Exception as exc:  # the type only: exact data is never logged
+        log.warning("work ahead of a release failed (%s); done after the charge instead", type(exc).__name__)
 
 
 def _draw_once(plan: ReleasePlan) -> NoiseFn:

@@ -48,6 +48,10 @@ class ReleaseKind(Generic[Req, Plan]):
     # vectors itself, round by round, drawing each planned vector's noise once through the engine's
     # NoiseFn, and returns what `result` post-processes. None: `exact`, then noise on every vector.
     adaptive: Callable[[ReleaseContext, Plan, NoiseFn], dict[str, Any]] | None = None
+    # Exact work `exact` would otherwise do after the charge, started while the charge commits (on a
+    # thread of its own): it must not touch the database (the request's connection is in the charge's
+    # transaction) and leaves its results in memory only. None: nothing to start ahead.
+    ahead: Callable[[ReleaseContext, Plan], None] | None = None
 
 
 KINDS: dict[str, ReleaseKind[Any, Any]] = {}

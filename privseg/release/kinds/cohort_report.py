@@ -224,5 +224,6 @@ KIND = register(
         exact=exact,
         result=result,
         text=text,
+        ahead=lambda ctx, plan: data.count_ahead(ctx, plan) if plan.spend is None else None,
     )
 )
