@@ -271,6 +271,14 @@ def test_identical_requests_are_cached_and_free(ready: Deployment) -> None:
     fresh = release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"])
     first_text = release.run_json(ready.release_context(), fresh, "growth_team")
     assert json.loads(first_text)["cached"] is False and spent(ready) == ledger.to_micro(1.5)
+    # A fresh release is sent as the text it stored, marked: byte for byte what encoding its answer
+    # gives, and the stored result is that answer without the two marks.
+    answer = json.loads(first_text)
+    assert first_text == json.dumps(answer) and answer["charged_epsilon"] == 0.5
+    (stored,) = ready.store.conn.execute(
+        "SELECT result FROM releases WHERE id = ?", (answer["release_id"],)
+    ).fetchone()
+    assert json.loads(stored) == {k: v for k, v in answer.items() if k not in ("cached", "charged_epsilon")}
 
 
 def test_dry_run_states_cost_and_accuracy_and_spends_nothing(ready: Deployment) -> None:

@@ -55,7 +55,12 @@ def run_json(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> str:
     def answer(planned: ReleasePlan) -> str:
         if req.dry_run:
             return json.dumps(dry_run(ctx, planned))
-        return cached_text(ctx, planned) or json.dumps(release(ctx, planned))
+        if (text := cached_text(ctx, planned)) is not None:
+            return text
+        released, text = _release(ctx, planned)
+        # A fresh release is sent as the text just stored, marked: encoding its cells twice was ~9% of
+        # a server worker's CPU under fresh reports (py-spy, benchmarks/server.py).
+        return text if text is not None else json.dumps(released)
 
     return _planned(ctx, req, recipient, answer)
 
@@ -113,9 +118,14 @@ def _cached_text(row: Any, plan: ReleasePlan) -> str | None:
     """A looked-up release row's stored result, marked cached (None: no finished release)."""
     if row is None or row[1] != "done":
         return None
-    stored: str = row[2]
     metrics.CACHE_HITS.labels(plan.kind).inc()
-    return stored[:-1] + ', "cached": true, "charged_epsilon": 0.0}'
+    return _marked(row[2], cached=True, charged=0.0)
+
+
+def _marked(stored: str, *, cached: bool, charged: float) -> str:
+    """A stored result (a JSON object) with ``cached`` and ``charged_epsilon`` appended: the text
+    ``json.dumps`` gives for the result's dict with those two keys added last."""
+    return f'{stored[:-1]}, "cached": {json.dumps(cached)}, "charged_epsilon": {json.dumps(charged)}}}'
 
 
 def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
@@ -194,6 +204,13 @@ def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> 
 
 def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
     """Charge (or reuse the cache), then compute. The charge commits before noise is drawn."""
+    return _release(ctx, plan, now=now)[0]
+
+
+def _release(
+    ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """:func:`release`, and for a fresh release also its answer as JSON text (None when cached)."""
     now = now or datetime.now(UTC)
     kind = KINDS[plan.kind]
     conn = ctx.store.conn
@@ -201,14 +218,14 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     # A cached release is served with a plain read: no write lock, so cache hits never queue behind
     # charges. (Checked again under the lock below, where it decides.)
     if (hit := _cached(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
-        return hit
+        return hit, None
     # Exact work only (nothing drawn, nothing returned): it overlaps the charge's commit and fsync.
     ahead = _AHEAD.submit(kind.ahead, ctx, plan) if kind.ahead is not None else None
     try:
         with transaction(conn):
             row = conn.execute(_LOOKUP, (key,)).fetchone()
             if (hit := _cached(row, plan)) is not None:
-                return hit
+                return hit, None
             if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
                 raise Conflict("an identical release is being computed; retry in a moment")
             series_key = series.key(plan) if plan.series is not None else None
@@ -232,11 +249,11 @@ def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
         noisy = {v.name: _noised(ctx, plan, v, exact[v.name], series_key) for v in plan.vectors}
     result = {"release_id": release_id, **plan.describe(), **kind.result(plan, noisy)}
     metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
+    stored = json.dumps(result)
     with transaction(conn):
-        conn.execute(
-            "UPDATE releases SET status = 'done', result = ? WHERE id = ?", (json.dumps(result), release_id)
-        )
-    return {**result, "cached": False, "charged_epsilon": charged}
+        conn.execute("UPDATE releases SET status = 'done', result = ? WHERE id = ?", (stored, release_id))
+    answer = {**result, "cached": False, "charged_epsilon": charged}
+    return answer, _marked(stored, cached=False, charged=charged)
 
 
 def _settle(ahead: Future[None]) -> None:
