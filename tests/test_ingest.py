@@ -205,6 +205,7 @@ def test_structural_problems(dep: Deployment, tmp_path: Path) -> None:
         "dup.csv": (b"customer_id,gender,gender\nC1,male,male\n", "names column 'gender' twice"),
         "garbage.csv": (os.urandom(2048) + b"\xff\xfe", "not UTF-8"),
         "ragged.csv": (b"customer_id,gender\nC1,male\nC2,male,extra\n", "line 3: expected 2 fields, found 3"),
+        "oldmac.csv": (b"customer_id,gender\rC1,male\rC2,female\r", "lines end with a bare carriage return"),
         "noid.csv": (b"gender\nmale\n", "identity column 'customer_id' is missing"),
         "blankname.csv": (b"customer_id,,gender\nC1,x,male\n", "has no name"),
         "notparquet.parquet": (b"PAR0 nonsense", "not a Parquet file"),

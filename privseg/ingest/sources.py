@@ -254,6 +254,12 @@ def _read_csv(
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError):
         raise InvalidInput(f"{path.name}: {_first_problem_csv(path, separator, encoding)}") from None
     if not _fields_add_up(df, header, separator, counts):
+        if _bare_carriage_returns(path, encoding):
+            # Polars ends lines at \n only: the whole file looked like one header line to it.
+            raise InvalidInput(
+                f"{path.name}: lines end with a bare carriage return (classic Mac OS line endings); "
+                "save the file with LF or CRLF line endings"
+            )
         problem = _first_problem_csv(
             path,
             separator,
@@ -263,6 +269,13 @@ def _read_csv(
         )
         raise InvalidInput(f"{path.name}: {problem}")
     return df
+
+
+def _bare_carriage_returns(path: Path, encoding: str) -> bool:
+    """Whether the file's start has line breaks, all of them a lone ``\r`` (the error path only)."""
+    with _open_text(path, encoding) as fh:
+        start = fh.read(1 << 20)
+    return "\r" in start and "\n" not in start
 
 
 def _first_problem_ndjson(path: Path) -> str:
