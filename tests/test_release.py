@@ -387,6 +387,34 @@ def test_segment_counts_are_computed_once_per_snapshot_and_breakdown(
     assert reads == [[GENERAL[0]]]
 
 
+def test_segment_totals_without_a_breakdown_are_counted_once_per_snapshot(
+    ready: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import polars as pl
+
+    ctx = ready.release_context()
+    away = dataclasses.replace(ctx, store=_NoDatabase(ctx.store))  # type: ignore[arg-type]
+
+    def plan_of(segments: list[str]) -> release.ReleasePlan:
+        return release.plan(ctx, release.CohortReportRequest(segments=segments), "growth_team")
+
+    first = release_data.segment_counts(ctx, plan_of(GENERAL[:2]))
+    reads = _column_reads(monkeypatch)
+    again = release_data.segment_counts(ctx, plan_of([GENERAL[2], GENERAL[0], GENERAL[1]]))
+    assert reads == [[GENERAL[2]]] and again[1:] == first
+    release_data.count_ahead(away, plan_of(GENERAL[3:4]))  # ahead of a charge: no database either
+    assert reads == [[GENERAL[2]], [GENERAL[3]]]
+    plan = plan_of(GENERAL[:4])
+    totals = release_data.segment_counts(ctx, plan)
+    assert len(reads) == 2  # all four cached now
+    table = release_data.per_cell(
+        plan, release_data.members(ctx, plan), [pl.col(s).sum().alias(s) for s in plan.segments]
+    )
+    assert totals == [int(table.get_column(s).item()) for s in plan.segments] and min(totals) > 0
+
+
 class _NoDatabase:
     """A store whose database may not be touched (work ahead of a charge runs beside its transaction)."""
 

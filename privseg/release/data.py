@@ -251,10 +251,11 @@ def _cell_codes(frame: pl.DataFrame, breakdown: Sequence[str]) -> CellCodes:
 def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
     """Members per cell, segment-major then cell order: what :func:`per_cell` gives for the plan's
     segment sums over :func:`members` (tests compare the two), grouped on :func:`cell_codes`. Each
-    segment's counts under a breakdown are computed once per snapshot (see COUNTS_KEPT)."""
+    segment's counts under a breakdown (its total, without one) are computed once per snapshot (see
+    COUNTS_KEPT)."""
     if not plan.breakdown:
-        frame = pl.read_parquet(engine.snapshot_path(ctx.store, plan.snapshot), columns=plan.segments)
-        return [int(v) for v in frame.select([pl.col(s).sum() for s in plan.segments]).row(0)]
+        totals = _totals(ctx, plan.snapshot, plan.segments)
+        return [totals[s] for s in plan.segments]
     codes = cell_codes(ctx, plan.snapshot, plan.breakdown)
     counts = _cell_counts(ctx, plan.snapshot, plan.breakdown, plan.segments, codes)
     # A public key no row carries is a cell of zeros.
@@ -265,13 +266,30 @@ def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
 def count_ahead(ctx: ReleaseContext, plan: ReleasePlan) -> None:
     """Count the plan's segments not yet counted under its breakdown, if the breakdown's cell codes
     are built (building them reads the database, which this must not): what :func:`segment_counts`
-    would otherwise compute after the charge, computed while it commits. The counts stay in memory."""
+    would otherwise compute after the charge, computed while it commits (without a breakdown, their
+    totals). The counts stay in memory."""
     if not plan.breakdown:
+        _totals(ctx, plan.snapshot, plan.segments)
         return
     with _DIMS_LOCK:
         codes = _CELLS_CACHE.get((*_snapshot_key(ctx, plan.snapshot), tuple(plan.breakdown)))
     if codes is not None:
         _cell_counts(ctx, plan.snapshot, plan.breakdown, plan.segments, codes)
+
+
+def _totals(ctx: ReleaseContext, snap: engine.Snapshot, segments: Sequence[str]) -> dict[str, int]:
+    """Per segment, its members: from the count cache (kept as the one cell of the empty breakdown),
+    the missing ones summed in one read of the snapshot."""
+    base = (*_snapshot_key(ctx, snap), ())
+    found = {s: int(hit[0]) for s in segments if (hit := _COUNTS_CACHE.get((*base, s))) is not None}
+    missing = [s for s in segments if s not in found]
+    if missing:
+        frame = pl.read_parquet(engine.snapshot_path(ctx.store, snap), columns=missing)
+        sums = frame.select([pl.col(s).sum() for s in missing]).row(0)
+        for s, total in zip(missing, sums, strict=True):
+            found[s] = int(total)
+            _COUNTS_CACHE.put((*base, s), np.array([found[s]], dtype=np.int64))
+    return found
 
 
 def _cell_counts(
