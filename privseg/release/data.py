@@ -278,18 +278,14 @@ def count_ahead(ctx: ReleaseContext, plan: ReleasePlan) -> None:
 
 
 def _totals(ctx: ReleaseContext, snap: engine.Snapshot, segments: Sequence[str]) -> dict[str, int]:
-    """Per segment, its members: from the count cache (kept as the one cell of the empty breakdown),
-    the missing ones summed in one read of the snapshot."""
-    base = (*_snapshot_key(ctx, snap), ())
-    found = {s: int(hit[0]) for s in segments if (hit := _COUNTS_CACHE.get((*base, s))) is not None}
-    missing = [s for s in segments if s not in found]
-    if missing:
-        frame = pl.read_parquet(engine.snapshot_path(ctx.store, snap), columns=missing)
-        sums = frame.select([pl.col(s).sum() for s in missing]).row(0)
-        for s, total in zip(missing, sums, strict=True):
-            found[s] = int(total)
-            _COUNTS_CACHE.put((*base, s), np.array([found[s]], dtype=np.int64))
-    return found
+    """Per segment, its members (cached as the one cell of the empty breakdown), the missing ones
+    summed in one pass."""
+
+    def count(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+        sums = frame.select(pl.all().sum()).row(0, named=True)
+        return {s: np.array([total], dtype=np.int64) for s, total in sums.items()}
+
+    return {s: int(c[0]) for s, c in _counted(ctx, snap, (), segments, count).items()}
 
 
 def _cell_counts(
@@ -299,18 +295,33 @@ def _cell_counts(
     segments: Sequence[str],
     codes: CellCodes,
 ) -> dict[str, np.ndarray]:
-    """Per segment, its members in each of ``codes.occupied``: from the cache, the missing ones by
-    one group-by over the snapshot's integer cell codes."""
+    """Per segment, its members in each of ``codes.occupied``, the missing ones by one group-by over
+    the snapshot's integer cell codes."""
+
+    def count(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+        grouped = frame.with_columns(codes.cell).group_by(_CELL).agg(pl.exclude(_CELL).sum())
+        # Every occupied cell has a row, so the join leaves no gap; the cells come out in codes' order.
+        table = codes.occupied.to_frame().join(grouped, on=_CELL, how="left", maintain_order="left")
+        return {s: table.get_column(s).to_numpy() for s in frame.columns}
+
+    return _counted(ctx, snap, breakdown, segments, count)
+
+
+def _counted(
+    ctx: ReleaseContext,
+    snap: engine.Snapshot,
+    breakdown: Sequence[str],
+    segments: Sequence[str],
+    count: Callable[[pl.DataFrame], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """Per segment, its counts under ``breakdown`` from the count cache; the missing ones by ``count``
+    over one read of their columns of the snapshot, then cached."""
     base = (*_snapshot_key(ctx, snap), tuple(breakdown))
     found = {s: hit for s in segments if (hit := _COUNTS_CACHE.get((*base, s))) is not None}
     missing = [s for s in segments if s not in found]
-    if not missing:
-        return found
-    frame = pl.read_parquet(engine.snapshot_path(ctx.store, snap), columns=missing)
-    grouped = frame.with_columns(codes.cell).group_by(_CELL).agg([pl.col(s).sum() for s in missing])
-    # Every occupied cell has a row, so the join leaves no gap; the cells come out in codes' order.
-    table = codes.occupied.to_frame().join(grouped, on=_CELL, how="left", maintain_order="left")
-    for s in missing:
-        found[s] = table.get_column(s).to_numpy()
-        _COUNTS_CACHE.put((*base, s), found[s])
+    if missing:
+        frame = pl.read_parquet(engine.snapshot_path(ctx.store, snap), columns=missing)
+        for s, counts in count(frame).items():
+            _COUNTS_CACHE.put((*base, s), counts)
+            found[s] = counts
     return found
