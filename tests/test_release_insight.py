@@ -87,7 +87,7 @@ def test_insight_says_what_the_data_says(ready: Deployment) -> None:
     # (never returned): one release shows ~16 cells, too few to judge a 95% interval (three or more
     # misses in 16 happen 0.7% of the time by chance).
     draws = [out] + [kind.result(plan, {"counts": plan.counts.noise(exact)}) for _ in range(24)]
-    covered = total = 0
+    covered = total = empty_shown = 0
     for drawn in draws:
         for attribute in drawn["attributes"]:
             cells = attribute["cells"]
@@ -97,12 +97,19 @@ def test_insight_says_what_the_data_says(ready: Deployment) -> None:
             assert sum(c["share"] for c in cells) <= 1.0 + 1e-9
             for c in cells:
                 j = next(j for j in idx if plan.keys[j][1] == c["value"])
+                if exact[n + j] == 0:
+                    # An empty cell (here '<18' and 'unknown') shown because its noise cleared the
+                    # minimum: at scale 8 and a minimum of 50 about 1 in 1,000 draws, ~7% of runs of
+                    # this test. It has no true affinity to cover; it is counted below.
+                    empty_shown += 1
+                    continue
                 true_affinity = (exact[j] / seg_total) / (exact[n + j] / base_total)
                 lo, hi = c["affinity_interval_95"]
                 total += 1
                 covered += lo <= true_affinity <= hi
     # ~400 cells: at 95% coverage, below 90% is more than four standard deviations away.
     assert total >= 200 and 0.9 <= covered / total <= 0.99
+    assert empty_shown <= 3  # ~0.08 expected in 25 releases x 3 empty cells; 4 or more: p < 1e-5
 
 
 def test_insight_refusals_spend_nothing(ready: Deployment) -> None:
