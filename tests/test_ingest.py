@@ -272,6 +272,27 @@ def test_reingesting_identical_content_is_a_noop_that_says_so(dep: Deployment, t
     assert ingest(dep, "events", ev)[0].stored
 
 
+def test_stored_content_is_a_noop_even_when_its_read_now_fails(dep: Deployment, tmp_path: Path) -> None:
+    """The content id is hashed while the file is read: content already stored is a no-op whatever
+    the read says (here: a limit that the stored file now exceeds), and new content that fails to
+    read is still an error."""
+    path = tmp_path / "p.csv.gz"
+    path.write_bytes(
+        gzip.compress(write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1")]).read_bytes())
+    )
+    (first,) = ingest(dep, "profiles", path)
+    tight = {"store": dep.store, "keyset": dep.keyset, "policy": dep.ingest_policy, "kind": "profiles"}
+    (again,) = ingest_files(**tight, paths=[path], max_decompressed_bytes=8)
+    assert not again.stored and again.batch_id == first.batch_id and len(dep.store.batches()) == 1
+    other = tmp_path / "q.csv.gz"
+    other.write_bytes(
+        gzip.compress(write_csv(tmp_path / "q.csv", PROFILE_HEADER, [profile_row("C2")]).read_bytes())
+    )
+    with pytest.raises(InvalidInput, match=r"q\.csv\.gz"):
+        ingest_files(**tight, paths=[other], max_decompressed_bytes=8)
+    assert len(dep.store.batches()) == 1
+
+
 def test_profiles_upsert_latest_batch_wins(dep: Deployment, tmp_path: Path) -> None:
     ingest(
         dep, "profiles", write_csv(tmp_path / "a.csv", PROFILE_HEADER, [profile_row("C1"), profile_row("C2")])
