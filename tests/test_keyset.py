@@ -139,3 +139,46 @@ def test_add_version_keeps_old_keys_and_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert load_keyset(path).primary == 2
     assert [p.name for p in tmp_path.iterdir()] == ["keyset.json"]  # no temporaries left
+
+
+def test_a_servers_requests_share_one_keyset_load_and_see_changes_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request deployments share the server's loaded keyset; a rotation by the CLI (the file
+    rewritten) reaches the next request, and a file loosened or swapped for a link after start is
+    refused, as at start."""
+    import privseg.keyset
+    from privseg.deployment import Deployment
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    create_keyset(settings.keyset, "test")
+    server = Deployment(settings)
+    loads: list[Path] = []
+    real = privseg.keyset.load_keyset
+    monkeypatch.setattr(privseg.keyset, "load_keyset", lambda p: loads.append(p) or real(p))
+
+    def request_keyset() -> privseg.keyset.Keyset:
+        fork = server.for_request()
+        try:
+            return fork.keyset
+        finally:
+            fork.close()
+
+    first = [request_keyset() for _ in range(5)]
+    assert len(loads) == 1 and all(k is first[0] for k in first) and first[0].primary == 1
+    server.keyset  # noqa: B018 -- the server's own copy, loaded once and never handed to requests
+    add_pseudonym_version(settings.keyset)
+    loads.clear()
+    assert [request_keyset().primary for _ in range(3)] == [2, 2, 2] and len(loads) == 1
+    os.chmod(settings.keyset, 0o640)
+    with pytest.raises(KeysetError, match="group/other"):
+        request_keyset()
+    os.chmod(settings.keyset, 0o600)
+    assert request_keyset().primary == 2
+    moved = settings.keyset.with_name("real.json")
+    settings.keyset.rename(moved)
+    settings.keyset.symlink_to(moved)
+    with pytest.raises(KeysetError, match="symbolic link"):
+        request_keyset()
+    server.close()

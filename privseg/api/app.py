@@ -125,8 +125,10 @@ def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsy
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Raw uploads a killed server left behind (identifiers included) go before anything else.
         uploads.clear_stale(dep.settings.uploads_path)
-        # Policies are loaded (and a new set audited) once, here: requests only read them.
+        # Policies are loaded (and a new set audited) once, here: requests only read them, and share
+        # what is derived from them (the sensitivity index was built again for every request).
         dep.record_policies()
+        dep.sensitivity  # noqa: B018 -- built now, shared by every request's deployment
         app.state.release_warmer = threading.Thread(
             target=warm_release_cache, args=(dep,), name="privseg-release-warm", daemon=True
         )
