@@ -374,7 +374,14 @@ def test_a_writer_polls_for_a_lock_another_process_holds(
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # another process, for locks
     tries: list[float] = []
     real_sleep = time.sleep
-    monkeypatch.setattr(db.time, "sleep", lambda s: tries.append(s) or real_sleep(s))
+    here = threading.current_thread()  # time.sleep is patched for every thread: count this one's only
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread() is here:
+            tries.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(db.time, "sleep", sleep)
     other.execute("BEGIN IMMEDIATE")
     release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
     release.start()
