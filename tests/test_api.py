@@ -83,3 +83,19 @@ def test_a_server_builds_the_release_dimensions_at_start(dep: Deployment, demo_f
         assert key not in release_data._DIMS_CACHE and not release_data._CELLS_CACHE
         assert not any(k in release_data._COUNTS_CACHE for k in counted)
     off.close()
+
+
+def test_a_started_server_shares_what_it_derives_from_its_policies(settings: Settings) -> None:
+    """A request's deployment reuses the server's policies and their sensitivity index, built once at
+    start (each request built the index again)."""
+    from privseg.keyset import create_keyset
+
+    create_keyset(settings.keyset, "test")
+    server = Deployment(settings)  # nothing loaded yet, as in a worker process
+    with TestClient(create_app(server)):
+        fork = server.for_request()
+        try:
+            assert fork.sensitivity is server.sensitivity and fork.categories is server.categories
+        finally:
+            fork.close()
+    server.close()
