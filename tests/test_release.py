@@ -105,6 +105,28 @@ def test_a_long_vector_is_noised_in_parts_in_order_with_the_stated_scale() -> No
     assert draws[:n] != draws[n : 2 * n]
 
 
+def test_each_thread_builds_a_vectors_measurement_once_and_draws_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Building a measurement (and checking its cost) is done once per thread and parameters; every
+    call still draws new noise, and other parameters get their own measurement."""
+    from privseg.release.plan import _PARALLEL_FROM, Vector
+
+    built: list[tuple[int, float]] = []
+    real = Vector.measurement
+    monkeypatch.setattr(
+        Vector, "measurement", lambda self: built.append((self.sensitivity, self.epsilon)) or real(self)
+    )
+    odd = Vector("counts", sensitivity=3, epsilon=0.37)  # parameters no other test uses
+    exact = [1_000] * (2 * _PARALLEL_FROM)
+    draws = [odd.noise(exact) for _ in range(4)] + [odd.noise(exact[:10]) for _ in range(4)]
+    # The long draws ran on the two noise threads, the short ones here: one build per thread.
+    assert 1 <= built.count((3, 0.37)) <= 3
+    assert len({tuple(d) for d in draws}) == len(draws)  # fresh noise on every call
+    Vector("counts", sensitivity=3, epsilon=0.38).noise(exact[:10])
+    assert built[-1] == (3, 0.38)
+
+
 def test_an_empty_cell_is_almost_never_released(ready: Deployment) -> None:
     plan = release.plan(
         ready.release_context(),

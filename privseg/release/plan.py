@@ -9,6 +9,7 @@ and its share of the epsilon; the shares sum to the charged epsilon (basic compo
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ UNKNOWN = "unknown"  # the cell of a person whose dimension value is missing
 _NOISE_THREADS = 2
 _PARALLEL_FROM = 256
 _NOISE_POOL = ThreadPoolExecutor(_NOISE_THREADS, thread_name_prefix="privseg-noise")
+# Each thread's measurements by (sensitivity, epsilon), built once: building one (and checking its
+# privacy map) cost ~0.6 ms, a tenth of drawing 880 cells. Per thread: OpenDP objects are not shared
+# between threads here.
+_BUILT = threading.local()
+_BUILT_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -59,17 +65,28 @@ class Vector:
 
     def noise(self, exact: Sequence[int]) -> list[int]:
         """``exact`` with OpenDP's noise, as integers. A long vector is drawn in contiguous parts on
-        two threads, each part by its own instance of :meth:`measurement`. Privacy: the vector
+        two threads, each part by its thread's instance of :meth:`measurement` (built once per
+        sensitivity and epsilon; every call draws fresh noise). Privacy: the vector
         measurement adds independent, identically distributed noise to each coordinate, so the parts'
         draws put side by side have exactly the distribution of one draw of the whole vector, whose
         cost the map check in :meth:`measurement` bounds by ``epsilon`` at ``sensitivity`` (what one
         person moves the whole vector by, so each part by at most as much). Nothing is drawn twice."""
         if len(exact) < _PARALLEL_FROM:
-            return [int(x) for x in self.measurement()(list(exact))]
+            return [int(x) for x in self._built()(list(exact))]
         size = -(-len(exact) // _NOISE_THREADS)
         parts = [list(exact[i : i + size]) for i in range(0, len(exact), size)]
-        drawn = _NOISE_POOL.map(lambda part: self.measurement()(part), parts)
+        drawn = _NOISE_POOL.map(lambda part: self._built()(part), parts)
         return [int(x) for part in drawn for x in part]
+
+    def _built(self) -> Any:
+        """:meth:`measurement` for this thread, built (and its cost checked) once per parameters."""
+        cache: dict[tuple[int, float], Any] = _BUILT.__dict__.setdefault("measurements", {})
+        key = (self.sensitivity, self.epsilon)
+        if key not in cache:
+            if len(cache) >= _BUILT_MAX:
+                cache.clear()
+            cache[key] = self.measurement()
+        return cache[key]
 
     @property
     def half_width(self) -> float:
