@@ -55,12 +55,9 @@ def run_json(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> str:
     def answer(planned: ReleasePlan) -> str:
         if req.dry_run:
             return json.dumps(dry_run(ctx, planned))
-        if (text := cached_text(ctx, planned)) is not None:
-            return text
-        released, text = _release(ctx, planned)
         # A fresh release is sent as the text just stored, marked: encoding its cells twice was ~9% of
         # a server worker's CPU under fresh reports (py-spy, benchmarks/server.py).
-        return text if text is not None else json.dumps(released)
+        return _release(ctx, planned)[0]
 
     return _planned(ctx, req, recipient, answer)
 
@@ -126,12 +123,6 @@ def _marked(stored: str, *, cached: bool, charged: float) -> str:
     """A stored result (a JSON object) with ``cached`` and ``charged_epsilon`` appended: the text
     ``json.dumps`` gives for the result's dict with those two keys added last."""
     return f'{stored[:-1]}, "cached": {json.dumps(cached)}, "charged_epsilon": {json.dumps(charged)}}}'
-
-
-def _cached(row: Any, plan: ReleasePlan) -> dict[str, Any] | None:
-    # Parsed from the very text the HTTP path sends, so the two answers cannot drift apart.
-    text = _cached_text(row, plan)
-    return None if text is None else dict(json.loads(text))
 
 
 def objectives(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[Objective, ...]:
@@ -204,27 +195,30 @@ def _charge(ctx: ReleaseContext, plan: ReleasePlan, key: str, now: datetime) -> 
 
 def release(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None) -> dict[str, Any]:
     """Charge (or reuse the cache), then compute. The charge commits before noise is drawn."""
-    return _release(ctx, plan, now=now)[0]
+    text, fresh = _release(ctx, plan, now=now)
+    # A cached answer is parsed from the very text the HTTP path sends, so the two cannot drift apart.
+    return fresh if fresh is not None else dict(json.loads(text))
 
 
 def _release(
     ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = None
-) -> tuple[dict[str, Any], str | None]:
-    """:func:`release`, and for a fresh release also its answer as JSON text (None when cached)."""
+) -> tuple[str, dict[str, Any] | None]:
+    """:func:`release`'s answer as JSON text, and for a fresh release also as the object it encodes
+    (None when cached: the stored text is sent without being decoded)."""
     now = now or datetime.now(UTC)
     kind = KINDS[plan.kind]
     conn = ctx.store.conn
     key = cache_key(plan)
     # A cached release is served with a plain read: no write lock, so cache hits never queue behind
     # charges. (Checked again under the lock below, where it decides.)
-    if (hit := _cached(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
+    if (hit := _cached_text(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
         return hit, None
     # Exact work only (nothing drawn, nothing returned): it overlaps the charge's commit and fsync.
     ahead = _AHEAD.submit(kind.ahead, ctx, plan) if kind.ahead is not None else None
     try:
         with transaction(conn):
             row = conn.execute(_LOOKUP, (key,)).fetchone()
-            if (hit := _cached(row, plan)) is not None:
+            if (hit := _cached_text(row, plan)) is not None:
                 return hit, None
             if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
                 raise Conflict("an identical release is being computed; retry in a moment")
@@ -253,7 +247,7 @@ def _release(
     with transaction(conn):
         conn.execute("UPDATE releases SET status = 'done', result = ? WHERE id = ?", (stored, release_id))
     answer = {**result, "cached": False, "charged_epsilon": charged}
-    return answer, _marked(stored, cached=False, charged=charged)
+    return _marked(stored, cached=False, charged=charged), answer
 
 
 def _settle(ahead: Future[None]) -> None:
