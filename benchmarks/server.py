@@ -120,6 +120,7 @@ function done(summary, latency, requests)
 end
 """
 _WRK_THREADS = 2
+_WRK_SECONDS = 10  # each wrk row's duration (the fresh rows' body count is sized for it)
 
 
 def _wrk(
@@ -306,14 +307,14 @@ def main() -> None:
                 # cost) as its floor.
                 report = f"{base}/v1/reports/cohort"
                 runs: list[tuple[str, int, str, str | None, list[str] | None]] = []
-                count = max(500, int(4 * results["fresh_c8"]["rps"] * 10))
+                count = max(500, int(4 * results["fresh_c8"]["rps"] * _WRK_SECONDS))
                 for c in (8, 32):
                     bodies = [json.dumps({"segments": next(combos), "breakdown": dims}) for _ in range(count)]
                     runs.append(("fresh (wrk)", c, report, None, bodies))
                 runs.append(("cached (wrk)", 32, report, json.dumps(cached_body), None))
                 runs.append(("healthz (wrk)", 32, f"{base}/healthz", None, None))
                 for kind, c, url, body, bodies in runs:
-                    r = _wrk(url, c, 10, body, token, fresh=bodies)
+                    r = _wrk(url, c, _WRK_SECONDS, body, token, fresh=bodies)
                     results[f"{kind.split()[0]}_wrk_c{c}"] = r
                     rows.append(
                         [

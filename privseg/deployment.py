@@ -65,8 +65,14 @@ class Deployment:
 
         try:
             st = os.lstat(self.settings.keyset)
-            status: tuple[int, ...] = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size)
-            status += (st.st_mtime_ns,)
+            status: tuple[int, ...] = (
+                st.st_dev,
+                st.st_ino,
+                st.st_mode,
+                st.st_uid,
+                st.st_size,
+                st.st_mtime_ns,
+            )
         except OSError:
             status = ()  # load_keyset says what is wrong
         seen = self._keyset_seen

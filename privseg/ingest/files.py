@@ -102,11 +102,14 @@ def ingest_files(
                     encoding=encoding,
                 )
             except Exception:
-                hashed = hashing is not None and hashing.exception() is None
-                if not hashed or _identify(store, keyset, policy, kind, hashing)[2] is None:
+                if hashing is None or hashing.exception() is not None:
+                    raise
+                source, cid, existing = _identify(store, keyset, policy, kind, hashing)
+                if existing is None:
                     raise
                 raw = None
-            source, cid, existing = _identify(store, keyset, policy, kind, hashing)
+            else:
+                source, cid, existing = _identify(store, keyset, policy, kind, hashing)
             if raw is None or existing is not None or cid in seen:
                 del raw
                 results.append(IngestResult(kind, path.name, False, existing or 0, 0, 0))
