@@ -35,6 +35,8 @@ def make_settings(root: Path) -> Settings:
         keyset=root / "keys" / "keyset.json",
         policy_dir=POLICIES,
         log_file=root / "logs" / "privseg.log",
+        # Beside the test's state, not the default folder under /tmp: a test run left ~40 empty ones.
+        upload_dir=root / "uploads",
     )
 
 
@@ -106,18 +108,24 @@ def event_row(cid: str, **over: str) -> list[str]:
     return [base[h] for h in EVENT_HEADER]
 
 
-def run_cli(
-    settings: Settings, *args: str, stdin: str | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m privseg`` in a subprocess with this deployment's environment."""
-    env = {
+def deployment_env(settings: Settings, *, log_level: str) -> dict[str, str]:
+    """The environment that gives a privseg subprocess this deployment's settings."""
+    return {
         **os.environ,
         "PRIVSEG_HOME": str(settings.home),
         "PRIVSEG_KEYSET": str(settings.keyset),
         "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
         "PRIVSEG_LOG_FILE": str(settings.log_file),
-        "PRIVSEG_LOG_LEVEL": "DEBUG",
+        "PRIVSEG_LOG_LEVEL": log_level,
+        "PRIVSEG_UPLOAD_DIR": str(settings.uploads_path),
     }
+
+
+def run_cli(
+    settings: Settings, *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m privseg`` in a subprocess with this deployment's environment."""
+    env = deployment_env(settings, log_level="DEBUG")
     proc = subprocess.run(
         [sys.executable, "-m", "privseg", *args],
         capture_output=True,
@@ -216,14 +224,7 @@ def running_server(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PRIVSEG_HOME": str(settings.home),
-        "PRIVSEG_KEYSET": str(settings.keyset),
-        "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
-        "PRIVSEG_LOG_FILE": str(settings.log_file),
-        "PRIVSEG_LOG_LEVEL": log_level,
-    }
+    env = deployment_env(settings, log_level=log_level)
     proc = subprocess.Popen(
         [sys.executable, "-m", "privseg", "serve", "--port", str(port), "--workers", str(workers)],
         env=env,

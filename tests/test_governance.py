@@ -634,6 +634,22 @@ def test_an_unauthenticated_chunked_body_never_allocates_past_the_limit(ready: D
         assert growth_mb < 40, growth_mb  # the review measured +800 MB for a 400 MB body
 
 
+def test_the_default_upload_folder_is_private_to_the_deployment_and_outside_its_state(tmp_path: Path) -> None:
+    import os
+    import tempfile
+
+    from privseg.settings import Settings
+
+    # The tests' own settings name a folder beside their state; this is what a deployment gets by default.
+    one, two = (Settings(home=tmp_path / name, policy_dir=POLICIES) for name in ("one", "two"))
+    assert one.uploads_path.parent == Path(tempfile.gettempdir())
+    assert one.uploads_path.name.startswith(f"privseg-uploads-{os.getuid()}-")
+    assert not one.uploads_path.is_relative_to(tmp_path)  # not under the state that backups copy
+    assert one.uploads_path != two.uploads_path  # two deployments never clear each other's uploads
+    assert one.uploads_path == Settings(home=tmp_path / "one", policy_dir=POLICIES).uploads_path
+    assert not one.uploads_path.exists()  # named, not created, by reading the setting
+
+
 def test_uploads_left_by_a_killed_server_are_cleared_at_start(ready: Deployment) -> None:
     import fcntl
     import os

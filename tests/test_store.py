@@ -27,6 +27,7 @@ def _env(settings: Settings) -> dict[str, str]:
         "PRIVSEG_HOME": str(settings.home),
         "PRIVSEG_KEYSET": str(settings.keyset),
         "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
+        "PRIVSEG_UPLOAD_DIR": str(settings.uploads_path),
     }
 
 
