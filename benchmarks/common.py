@@ -1,11 +1,16 @@
-"""Shared benchmark plumbing: run a phase in a fresh subprocess, read back its time and peak memory."""
+"""Shared benchmark plumbing: run a phase in a fresh subprocess, read back its time and peak memory, and
+how busy the rest of the box was meanwhile."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,19 +19,81 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_phase(script: Path, phase: str, *args: str) -> dict[str, Any]:
-    """Run ``script --phase PHASE ...`` in its own process so peak RSS is per phase."""
+    """Run ``script --phase PHASE ...`` in its own process so peak RSS is per phase. The result also
+    says how much of the box others used meanwhile (see :func:`box_load`)."""
+    before = _box_ticks(), _children_cpu(), time.perf_counter()
     out = subprocess.run(
         [sys.executable, str(script), "--phase", phase, *args], capture_output=True, text=True, check=False
     )
+    after = _box_ticks(), _children_cpu(), time.perf_counter()
     if out.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{out.stderr}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return {**result, **box_load(before, after)}
+
+
+# A phase counts as measured on a quiet box when the rest of the box (other processes, and the
+# hypervisor's steal) took less than this share of its CPUs meanwhile.
+QUIET_PCT = 5.0
+
+
+def box_load(
+    before: tuple[tuple[int, int] | None, float, float], after: tuple[tuple[int, int] | None, float, float]
+) -> dict[str, float]:
+    """Between two readings of (box busy and steal ticks, this process's children's CPU seconds, wall
+    time): the share of the box's CPUs that other processes used (busy time not spent by our children)
+    and that the hypervisor stole, in percent of wall time x CPUs. Empty where /proc/stat is missing.
+    On a virtual machine with noisy neighbours the same phase can take twice as long from one run to
+    the next (seen here: plain Polars 3.9 to 7.9 s): these say which runs to trust."""
+    (ticks0, cpu0, t0), (ticks1, cpu1, t1) = before, after
+    if ticks0 is None or ticks1 is None:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    capacity = (t1 - t0) * _cpus()
+    busy = (ticks1[0] - ticks0[0]) / hz
+    steal = (ticks1[1] - ticks0[1]) / hz
+    others = max(busy - (cpu1 - cpu0), 0.0)
+    return {
+        "others_cpu_pct": round(100 * others / capacity, 1),
+        "steal_pct": round(100 * steal / capacity, 1),
+    }
+
+
+def _box_ticks() -> tuple[int, int] | None:
+    """(busy, steal) clock ticks of all CPUs since boot, from /proc/stat's first line."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def quiet(result: dict[str, Any]) -> bool | None:
+    """Whether a phase ran on a quiet box (None: not known)."""
+    if "others_cpu_pct" not in result:
+        return None
+    return bool(result["others_cpu_pct"] + result["steal_pct"] < QUIET_PCT)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of repeated runs of a phase: its time is the median time, its other figures are the
+    lower middle run's, its peak RSS the highest of them, and every run's time is kept."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "runs_seconds": [round(r["seconds"], 3) for r in runs],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+    }
 
 
 def peak_rss_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -49,8 +116,6 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

@@ -1,25 +1,38 @@
 """Ingestion benchmark: privseg ingest vs plain Polars read+write and a naive AES-SIV loop.
 
-    .venv/bin/python benchmarks/ingest.py --customers 1000000
+    .venv/bin/python benchmarks/ingest.py --customers 1000000 [--repeat 3]
 
-Phases run in separate processes (peak memory per phase). In the same run it measures:
+Phases run in separate processes (peak memory per phase); plain and privseg run --repeat times,
+alternated, and the ratio is the median of the pairs' ratios. In the same run it measures:
   plain   Polars read_csv + write_parquet of the same files (the floor any ingest pays);
   naive   a per-row AESSIV.encrypt loop over every identifier cell (no dictionary, no normalization);
   privseg the full ingest: validate, generalize, pseudonymize, write, fsync, commit, audit.
+Each run also records how much CPU the rest of the box used meanwhile (other processes, hypervisor
+steal): a pair where either side ran on a busy box is not a quiet measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import peak_rss_mb, print_table, run_phase, write_results
+from benchmarks.common import (
+    QUIET_PCT,
+    median_run,
+    peak_rss_mb,
+    print_table,
+    quiet,
+    run_phase,
+    write_results,
+)
 
 HERE = Path(__file__).resolve()
 
@@ -133,12 +146,33 @@ def phase_by_time(data: Path) -> dict[str, float]:
     return {"seconds": 0.0, "rows": 0}
 
 
+def _print_load(runs: dict[str, list[dict[str, Any]]], quiet_pairs: list[bool | None]) -> None:
+    """What the rest of the box did during each run: a pair is only as good as its busier side."""
+    if any(q is None for q in quiet_pairs):
+        print("box load: not known here (no /proc/stat)")
+        return
+    loads = [
+        f"{b['others_cpu_pct'] + b['steal_pct']:.0f}/{p['others_cpu_pct'] + p['steal_pct']:.0f}"
+        for b, p in zip(runs["plain"], runs["privseg"], strict=True)
+    ]
+    print(
+        f"box load per pair, others' CPU + steal in % of the box (plain/privseg): {', '.join(loads)}; "
+        f"{sum(bool(q) for q in quiet_pairs)} of {len(quiet_pairs)} pairs quiet (< {QUIET_PCT:.0f}% each)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--customers", type=int, default=1_000_000)
     ap.add_argument("--data", type=Path, default=None, help="reuse demo data here (generated if missing)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow naive loop")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of plain and privseg, alternated; the ratio is the median of each pair's ratio",
+    )
     ap.add_argument(
         "--event-order",
         choices=["customer", "time"],
@@ -161,7 +195,7 @@ def main() -> None:
         return
 
     data = args.data or (HERE.parent / "results" / f"demo-{args.customers}")
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     if not (data / "events.csv").exists():
         results["generate"] = run_phase(
             HERE, "generate", "--data", str(data), "--customers", str(args.customers)
@@ -171,8 +205,19 @@ def main() -> None:
         # parent's memory as its own peak.
         run_phase(HERE, "by_time", "--data", str(data), "--customers", str(args.customers))
         data = _by_time_dir(data)
-    for phase in ("plain", "privseg") + (() if args.skip_naive else ("naive",)):
-        results[phase] = run_phase(HERE, phase, "--data", str(data), "--customers", str(args.customers))
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
+    # Alternated, so that a slow spell of the box (a neighbour on the host) falls on both sides of a
+    # pair rather than on one phase's runs.
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "privseg": []}
+    for _ in range(args.repeat):
+        for phase, done in runs.items():
+            done.append(run_phase(HERE, phase, "--data", str(data), "--customers", str(args.customers)))
+    results |= {phase: median_run(done) for phase, done in runs.items()}
+    pair_ratios = [p["seconds"] / b["seconds"] for b, p in zip(runs["plain"], runs["privseg"], strict=True)]
+    quiet_pairs = [quiet(b) and quiet(p) for b, p in zip(runs["plain"], runs["privseg"], strict=True)]
+    if not args.skip_naive:
+        results["naive"] = run_phase(HERE, "naive", "--data", str(data), "--customers", str(args.customers))
 
     siv = run_phase(HERE, "siv", "--data", str(data), "--customers", str(args.customers))
     plain = results["plain"]["seconds"]
@@ -182,16 +227,25 @@ def main() -> None:
             [
                 name,
                 f"{r['seconds']:.2f}",
+                " ".join(f"{v:.2f}" for v in r.get("runs_seconds", [r["seconds"]])),
                 f"{r['rows'] / r['seconds'] / 1e6:.2f}",
                 f"{r['peak_rss_mb']:.0f}",
                 f"{r['seconds'] / plain:.2f}" if name != "generate" else "-",
             ]
         )
     print(f"\ningest benchmark: {args.customers} customers, events by {args.event_order}, data in {data}")
-    print_table(["phase", "seconds", "M rows/s", "peak RSS MB", "x plain"], rows)
-    if "privseg" in results:
-        p = results["privseg"]
-        print(f"\nprivseg split: profiles {p['profiles_seconds']:.2f} s, events {p['events_seconds']:.2f} s")
+    print_table(["phase", "median s", "runs s", "M rows/s", "peak RSS MB", "x plain"], rows)
+    ratio = statistics.median(pair_ratios)
+    print(
+        f"\nprivseg / plain, median of {len(pair_ratios)} alternated pairs: {ratio:.2f}x "
+        f"(pairs: {', '.join(f'{r:.2f}' for r in pair_ratios)})"
+    )
+    _print_load(runs, quiet_pairs)
+    p = results["privseg"]
+    print(
+        f"privseg split (median run): profiles {p['profiles_seconds']:.2f} s, "
+        f"events {p['events_seconds']:.2f} s"
+    )
     print(f"\npseudonyms of {siv['rows']:,} distinct ids (identical tokens checked)")
     print_table(
         ["path", "seconds", "M ids/s", "x batched"],
@@ -212,7 +266,10 @@ def main() -> None:
             "customers": args.customers,
             "event_order": args.event_order,
             "results": results,
-            "ratio_privseg_to_plain": results["privseg"]["seconds"] / plain,
+            "runs": runs,
+            "ratio_privseg_to_plain": ratio,
+            "pair_ratios": pair_ratios,
+            "quiet_pairs": quiet_pairs,
         },
     )
     print(f"results: {path}")
