@@ -21,11 +21,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_phase(script: Path, phase: str, *args: str) -> dict[str, Any]:
     """Run ``script --phase PHASE ...`` in its own process so peak RSS is per phase. The result also
     says how much of the box others used meanwhile (see :func:`box_load`)."""
-    before = _box_ticks(), _children_cpu(), time.perf_counter()
+    before = box_cpu(), _children_cpu(), time.perf_counter()
     out = subprocess.run(
         [sys.executable, str(script), "--phase", phase, *args], capture_output=True, text=True, check=False
     )
-    after = _box_ticks(), _children_cpu(), time.perf_counter()
+    after = box_cpu(), _children_cpu(), time.perf_counter()
     if out.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{out.stderr}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -38,35 +38,43 @@ QUIET_PCT = 5.0
 
 
 def box_load(
-    before: tuple[tuple[int, int] | None, float, float], after: tuple[tuple[int, int] | None, float, float]
+    before: tuple[tuple[float, float, float] | None, float, float],
+    after: tuple[tuple[float, float, float] | None, float, float],
 ) -> dict[str, float]:
-    """Between two readings of (box busy and steal ticks, this process's children's CPU seconds, wall
-    time): the share of the box's CPUs that other processes used (busy time not spent by our children)
-    and that the hypervisor stole, in percent of wall time x CPUs. Empty where /proc/stat is missing.
-    On a virtual machine with noisy neighbours the same phase can take twice as long from one run to
-    the next (seen here: plain Polars 3.9 to 7.9 s): these say which runs to trust."""
-    (ticks0, cpu0, t0), (ticks1, cpu1, t1) = before, after
-    if ticks0 is None or ticks1 is None:
+    """Between two readings of (:func:`box_cpu`, this process's children's CPU seconds, wall time): the
+    share of the box's CPUs that other processes used (busy time not spent by our children) and that
+    the hypervisor stole, in percent of wall time x CPUs. Empty where /proc/stat is missing. On a
+    virtual machine with noisy neighbours the same phase can take twice as long from one run to the
+    next (seen here: plain Polars 3.9 to 7.9 s): these say which runs to trust."""
+    (box0, cpu0, t0), (box1, cpu1, t1) = before, after
+    if box0 is None or box1 is None:
         return {}
-    hz = os.sysconf("SC_CLK_TCK")
     capacity = (t1 - t0) * _cpus()
-    busy = (ticks1[0] - ticks0[0]) / hz
-    steal = (ticks1[1] - ticks0[1]) / hz
-    others = max(busy - (cpu1 - cpu0), 0.0)
+    others = max(box1[0] - box0[0] - (cpu1 - cpu0), 0.0)
+    steal = box1[1] - box0[1]
     return {
         "others_cpu_pct": round(100 * others / capacity, 1),
         "steal_pct": round(100 * steal / capacity, 1),
     }
 
 
-def _box_ticks() -> tuple[int, int] | None:
-    """(busy, steal) clock ticks of all CPUs since boot, from /proc/stat's first line."""
+def box_cpu() -> tuple[float, float, float] | None:
+    """(busy, steal, all) CPU seconds of the whole box since boot, from /proc/stat (None where it is
+    missing): two readings say how busy the box was between them."""
+    fields = _cpu_line()
+    if fields is None:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / hz, steal / hz, sum(fields[:8]) / hz
+
+
+def _cpu_line() -> list[int] | None:
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return user + nice + system + irq + softirq, steal
+    return (fields + [0] * 8)[:8]
 
 
 def _children_cpu() -> float:

@@ -8,7 +8,8 @@ a copy of policies/ with large budgets so that fresh requests are not refused mi
 requests/s, p50 and p99 latency, and the ratio of HTTP p50 to in-process p50. Where `wrk` is installed
 it also loads the server from wrk (a C client that takes far less CPU from the two cores than the
 Python client): fresh reports at concurrency 8 and 32 (each body sent once; a cached reply counts as
-an error), the cached report and `/healthz` (the framework's floor) at 32.
+an error), the cached report and `/healthz` (the framework's floor) at 32, with how busy the box was
+during each wrk run and its CPU time per request (a CPU-bound server's rate is its CPUs over that).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import large_budget_policies, print_table, write_results
+from benchmarks.common import box_cpu, large_budget_policies, print_table, write_results
 from benchmarks.release import _prepare
 from benchmarks.segments import _bench_home
 
@@ -142,12 +143,14 @@ def _wrk(
             fh.write(_WRK_SCRIPT % (body, token))
         script = fh.name
     try:
+        box0 = box_cpu()
         out = subprocess.run(
             ["wrk", f"-t{_WRK_THREADS}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", script, url],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
+        box1 = box_cpu()
     finally:
         os.unlink(script)
     units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -162,12 +165,31 @@ def _wrk(
     cached = re.search(r"cached replies:\s+(\d+)", out)
     assert rps, out
     assert fresh is None or cached, out
+    requests = re.search(r"(\d+) requests in", out)
+    assert requests, out
+    load: dict[str, float] = {}
+    if box0 is not None and box1 is not None:
+        # The whole box: the server's workers, wrk (a small share) and anything else running. Busy
+        # near 100% says the server is CPU-bound; CPU per request is then what limits its rate.
+        busy, steal, total = (b - a for a, b in zip(box0, box1, strict=True))
+        load = {
+            "box_busy_pct": 100 * busy / total,
+            "box_steal_pct": 100 * steal / total,
+            "box_cpu_ms_per_request": 1000 * busy / max(int(requests.group(1)), 1),
+        }
     return {
         "rps": float(rps.group(1)),
         "p50": latency("50"),
         "p99": latency("99"),
         "errors": (int(non2xx.group(1)) if non2xx else 0) + (int(cached.group(1)) if cached else 0),
+        **load,
     }
+
+
+def _load_cells(r: dict[str, Any]) -> list[str]:
+    if "box_busy_pct" not in r:
+        return ["?", "?"]  # no /proc/stat here
+    return [f"{r['box_busy_pct']:.0f} ({r['box_steal_pct']:.0f})", f"{r['box_cpu_ms_per_request']:.2f}"]
 
 
 def main() -> None:
@@ -221,12 +243,13 @@ def main() -> None:
         dims = ["age_band", "region"]
 
         # In-process baseline, same service call, same kinds of request.
-        inproc_fresh, inproc_cached = [], []
+        inproc_fresh, inproc_cached, inproc_fresh_cpu = [], [], []
         for _ in range(args.fresh):
             req = release.CohortReportRequest(segments=next(combos), breakdown=dims)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             first = release.run(dep.release_context(), req, "growth_team")
             inproc_fresh.append(time.perf_counter() - t)
+            inproc_fresh_cpu.append(time.process_time() - cpu)  # every thread of this process
             assert not first["cached"]
             t = time.perf_counter()
             release.run(dep.release_context(), req, "growth_team")
@@ -297,6 +320,8 @@ def main() -> None:
                             errors,
                             f"{base_p50 * 1000:.1f}",
                             f"{_pct(lat, 0.5) / base_p50:.2f}",
+                            "-",
+                            "-",
                         ]
                     )
             if shutil.which("wrk"):
@@ -326,6 +351,10 @@ def main() -> None:
                             r["errors"],
                             "-",
                             "-",
+                            f"{r['box_busy_pct']:.0f} ({r['box_steal_pct']:.0f})"
+                            if "box_busy_pct" in r
+                            else "?",
+                            f"{r['box_cpu_ms_per_request']:.2f}" if "box_busy_pct" in r else "?",
                         ]
                     )
             else:
@@ -347,10 +376,19 @@ def main() -> None:
                 "errors",
                 "in-process p50 ms",
                 "HTTP p50 / in-process p50",
+                "box busy % (steal)",
+                "box CPU ms / request",
             ],
             rows,
         )
-        summary = {"customers": args.customers, "workers": args.workers or 1, "results": results}
+        cpu_ms = 1000 * statistics.median(inproc_fresh_cpu)
+        print(f"in-process fresh report: {cpu_ms:.1f} ms of CPU (median, all threads)")
+        summary = {
+            "customers": args.customers,
+            "workers": args.workers or 1,
+            "results": results,
+            "inprocess_fresh_cpu_ms": cpu_ms,
+        }
         print(f"results: {write_results('server', summary)}")
 
 
