@@ -121,6 +121,66 @@ def test_a_total_beyond_32_bits_is_noised_not_refused() -> None:
         assert all(abs(v - x) < 30 * spend.scale for v, x in zip(noisy, exact, strict=True))
 
 
+def test_a_spend_report_past_21_million_dollars_in_one_cell_is_released(tmp_path: Path) -> None:
+    """End to end: a brand whose policy clips spend at $1M a person, 150 frequent buyers at the clip:
+    one cell of $150M (1.5e10 cents). Before spend was noised as 64-bit integers this request was
+    charged, then failed inside OpenDP, and the release stayed pending."""
+    import shutil
+
+    import yaml
+
+    from privseg.keyset import create_keyset
+    from tests.conftest import (
+        EVENT_HEADER,
+        PROFILE_HEADER,
+        event_row,
+        make_settings,
+        profile_row,
+        write_csv,
+    )
+
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    general = policies / "categories" / "general.yaml"
+    doc = yaml.safe_load(general.read_text())
+    doc["value_clip"] = 1_000_000.0
+    general.write_text(yaml.safe_dump(doc))
+    settings = make_settings(tmp_path).model_copy(update={"policy_dir": policies})
+    create_keyset(settings.keyset, "test")
+    dep = Deployment(settings)
+    try:
+        people = [f"C{i:05d}" for i in range(150)]
+        customers = write_csv(tmp_path / "c.csv", PROFILE_HEADER, [profile_row(c) for c in people])
+        purchases = [
+            event_row(c, ts=f"2026-05-{day:02d}T10:00:00Z", value="999999.99")
+            for c in people
+            for day in range(20, 25)  # five purchases in the last 180 days: a frequent buyer
+        ]
+        events = write_csv(tmp_path / "e.csv", EVENT_HEADER, purchases)
+        prepare(dep, customers, events)
+        req = release.CohortReportRequest(
+            segments=["frequent_buyers"],
+            measures=["count", "spend"],
+            spend_where={
+                "product_category": {"not_in_or_unknown": ["hearing_aids", "cannabis", "sexual_health"]}
+            },
+        )
+        out = release.run(dep.release_context(), req, "growth_team")
+        assert out["charged_epsilon"] == 0.5 and spent(dep) == ledger.to_micro(0.5)
+        (cell,) = out["results"][0]["cells"]
+        truth = 150 * 1_000_000  # dollars: each person's $5M clipped to $1M
+        assert truth * 100 > 2**31  # in cents, past a 32-bit integer
+        assert abs(cell["spend"] - truth) <= 10 * out["spend_interval_95_half_width"]
+        assert cell["mean_spend"] <= 1_000_000.0
+        statuses = dep.store.conn.execute("SELECT status FROM releases").fetchall()
+        assert statuses == [("done",)]
+        # And again: the stored release, nothing more spent.
+        assert release.run(dep.release_context(), req, "growth_team")["cached"]
+        assert spent(dep) == ledger.to_micro(0.5)
+    finally:
+        dep.close()
+
+
 def test_each_thread_builds_a_vectors_measurement_once_and_draws_afresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
