@@ -94,6 +94,13 @@ def test_bad_files_name_the_file_and_field(tmp_path: Path) -> None:
         PolicyError, match=r"cannabis\.yaml: epsilon_per_release: Input should be greater than 0"
     ):
         read_categories(folder)
+    # A clip past what integer cents can sum safely (see CategoryPolicy.value_clip).
+    folder3 = _copy(tmp_path / "c")
+    _edit(folder3, "general", "value_clip", 1e12)
+    with pytest.raises(
+        PolicyError, match=r"general\.yaml: value_clip: Input should be less than or equal to 1000000"
+    ):
+        read_categories(folder3)
     folder2 = _copy(tmp_path / "b")
     _edit(folder2, "cannabis", "name", "weed")
     with pytest.raises(PolicyError, match="does not match the file name"):

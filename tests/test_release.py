@@ -181,6 +181,31 @@ def test_a_spend_report_past_21_million_dollars_in_one_cell_is_released(tmp_path
         dep.close()
 
 
+def test_a_measurement_opendp_refuses_spends_nothing(
+    ready: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release's measurements are built (and their cost checked) before the charge: if OpenDP
+    refuses one, nothing is charged, recorded as pending or audited as a release."""
+    import importlib
+
+    plans = importlib.import_module("privseg.release.plan")  # the module: release.plan is a function
+
+    def refused(self: plans.Vector) -> None:
+        raise RuntimeError("OpenDP refused the measurement")
+
+    monkeypatch.setattr(plans.Vector, "measurement", refused)
+    monkeypatch.setattr(plans, "_BUILT", threading.local())  # no thread has a measurement built yet
+    audited = ready.store.conn.execute("SELECT COUNT(*) FROM audit WHERE event = 'release'").fetchone()[0]
+    with pytest.raises(RuntimeError, match="refused"):
+        report(ready, ["frequent_buyers"], ["age_band"])
+    assert spent(ready) == 0
+    assert ready.store.conn.execute("SELECT COUNT(*) FROM releases").fetchone()[0] == 0
+    assert (
+        ready.store.conn.execute("SELECT COUNT(*) FROM audit WHERE event = 'release'").fetchone()[0]
+        == audited
+    )
+
+
 def test_each_thread_builds_a_vectors_measurement_once_and_draws_afresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -113,8 +113,13 @@ class CategoryPolicy(_Strict):
     breakdowns: Breakdowns
     recipients: Recipients
     partner_audiences: bool = Field(description="Whether partner audiences may be released at all.")
+    # At most a million: spend is summed and noised in 64-bit integer cents, 1e8 a person at the bound,
+    # so that even 1e10 people's total fits.
     value_clip: float = Field(
-        500.0, gt=0, description="Per-person spend is clipped to [0, value_clip] before summing (currency)."
+        500.0,
+        gt=0,
+        le=1_000_000,
+        description="Per-person spend is clipped to [0, value_clip] before summing (currency).",
     )
     sensitive_data: SensitiveData = Field(
         default_factory=SensitiveData,

@@ -213,6 +213,8 @@ def _release(
     # charges. (Checked again under the lock below, where it decides.)
     if (hit := _cached_text(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
         return hit, None
+    for vector in plan.vectors:
+        vector.prepare()
     # Exact work only (nothing drawn, nothing returned): it overlaps the charge's commit and fsync.
     ahead = _AHEAD.submit(kind.ahead, ctx, plan) if kind.ahead is not None else None
     try:

@@ -83,6 +83,12 @@ class Vector:
         drawn = _NOISE_POOL.map(lambda part: self._built()(part), parts)
         return [int(x) for part in drawn for x in part]
 
+    def prepare(self) -> None:
+        """Build (and check the cost of) this thread's measurement now: called before the charge, so
+        that a measurement OpenDP refuses to build refuses the release instead of failing it after
+        the budget is spent."""
+        self._built()
+
     def _built(self) -> Any:
         """:meth:`measurement` for this thread, built (and its cost checked) once per parameters."""
         cache: dict[tuple[int, float], Any] = _BUILT.__dict__.setdefault("measurements", {})
