@@ -371,6 +371,18 @@ def test_bad_input_is_a_clear_problem_and_stores_nothing(
             "ssn",
         ),
         (client.get("/v1/no-such-route", headers=admin), 404, None),
+        # JSON as Python reads it admits Infinity and NaN: a persona bound of -Infinity scaled every
+        # value to NaN and failed the release after its charge.
+        (
+            client.post(
+                "/v1/reports/personas",
+                content=b'{"segment": "frequent_buyers", "features": [{"name": "orders", "measure": "count", '
+                b'"event": {"type": "purchase"}, "min": -Infinity, "max": 20}]}',
+                headers={**marketer, "content-type": "application/json"},
+            ),
+            422,
+            "min",
+        ),
     ]
     for response, status, needle in cases:
         body = _problem(response)
@@ -379,6 +391,7 @@ def test_bad_input_is_a_clear_problem_and_stores_nothing(
             assert needle in body["detail"], body
         assert "Traceback" not in response.text and "SELECT" not in response.text
     assert len(dep.store.batches()) == batches
+    assert dep.store.conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == 0  # nothing charged
     assert not list((dep.settings.home / "uploads").glob("*"))  # temporary uploads are removed
 
 

@@ -101,6 +101,11 @@ def test_bad_files_name_the_file_and_field(tmp_path: Path) -> None:
         PolicyError, match=r"general\.yaml: value_clip: Input should be less than or equal to 1000000"
     ):
         read_categories(folder3)
+    # YAML's .inf: an infinite budget made every charge in the category fail (OverflowError).
+    folder4 = _copy(tmp_path / "d")
+    _edit(folder4, "general", "budget.per_recipient", float("inf"))
+    with pytest.raises(PolicyError, match=r"general\.yaml: budget\.per_recipient: Input should be a finite"):
+        read_categories(folder4)
     folder2 = _copy(tmp_path / "b")
     _edit(folder2, "cannabis", "name", "weed")
     with pytest.raises(PolicyError, match="does not match the file name"):

@@ -286,8 +286,11 @@ def test_bucket_is_stable_and_uniform() -> None:
         (
             {"all": [{"event": {"type": "purchase", "count": {"gte": "many"}}}]},
             "where.all[0].event.count.gte",
-            "expected a number",
+            "expected a finite number",
         ),
+        # Python's JSON reads Infinity and NaN: neither is a threshold.
+        ({"event": {"type": "purchase", "sum": {"gte": float("inf")}}}, "where.event.sum.gte", "finite"),
+        ({"event": {"type": "purchase", "count": {"gte": float("nan")}}}, "where.event.count.gte", "finite"),
         ({"event": {"type": "purchase", "last": "7 days"}}, "where.event.last", "expected a duration"),
         ({"event": {"type": "purchase", "between": ["7d", "30d"]}}, "where.event.between", "longer one"),
         (

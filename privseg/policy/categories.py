@@ -22,7 +22,8 @@ from privseg.yamltext import parse_yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # YAML's .inf and .nan are no budget, clip or epsilon (an infinite budget failed every charge).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Objective = Literal["brand", "performance"]

@@ -19,7 +19,7 @@ RESERVED = frozenset({"pid", "ts", "age_band", "region"})
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no .inf or .nan bounds
 
 
 class Identity(_Strict):

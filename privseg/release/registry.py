@@ -17,7 +17,9 @@ class ReleaseRequest(BaseModel):
     """What every release request has. The recipient is not part of it: it is the caller's identity
     (the API key's principal, or the CLI's --recipient), passed next to the request."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No Infinity or NaN (Python's JSON reads both): a bound of -Infinity made a persona's scaled
+    # features NaN, which failed the release after its charge.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dry_run: bool = Field(False, description="Plan and price the release without spending anything.")
 
 

@@ -29,7 +29,7 @@ Conditions = dict[str, Condition]  # field -> condition, e.g. {"product_category
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Step(_Spec):

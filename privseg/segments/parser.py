@@ -3,6 +3,7 @@ in, a typed tree out, every problem named by its path inside the definition (nev
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
@@ -42,6 +43,14 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 def _fail(path: str, message: str) -> DefinitionError:
     return DefinitionError(f"{path}: {message}")
+
+
+def _number(value: Any) -> bool:
+    """A finite number (not a bool): JSON as Python reads it also admits Infinity and NaN, which no
+    threshold, bound or edge means (a NaN edge is not even ordered)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def parse_duration(text: Any, path: str) -> timedelta:
@@ -104,8 +113,8 @@ class Parser:
                 return date.fromisoformat(str(value))
             except ValueError:
                 raise _fail(path, f"expected a date YYYY-MM-DD, found {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(path, f"expected a number, found {value!r}")
+        if not _number(value):
+            raise _fail(path, f"expected a finite number, found {value!r}")
         if kind == "int" and not isinstance(value, int):
             raise _fail(path, f"expected a whole number, found {value!r}")
         return value
@@ -332,10 +341,7 @@ class Parser:
             if fs["measure"] not in ("count", "sum"):
                 raise _fail(f"{at}.measure", "expected count or sum")
             low, high = fs["min"], fs["max"]
-            if (
-                not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high))
-                or low >= high
-            ):
+            if not all(_number(v) for v in (low, high)) or low >= high:
                 raise _fail(at, "expected numbers min < max")
             step = self.step(event, f"{at}.event")
             features.append(
@@ -348,11 +354,7 @@ class Parser:
             if c is None:
                 centers.append(None)
                 continue
-            if (
-                not isinstance(c, list)
-                or len(c) != len(features)
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in c)
-            ):
+            if not isinstance(c, list) or len(c) != len(features) or not all(_number(v) for v in c):
                 raise _fail(f"{here}.centers[{j}]", f"expected {len(features)} numbers (one per feature)")
             centers.append(tuple(float(v) for v in c))
         if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < len(centers):
@@ -434,7 +436,7 @@ class Parser:
         here = f"{path}.source.{kind}"
         source = TraitSource(kind, self.step(src, here), self._window(src, here))  # type: ignore[arg-type]
         edges, scores = spec["edges"], spec["scores"]
-        if not isinstance(edges, list) or not edges or not all(isinstance(e, int | float) for e in edges):
+        if not isinstance(edges, list) or not edges or not all(_number(e) for e in edges):
             raise _fail(f"{path}.edges", "expected a non-empty list of numbers")
         if edges != sorted(set(edges)):
             raise _fail(f"{path}.edges", "edges must be strictly ascending")

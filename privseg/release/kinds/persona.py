@@ -42,7 +42,7 @@ RESOLUTION = 1000  # scaled features are summed in thousandths (OpenDP's discret
 
 
 class PersonaFeature(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="A label for the feature.")
     event: dict[str, Any] = Field(
         description="The events aggregated, as in the segment language: type, where, and a window "
