@@ -29,7 +29,7 @@ Windows, against an explicit ``as_of`` (no event after ``as_of`` ever counts):
 ``last: 7d`` is ``as_of - 7d <= ts <= as_of`` (both ends inclusive); ``between: [90d, 30d]`` is
 ``as_of - 90d <= ts < as_of - 30d`` (start inclusive, end exclusive, so it tiles with ``last: 30d``);
 ``from: T1, to: T2`` is ``T1 <= ts < T2``. No window: every event up to ``as_of``.
-Durations: a whole number and a unit, ``s``, ``m``, ``h``, ``d`` or ``w``.
+Durations: a whole number and a unit, ``s``, ``m``, ``h``, ``d`` or ``w``; at most 100 years.
 """
 
 from __future__ import annotations

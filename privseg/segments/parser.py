@@ -53,11 +53,19 @@ def _number(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
+# The longest window: 999999d parsed, then as_of - 999999d (year -712) raised OverflowError inside every
+# snapshot computation, so one stored definition stopped every segment's.
+MAX_DURATION = timedelta(days=100 * 365)
+
+
 def parse_duration(text: Any, path: str) -> timedelta:
     match = _DURATION_RE.match(str(text)) if isinstance(text, str) else None
     if match is None:
         raise _fail(path, f"expected a duration such as 7d, 12h or 2w, found {text!r}")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    duration = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    if duration > MAX_DURATION:
+        raise _fail(path, f"longer than {MAX_DURATION.days} days (100 years), found {text!r}")
+    return duration
 
 
 def _mapping(obj: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
@@ -113,6 +121,8 @@ class Parser:
                 return date.fromisoformat(str(value))
             except ValueError:
                 raise _fail(path, f"expected a date YYYY-MM-DD, found {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(path, f"expected a number, found {value!r}")
         if not _number(value):
             raise _fail(path, f"expected a finite number, found {value!r}")
         if kind == "int" and not isinstance(value, int):
