@@ -786,6 +786,41 @@ def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None
     ).found
 
 
+def test_a_release_planned_before_an_erasure_is_computed_on_the_rewritten_snapshot(ready: Deployment) -> None:
+    """An erasure rewrites the kept snapshots under new names and deletes the old files. A release
+    planned just before (a request in flight) used to be charged, then fail reading the deleted file.
+    It is computed on the rewritten snapshot instead: charged once, released, without the person."""
+    import polars as pl
+
+    from privseg.maintenance import erase_subject
+    from privseg.pseudonym import Pseudonymizer
+
+    snap = engine.latest(ready.store.conn)
+    assert snap is not None
+    before = pl.read_parquet(engine.snapshot_path(ready.store, snap))
+    raw = Pseudonymizer(ready.keyset, ready.ingest_policy.identity.type, 1).decrypt(
+        before.filter(pl.col("frequent_buyers")).get_column("pid")[0]
+    )
+    ctx = ready.release_context()
+    planned = release.plan(
+        ctx, release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"]), "growth_team"
+    )
+    erase_subject(store=ready.store, keyset=ready.keyset, policy=ready.ingest_policy, raw_id=raw)
+    assert not engine.snapshot_path(ready.store, planned.snapshot).exists()
+    out = release.release(ctx, planned)
+    assert not out["cached"] and out["snapshot"] == snap.id
+    assert spent(ready) == ledger.to_micro(0.5)
+    assert ready.store.conn.execute("SELECT status FROM releases").fetchall() == [("done",)]
+    # Its exact counts were the rewritten snapshot's: one member fewer.
+    after = engine.get(ready.store.conn, snap.id)
+    assert after is not None and after.file != snap.file
+    moved = release.plan(
+        ctx, release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"]), "growth_team"
+    )
+    assert moved.snapshot.file == after.file
+    assert sum(release_data.segment_counts(ctx, moved)) == before.get_column("frequent_buyers").sum() - 1
+
+
 def test_spend_measure_is_clipped_noisy_and_close_to_the_truth(ready_20k: Deployment) -> None:
     import polars as pl
 

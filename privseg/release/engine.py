@@ -10,9 +10,11 @@ attacks). A refused request is audited as a refusal.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +30,7 @@ from privseg.release import series
 from privseg.release.context import ReleaseContext
 from privseg.release.plan import ReleasePlan, Vector
 from privseg.release.registry import KINDS, NoiseFn, ReleaseRequest, for_request
-from privseg.segments import definitions
+from privseg.segments import definitions, engine
 
 PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this died mid-computation
 # Runs kinds' `ahead` work beside the charges of this process's releases (two cores: two at once).
@@ -224,6 +226,7 @@ def _release(
                 return hit, None
             if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
                 raise Conflict("an identical release is being computed; retry in a moment")
+            plan = _rewritten(conn, plan)  # under the lock: an erasure's rename is committed or not yet
             series_key = series.key(plan) if plan.series is not None else None
             if series_key is not None and series.started(conn, series_key):
                 release_id, charged = _continue(ctx, plan, key, series_key, now), 0.0
@@ -241,7 +244,7 @@ def _release(
     if kind.adaptive is not None:
         noisy = kind.adaptive(ctx, plan, _draw_once(plan))
     else:
-        exact = kind.exact(ctx, plan)
+        exact, plan = _exact(ctx, plan)
         noisy = {v.name: _noised(ctx, plan, v, exact[v.name], series_key) for v in plan.vectors}
     result = {"release_id": release_id, **plan.describe(), **kind.result(plan, noisy)}
     metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
@@ -250,6 +253,31 @@ def _release(
         conn.execute("UPDATE releases SET status = 'done', result = ? WHERE id = ?", (stored, release_id))
     answer = {**result, "cached": False, "charged_epsilon": charged}
     return _marked(stored, cached=False, charged=charged), answer
+
+
+def _rewritten(conn: sqlite3.Connection, plan: ReleasePlan) -> ReleasePlan:
+    """``plan`` on its snapshot's current file. An erasure or a key rotation rewrites a kept snapshot
+    under a new name and deletes the old file; the snapshot (its id, as_of, segments) is the same, so
+    the release is computed on what is there now (after an erasure: without the erased people)."""
+    current = engine.get(conn, plan.snapshot.id)
+    if current is None or current.file is None or current.file == plan.snapshot.file:
+        return plan
+    return dataclasses.replace(plan, snapshot=current)
+
+
+def _exact(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[dict[str, list[int]], ReleasePlan]:
+    """The kind's exact vectors, and the plan they were computed for: if the snapshot file was
+    rewritten after the charge (its old file is gone), again on the new file. Nothing is drawn yet,
+    so computing twice reveals nothing more."""
+    for _ in range(3):
+        try:
+            return KINDS[plan.kind].exact(ctx, plan), plan
+        except FileNotFoundError:
+            moved = _rewritten(ctx.store.conn, plan)
+            if moved is plan:
+                raise
+            plan = moved
+    return KINDS[plan.kind].exact(ctx, plan), plan
 
 
 def _settle(ahead: Future[None]) -> None:
