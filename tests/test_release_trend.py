@@ -294,6 +294,12 @@ def test_a_continual_trend_before_its_first_period_closes_is_refused(ready: Depl
     req = release.TrendRequest(segment="lapsed_customers", period="month", periods=3, start=date(2026, 6, 1))
     with pytest.raises(InvalidInput, match="had closed at the snapshot"):
         release.run(ready.release_context(), req, "growth_team")
+    # So is one that starts at the end of the calendar (its horizon raised OverflowError: a 500).
+    last = release.TrendRequest(
+        segment="lapsed_customers", period="quarter", periods=3660, start=date(9999, 12, 31)
+    )
+    with pytest.raises(InvalidInput, match="had closed at the snapshot"):
+        release.run(ready.release_context(), last, "growth_team")
 
 
 def test_a_series_is_bound_to_the_categories_it_is_charged_to() -> None:

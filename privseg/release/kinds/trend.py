@@ -184,7 +184,11 @@ def plan(ctx: ReleaseContext, req: TrendRequest, recipient: str) -> TrendPlan:
         starts, series = window(as_of, req.period, req.periods), None
         closed = len(starts) - 1
     else:
-        starts, closed = anchored(req.start, as_of, req.period, req.periods)
+        # A start after the snapshot has no closed period (and one near year 9999 has a horizon past
+        # what a date can hold: it raised OverflowError).
+        starts, closed = (
+            anchored(req.start, as_of, req.period, req.periods) if req.start <= as_of.date() else ([], 0)
+        )
         if closed == 0:
             raise InvalidInput(
                 f"start: no {req.period} of this trend had closed at the snapshot ({snap.as_of}); "
