@@ -127,6 +127,13 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def ledger_rows(conn: Any) -> int:
+    """Rows in a store's ledger. Every charged benchmark request adds one, and each fresh release sums
+    the rows of the budget period (twice), so fresh figures drift down as a benchmark store ages:
+    recorded beside them."""
+    return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+
 def large_budget_policies(tmp: Path) -> Path:
     """A copy of policies/ under ``tmp`` whose budgets no benchmark run exhausts (each run spends real
     budget on its store: with the shipped budgets, a few runs in one 30-day period use it all up)."""

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import box_cpu, large_budget_policies, print_table, write_results
+from benchmarks.common import box_cpu, large_budget_policies, ledger_rows, print_table, write_results
 from benchmarks.release import _prepare
 from benchmarks.segments import _bench_home
 
@@ -221,6 +221,7 @@ def main() -> None:
         if engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash):
             engine.compute_snapshot(store=dep.store, compiler=dep.compiler(), keyset=dep.keyset)
         token = apikeys.create(dep.store.conn, dep.keyset, role="marketer", name="growth_team")[1]
+        ledger_at_start = ledger_rows(dep.store.conn)
         # Random 10-segment sets, never repeated in a run: a "fresh" request must not hit the cache that
         # an earlier run left in the same store (the benchmark also counts any cached reply as an error).
         rng = random.Random(time.time_ns())
@@ -383,11 +384,13 @@ def main() -> None:
         )
         cpu_ms = 1000 * statistics.median(inproc_fresh_cpu)
         print(f"in-process fresh report: {cpu_ms:.1f} ms of CPU (median, all threads)")
+        print(f"the store's ledger held {ledger_at_start:,} rows at the start")
         summary = {
             "customers": args.customers,
             "workers": args.workers or 1,
             "results": results,
             "inprocess_fresh_cpu_ms": cpu_ms,
+            "ledger_rows_at_start": ledger_at_start,
         }
         print(f"results: {write_results('server', summary)}")
 
