@@ -406,6 +406,35 @@ def test_identical_requests_are_cached_and_free(ready: Deployment) -> None:
     assert json.loads(stored) == {k: v for k, v in answer.items() if k not in ("cached", "charged_epsilon")}
 
 
+def test_a_cohort_report_of_the_same_segments_in_another_order_is_the_same_release(ready: Deployment) -> None:
+    """A cohort report's segments are a set: listing them in another order (a console form, a script
+    that builds the list from a dict) asks for the same numbers, which are served from the cache, not
+    charged again. Order still matters where it means something (A/B roles, movement stages)."""
+    first = report(ready, ["frequent_buyers", "cart_abandoners_7d"], ["age_band"])
+    dry = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"], dry_run=True)
+    assert dry["cached"] and dry["would_charge_epsilon"] == 0
+    again = report(ready, ["cart_abandoners_7d", "frequent_buyers"], ["age_band"])
+    assert again["cached"] and again["release_id"] == first["release_id"]
+    assert spent(ready) == ledger.to_micro(0.5)
+    # Another breakdown order is another table (its cells transposed): a new release.
+    report(ready, ["frequent_buyers"], ["age_band", "region"])
+    assert not report(ready, ["frequent_buyers"], ["region", "age_band"])["cached"]
+    # A release stored before segment sets were keyed sorted (under the key of the segments as listed)
+    # is still the cached answer to the same request.
+    from privseg.release.engine import _key
+
+    req = release.CohortReportRequest(segments=["lapsed_customers", "discount_seekers"], breakdown=["region"])
+    plan = release.plan(ready.release_context(), req, "growth_team")
+    old = release.run(ready.release_context(), req, "growth_team")
+    ready.store.conn.execute(
+        "UPDATE releases SET cache_key = ? WHERE id = ?", (_key(plan, plan.segments), old["release_id"])
+    )
+    ready.store.conn.commit()
+    before = spent(ready)
+    repeat = release.run(ready.release_context(), req, "growth_team")
+    assert repeat["cached"] and repeat["release_id"] == old["release_id"] and spent(ready) == before
+
+
 def test_dry_run_states_cost_and_accuracy_and_spends_nothing(ready: Deployment) -> None:
     out = report(ready, ["hearing_aid_interest_55plus"], ["region"], dry_run=True)
     assert out["dry_run"] and out["would_charge_epsilon"] == 0.25 and out["remaining_epsilon"] == 2.0

@@ -37,7 +37,8 @@ PENDING_TIMEOUT = timedelta(minutes=10)  # a pending release older than this die
 _AHEAD = ThreadPoolExecutor(2, thread_name_prefix="privseg-ahead")
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_LOOKUP = "SELECT id, status, result, at FROM releases WHERE cache_key = ? ORDER BY id DESC LIMIT 1"
+# By either of a release's keys (see _keys).
+_LOOKUP = "SELECT id, status, result, at FROM releases WHERE cache_key IN (?, ?) ORDER BY id DESC LIMIT 1"
 
 
 def plan(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> ReleasePlan:
@@ -82,7 +83,7 @@ def cached_text(ctx: ReleaseContext, plan: ReleasePlan) -> str | None:
     """The stored release for ``plan`` as JSON text, marked cached (None: not released yet). The same
     text ``json.dumps`` gives for :func:`release`'s cached answer: the stored object with ``cached``
     and ``charged_epsilon`` appended (the stored result has neither key)."""
-    return _cached_text(ctx.store.conn.execute(_LOOKUP, (cache_key(plan),)).fetchone(), plan)
+    return _cached_text(ctx.store.conn.execute(_LOOKUP, _keys(plan)).fetchone(), plan)
 
 
 def _planned(ctx: ReleaseContext, req: ReleaseRequest, recipient: str, then: Callable[[ReleasePlan], T]) -> T:
@@ -101,10 +102,22 @@ def _planned(ctx: ReleaseContext, req: ReleaseRequest, recipient: str, then: Cal
 
 
 def cache_key(plan: ReleasePlan) -> str:
+    """What makes two requests the same release. A kind whose segments are a set keys them sorted."""
+    kind = KINDS.get(plan.kind)
+    return _key(plan, sorted(plan.segments) if kind is not None and kind.unordered else plan.segments)
+
+
+def _keys(plan: ReleasePlan) -> tuple[str, str]:
+    """The release's key, and the key a release stored before segment sets were keyed sorted has (the
+    segments as listed): the same request made before and after that change is still one release."""
+    return cache_key(plan), _key(plan, plan.segments)
+
+
+def _key(plan: ReleasePlan, segments: list[str]) -> str:
     doc = {
         "kind": plan.kind,
         "recipient": plan.recipient,
-        "segments": plan.segments,
+        "segments": segments,
         "breakdown": plan.breakdown,
         "snapshot": plan.snapshot.id,
         "policy": plan.policy_hash,
@@ -210,10 +223,11 @@ def _release(
     now = now or datetime.now(UTC)
     kind = KINDS[plan.kind]
     conn = ctx.store.conn
-    key = cache_key(plan)
+    keys = _keys(plan)
+    key = keys[0]
     # A cached release is served with a plain read: no write lock, so cache hits never queue behind
     # charges. (Checked again under the lock below, where it decides.)
-    if (hit := _cached_text(conn.execute(_LOOKUP, (key,)).fetchone(), plan)) is not None:
+    if (hit := _cached_text(conn.execute(_LOOKUP, keys).fetchone(), plan)) is not None:
         return hit, None
     for vector in plan.vectors:
         vector.prepare()
@@ -221,7 +235,7 @@ def _release(
     ahead = _AHEAD.submit(kind.ahead, ctx, plan) if kind.ahead is not None else None
     try:
         with transaction(conn):
-            row = conn.execute(_LOOKUP, (key,)).fetchone()
+            row = conn.execute(_LOOKUP, keys).fetchone()
             if (hit := _cached_text(row, plan)) is not None:
                 return hit, None
             if row is not None and datetime.fromisoformat(row[3]) > now - PENDING_TIMEOUT:
@@ -347,7 +361,7 @@ def dry_run(ctx: ReleaseContext, plan: ReleasePlan, *, now: datetime | None = No
     """What the release would cost and how accurate it would be; spends nothing."""
     now = now or datetime.now(UTC)
     cached = ctx.store.conn.execute(
-        "SELECT 1 FROM releases WHERE cache_key = ? AND status = 'done'", (cache_key(plan),)
+        "SELECT 1 FROM releases WHERE cache_key IN (?, ?) AND status = 'done'", _keys(plan)
     ).fetchone()
     # A later release of a series already charged is free, like a cached one.
     free = cached is not None or (

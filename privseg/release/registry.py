@@ -54,6 +54,9 @@ class ReleaseKind(Generic[Req, Plan]):
     # thread of its own): it must not touch the database (the request's connection is in the charge's
     # transaction) and leaves its results in memory only. None: nothing to start ahead.
     ahead: Callable[[ReleaseContext, Plan], None] | None = None
+    # Its segments are a set (each reported on its own): the same ones listed in another order are the
+    # same release, served from the cache instead of charged again.
+    unordered: bool = False
 
 
 KINDS: dict[str, ReleaseKind[Any, Any]] = {}

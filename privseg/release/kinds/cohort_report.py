@@ -225,5 +225,6 @@ KIND = register(
         result=result,
         text=text,
         ahead=lambda ctx, plan: data.count_ahead(ctx, plan) if plan.spend is None else None,
+        unordered=True,
     )
 )
