@@ -49,7 +49,7 @@ def box_load(
     (box0, cpu0, t0), (box1, cpu1, t1) = before, after
     if box0 is None or box1 is None:
         return {}
-    capacity = (t1 - t0) * _cpus()
+    capacity = (t1 - t0) * cpus()
     others = max(box1[0] - box0[0] - (cpu1 - cpu0), 0.0)
     steal = box1[1] - box0[1]
     return {
@@ -65,11 +65,12 @@ def box_cpu() -> tuple[float, float, float] | None:
     if fields is None:
         return None
     hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq) / hz, steal / hz, sum(fields[:8]) / hz
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / hz, steal / hz, sum(fields) / hz
 
 
 def _cpu_line() -> list[int] | None:
+    """The first eight counters of /proc/stat's aggregate line (user .. steal), in clock ticks."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
@@ -118,12 +119,12 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS / f"{name}-{stamp}.json"
-    payload = {"machine": {"python": platform.python_version(), "cpus": _cpus()}, **payload}
+    payload = {"machine": {"python": platform.python_version(), "cpus": cpus()}, **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path
 
 
-def _cpus() -> int:
+def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import print_table, write_results
+from benchmarks.common import cpus, print_table, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULT_LINE = re.compile(r"^results: (\S+\.json)\s*$", re.MULTILINE)
@@ -42,7 +41,7 @@ def plan(customers: int) -> dict[str, list[str]]:
         "release": ["--customers", n],
         "server": ["--customers", n],
         # The figures issue 12's server bars are judged by: one worker per core.
-        "server_workers": ["--customers", n, "--workers", str(len(os.sched_getaffinity(0)))],
+        "server_workers": ["--customers", n, "--workers", str(cpus())],
         "scale": ["--customers", n],
         "trends": ["--customers", str(min(customers, 20_000))],
         "intake": ["--batches", str(max(100, min(customers // 100, 10_000)))],

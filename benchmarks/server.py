@@ -352,10 +352,7 @@ def main() -> None:
                             r["errors"],
                             "-",
                             "-",
-                            f"{r['box_busy_pct']:.0f} ({r['box_steal_pct']:.0f})"
-                            if "box_busy_pct" in r
-                            else "?",
-                            f"{r['box_cpu_ms_per_request']:.2f}" if "box_busy_pct" in r else "?",
+                            *_load_cells(r),
                         ]
                     )
             else:

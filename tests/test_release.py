@@ -125,10 +125,6 @@ def test_a_spend_report_past_21_million_dollars_in_one_cell_is_released(tmp_path
     """End to end: a brand whose policy clips spend at $1M a person, 150 frequent buyers at the clip:
     one cell of $150M (1.5e10 cents). Before spend was noised as 64-bit integers this request was
     charged, then failed inside OpenDP, and the release stayed pending."""
-    import shutil
-
-    import yaml
-
     from privseg.keyset import create_keyset
     from tests.conftest import (
         EVENT_HEADER,
@@ -138,13 +134,10 @@ def test_a_spend_report_past_21_million_dollars_in_one_cell_is_released(tmp_path
         profile_row,
         write_csv,
     )
+    from tests.test_policy import _copy, _edit
 
-    policies = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", policies)
-    general = policies / "categories" / "general.yaml"
-    doc = yaml.safe_load(general.read_text())
-    doc["value_clip"] = 1_000_000.0
-    general.write_text(yaml.safe_dump(doc))
+    policies = _copy(tmp_path)
+    _edit(policies, "general", "value_clip", 1_000_000.0)
     settings = make_settings(tmp_path).model_copy(update={"policy_dir": policies})
     create_keyset(settings.keyset, "test")
     dep = Deployment(settings)

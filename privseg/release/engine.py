@@ -283,15 +283,15 @@ def _exact(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[dict[str, list[int]]
     """The kind's exact vectors, and the plan they were computed for: if the snapshot file was
     rewritten after the charge (its old file is gone), again on the new file. Nothing is drawn yet,
     so computing twice reveals nothing more."""
-    for _ in range(3):
+    for attempt in range(4):
         try:
             return KINDS[plan.kind].exact(ctx, plan), plan
         except FileNotFoundError:
             moved = _rewritten(ctx.store.conn, plan)
-            if moved is plan:
+            if moved is plan or attempt == 3:
                 raise
             plan = moved
-    return KINDS[plan.kind].exact(ctx, plan), plan
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _settle(ahead: Future[None]) -> None:

@@ -112,9 +112,8 @@ def result(plan: ReleasePlan, noisy: Noisy) -> dict[str, Any]:
     }
     if min(nt, nc) < floor:
         return {**base, "suppressed": True, "note": f"an arm's noisy size is below {floor}; nothing is shown"}
-    m = plan.counts.measurement()
-    zeros = np.zeros(4 * DRAWS, dtype=np.int64)  # as an array: OpenDP copies it once, a list value by value
-    noise = np.array(m(zeros), dtype=float).reshape(DRAWS, 4)  # independent coordinates
+    # The counts' own measurement (built once per thread), on zeros: draws of the noise alone.
+    noise = np.asarray(plan.counts.noise([0] * (4 * DRAWS)), dtype=np.float64).reshape(DRAWS, 4)
     est = np.array([nt, nc, ct, cc], dtype=float) - noise  # plausible true counts given the noisy ones
     n_t, n_c = np.maximum(est[:, 0], 1), np.maximum(est[:, 1], 1)
     r_t, r_c = np.clip(est[:, 2] / n_t, 0, 1), np.clip(est[:, 3] / n_c, 0, 1)

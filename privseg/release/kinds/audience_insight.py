@@ -144,11 +144,9 @@ def result(plan: ReleasePlan, noisy: Noisy) -> dict[str, Any]:
     subtracted from the noisy counts to give plausible true counts, and the index recomputed."""
     n, floor = len(plan.keys), plan.policy.min_cohort_size
     counts = np.array(noisy["counts"], dtype=float)
-    measurement = plan.counts.measurement()
     # One call for every draw: the noise on each coordinate is independent, so a long zero vector
     # is DRAWS draws of the 2n-vector.
-    zeros = np.zeros(2 * n * DRAWS, dtype=np.int64)  # an array: OpenDP copies it once, a list value by value
-    draws = np.array(measurement(zeros), dtype=float).reshape(DRAWS, 2 * n)
+    draws = np.asarray(plan.counts.noise([0] * (2 * n * DRAWS)), dtype=np.float64).reshape(DRAWS, 2 * n)
     plausible = np.maximum(counts[None, :] - draws, 0.0)
     out = []
     for attribute in plan.breakdown:
