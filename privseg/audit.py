@@ -169,13 +169,40 @@ def check_ledger(conn: sqlite3.Connection) -> str | None:
     return None
 
 
+def check_day_totals(conn: sqlite3.Connection) -> str | None:
+    """Why the ledger's day totals (what budget sums read, privseg/ledger.py) disagree with its charges
+    (None: they agree)."""
+    day = "substr(at, 1, 10)"
+    charged = {
+        (str(c), str(r), str(d), str(o)): (int(e), int(n))
+        for c, r, d, o, e, n in conn.execute(
+            f"SELECT category, recipient, {day}, objectives, SUM(epsilon_micro), COUNT(*) FROM ledger "
+            f"GROUP BY category, recipient, {day}, objectives"
+        )
+    }
+    kept = {
+        (str(c), str(r), str(d), str(o)): (int(e), int(n))
+        for c, r, d, o, e, n in conn.execute(
+            "SELECT category, recipient, day, objectives, epsilon_micro, charges FROM ledger_days"
+        )
+    }
+    for key in sorted(charged.keys() | kept.keys()):
+        if charged.get(key) != kept.get(key):
+            return (
+                f"the ledger's total for {key[0]!r}, recipient {key[1]!r} on {key[2]} differs from its "
+                "charges (budget sums read the totals: edited outside privseg?)"
+            )
+    return None
+
+
 def verify_all(conn: sqlite3.Connection, keyset: Keyset, anchors: Sequence[Any] = ()) -> VerifyResult:
-    """The chain, then the ledger against the audited charges and each anchor kept outside (every
-    problem found is named)."""
+    """The chain, then the ledger against the audited charges and its day totals, and each anchor
+    kept outside (every problem found is named)."""
     result = verify(conn, keyset)
     if not result.ok:
         return result
-    problems = [p for p in (check_ledger(conn), *(check_anchor(conn, keyset, h) for h in anchors)) if p]
+    checks = (check_ledger(conn), check_day_totals(conn))
+    problems = [p for p in (*checks, *(check_anchor(conn, keyset, h) for h in anchors)) if p]
     return result if not problems else VerifyResult(False, result.entries, None, "; ".join(problems))
 
 

@@ -205,6 +205,40 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ledger_spend ON ledger (category, at, epsilon_micro);
     CREATE INDEX ledger_spend_by_recipient ON ledger (category, recipient, at, epsilon_micro, objectives);
     """,
+    """
+    -- What each recipient spent on each category, per UTC day (the first ten characters of `at`) and
+    -- set of objectives: a budget sum reads the period's days here and, from the ledger, only the
+    -- charges of the day the period starts in. Summing every charge of the period under the write
+    -- lock took 3.3 ms at 32,000 charges, a third of a fresh release, and grew with every charge.
+    -- Kept by a trigger in the transaction of each charge; like the ledger, it only grows.
+    CREATE TABLE ledger_days (
+        category TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        day TEXT NOT NULL,
+        objectives TEXT NOT NULL,
+        epsilon_micro INTEGER NOT NULL,
+        charges INTEGER NOT NULL,
+        PRIMARY KEY (category, recipient, day, objectives)
+    ) WITHOUT ROWID;
+    CREATE INDEX ledger_days_by_category ON ledger_days (category, day, epsilon_micro, charges);
+    INSERT INTO ledger_days (category, recipient, day, objectives, epsilon_micro, charges)
+        SELECT category, recipient, substr(at, 1, 10), objectives, SUM(epsilon_micro), COUNT(*)
+        FROM ledger GROUP BY category, recipient, substr(at, 1, 10), objectives;
+    CREATE TRIGGER ledger_days_add AFTER INSERT ON ledger
+    BEGIN
+        INSERT INTO ledger_days (category, recipient, day, objectives, epsilon_micro, charges)
+        VALUES (new.category, new.recipient, substr(new.at, 1, 10), new.objectives, new.epsilon_micro, 1)
+        ON CONFLICT (category, recipient, day, objectives) DO UPDATE
+        SET epsilon_micro = epsilon_micro + excluded.epsilon_micro, charges = charges + 1;
+    END;
+    CREATE TRIGGER ledger_days_no_delete BEFORE DELETE ON ledger_days
+        BEGIN SELECT RAISE(ABORT, 'the ledger''s day totals only grow'); END;
+    CREATE TRIGGER ledger_days_only_grow BEFORE UPDATE ON ledger_days
+        WHEN new.charges != old.charges + 1 OR new.epsilon_micro <= old.epsilon_micro
+            OR new.category != old.category OR new.recipient != old.recipient
+            OR new.day != old.day OR new.objectives != old.objectives
+        BEGIN SELECT RAISE(ABORT, 'the ledger''s day totals only grow'); END;
+    """,
 )
 
 

@@ -35,17 +35,31 @@ def spent_micro(
     recipient: str | None = None,
     objective: Objective | None = None,
 ) -> int:
-    query = "SELECT COALESCE(SUM(epsilon_micro), 0) FROM ledger WHERE category = ? AND at >= ?"
-    args: list[object] = [category, since.isoformat()]
+    """What was charged to ``category`` at or after ``since`` (by ``recipient``, for ``objective``).
+
+    The day totals (``ledger_days``) hold every day after the one ``since`` falls in; the ledger itself
+    only that day's charges from ``since`` on. The sum is the same as over every charge of the period
+    (``at`` is compared as text, as it is stored: the day is its first ten characters)."""
+    since_at = since.isoformat()
+    day = since_at[:10]
+    # Every `at` of that day is below day + "U" ("...T..." < "...U"), every later one above it.
+    filters, args = "", []
     if recipient is not None:
-        query += " AND recipient = ?"
+        filters += " AND recipient = ?"
         args.append(recipient)
     if objective is not None:
         # A release over segments of both objectives is recorded as "brand,performance" and counts
         # against both.
-        query += " AND instr(',' || objectives || ',', ?) > 0"
+        filters += " AND instr(',' || objectives || ',', ?) > 0"
         args.append(f",{objective},")
-    return int(conn.execute(query, args).fetchone()[0])
+    query = (
+        "SELECT (SELECT COALESCE(SUM(epsilon_micro), 0) FROM ledger_days WHERE category = ? AND day > ?"
+        f"{filters}) + (SELECT COALESCE(SUM(epsilon_micro), 0) FROM ledger WHERE category = ? AND at >= ? "
+        f"AND at < ?{filters})"
+    )
+    return int(
+        conn.execute(query, [category, day, *args, category, since_at, day + "U", *args]).fetchone()[0]
+    )
 
 
 @dataclass(frozen=True)
@@ -147,10 +161,13 @@ def status(conn: sqlite3.Connection, categories: CategorySet, now: datetime) -> 
     out: list[dict[str, object]] = []
     for name, policy in sorted(categories.categories.items()):
         since = now - timedelta(days=policy.budget.period_days)
-        rows = conn.execute(
-            "SELECT recipient, SUM(epsilon_micro), COUNT(*) FROM ledger WHERE category = ? AND at >= ? "
-            "GROUP BY recipient ORDER BY recipient",
-            (name, since.isoformat()),
+        since_at = since.isoformat()
+        rows = conn.execute(  # as spent_micro: the days after since's, then that day's charges
+            "SELECT recipient, SUM(spent), SUM(charges) FROM ("
+            "SELECT recipient, epsilon_micro AS spent, charges FROM ledger_days "
+            "WHERE category = ? AND day > ? UNION ALL SELECT recipient, epsilon_micro, 1 FROM ledger "
+            "WHERE category = ? AND at >= ? AND at < ?) GROUP BY recipient ORDER BY recipient",
+            (name, since_at[:10], name, since_at, since_at[:10] + "U"),
         ).fetchall()
         total = sum(int(r[1]) for r in rows)
         out.append(

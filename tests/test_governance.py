@@ -528,6 +528,17 @@ def test_a_deleted_ledger_charge_is_found(ready: Deployment) -> None:
     assert not result.ok and "audited but missing from the ledger" in (result.problem or "")
 
 
+def test_a_lowered_day_total_is_found(ready: Deployment) -> None:
+    # Budget sums read the day totals: lowering one would let a recipient spend past its budget.
+    release.run(
+        ready.release_context(), release.CohortReportRequest(segments=["frequent_buyers"]), "growth_team"
+    )
+    _cut(ready, "DELETE FROM ledger_days", "ledger_days_no_delete")
+    result = audit.verify_all(ready.store.conn, ready.keyset)
+    assert not result.ok and "'general', recipient 'growth_team'" in (result.problem or "")
+    assert "differs from its charges" in (result.problem or "")
+
+
 def test_a_forged_or_foreign_anchor_is_refused(ready: Deployment) -> None:
     head = audit.anchor(ready.store.conn, ready.keyset)
     forged = {**head, "entries": head["entries"] - 1}
@@ -805,8 +816,9 @@ def test_changing_a_trait_cannot_taint_the_general_segments_that_use_it(ready: D
 
 
 def test_budget_sums_read_an_index_alone(dep: Deployment) -> None:
-    # Every charge sums the period's charges (the recipient's, everyone's, each objective's) under the
-    # write lock: read from a covering index, their cost stays a fraction of reading the table's rows.
+    # Every charge sums the period's spend (the recipient's, everyone's, each objective's) under the
+    # write lock: the charges of the period's first day are read from a covering index, never the
+    # table (the later days come from the day totals: tests/test_ledger.py).
     general = dep.categories.categories["general"]
     budget = general.budget.model_copy(update={"objectives": {"brand": 0.2, "performance": 0.8}})
     split = general.model_copy(update={"budget": budget})
