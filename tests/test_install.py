@@ -109,3 +109,32 @@ def test_dependencies_point_one_way() -> None:
         if _is(d, ("privseg.api",))
     )
     assert console_on_api == []
+
+
+def test_polars_runs_with_the_allocator_setting_privseg_gives_it() -> None:
+    # privseg/__init__.py sets jemalloc's options before Polars loads (an ingest spent half its system
+    # time faulting memory back in under Polars' own). stats_print, added after privseg set them, makes
+    # jemalloc print the options it runs with when the process ends.
+    import os
+    import subprocess
+    import sys
+
+    def options(code: str, env: dict[str, str]) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        return run.stderr
+
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    printed = options(
+        "import os, privseg; os.environ['_RJEM_MALLOC_CONF'] += ',stats_print:true'; "
+        "import polars as pl; pl.Series(range(10)).sum()",
+        env,
+    )
+    assert "opt.dirty_decay_ms: 10000 " in printed and "opt.muzzy_decay_ms: 0 " in printed
+    # An operator's own setting is left alone.
+    printed = options(
+        "import privseg, polars as pl; pl.Series(range(10)).sum()",
+        {**env, "_RJEM_MALLOC_CONF": "dirty_decay_ms:2000,stats_print:true"},
+    )
+    assert "opt.dirty_decay_ms: 2000 " in printed and "opt.muzzy_decay_ms: 0 " not in printed
