@@ -54,8 +54,9 @@ def audit_verify(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the audit log's HMAC chain, the ledger against the audited charges, and the anchors;
-    names the first problem. Exit code 1 if anything was tampered with."""
+    """Check the audit log's HMAC chain, the ledger against the audited charges, the ledger's day
+    totals against its charges, and the anchors; names the first problem. Exit code 1 if anything was
+    tampered with."""
     from privseg import audit
 
     dep = _deployment()

@@ -65,7 +65,7 @@ def audit_log(
 
 @router.get("/audit/verify")
 def audit_verify(dep: DepDep, _who: Compliance) -> Verification:
-    """The HMAC chain, and the ledger against the audited charges."""
+    """The HMAC chain, the ledger against the audited charges and its day totals against its charges."""
     return Verification.model_validate(asdict(audit.verify_all(dep.store.conn, dep.keyset)))
 
 
