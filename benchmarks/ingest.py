@@ -5,8 +5,8 @@
 Phases run in separate processes (peak memory per phase); plain and privseg run --repeat times,
 alternated, and the ratio is the median of the pairs' ratios. In the same run it measures:
   plain   Polars read_csv + write_parquet of the same files (the floor any ingest pays);
-  plain with privseg's allocator setting: the same, with the jemalloc options privseg gives Polars
-          (privseg/__init__.py), so that what the setting buys both sides is told apart;
+  plain_tuned  the same, with the jemalloc options privseg gives Polars (privseg/__init__.py), so
+          that what the setting buys each side is told apart;
   naive   a per-row AESSIV.encrypt loop over every identifier cell (no dictionary, no normalization);
   privseg the full ingest: validate, generalize, pseudonymize, write, fsync, commit, audit.
 Each run also records how much CPU the rest of the box used meanwhile (other processes, hypervisor

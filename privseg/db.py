@@ -209,7 +209,8 @@ _MIGRATIONS: tuple[str, ...] = (
     -- What each recipient spent on each category, per UTC day (the first ten characters of `at`) and
     -- set of objectives: a budget sum reads the period's days here and, from the ledger, only the
     -- charges of the day the period starts in. Summing every charge of the period under the write
-    -- lock took 3.3 ms at 32,000 charges, a third of a fresh release, and grew with every charge.
+    -- lock took 3.3 ms a sum at 32,000 charges (two a charge: a third of a fresh release) and grew
+    -- with every charge.
     -- Kept by a trigger in the transaction of each charge; like the ledger, it only grows.
     CREATE TABLE ledger_days (
         category TEXT NOT NULL,
