@@ -89,6 +89,21 @@ def test_identifiers_of_one_length_give_the_stock_pseudonyms(tmp_path, width: in
     assert batched.equals(pz._seal_many([s.encode() for s in ids]))
 
 
+@pytest.mark.parametrize("count", [1, 6, 7, 8, 14, 15, 100])
+def test_identifiers_sealed_in_chunks_give_the_stock_pseudonyms(tmp_path, monkeypatch, count: int) -> None:  # type: ignore[no-untyped-def]
+    # Each padded size is sealed SEAL_CHUNK identifiers at a time: a small chunk puts boundaries
+    # (exact multiples, one over, one under) inside groups of two sizes.
+    from privseg import pseudonym
+
+    monkeypatch.setattr(pseudonym, "SEAL_CHUNK", 7)
+    pz = _pseudonymizer(tmp_path)
+    ids = [f"{i}@example.com" if i % 3 else f"{i}.{'y' * 20}@example.com" for i in range(count)]
+    batched, keys = pz._seal_batched(pl.Series(ids))
+    stock = pz._seal_many([s.encode() for s in ids])
+    assert batched.equals(stock)
+    assert keys.equals(stock.to_frame("pid").select(shards.key_expr()).to_series(), check_names=False)
+
+
 LENGTH_CLASSES = st.one_of(
     st.text(min_size=1, max_size=1),
     st.text(min_size=15, max_size=17),
