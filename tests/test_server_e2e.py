@@ -171,6 +171,10 @@ def test_concurrent_reports_never_overspend(server: tuple[str, dict[str, str], S
     # The e2e test already spent 0.5; the budget is 10: never more, and these requests filled it.
     assert growth["spent"] <= 10.0 and growth["spent"] == pytest.approx(0.5 + charged)
     assert growth["spent"] == pytest.approx(10.0)
+    # Every charge the two workers made is audited, and in the day total the budget sums read.
+    with httpx2.Client(base_url=base, timeout=30) as c:
+        verified = c.get("/v1/audit/verify", headers=_h(tokens, "compliance")).json()
+    assert verified["ok"], verified
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(tmp_path: Path) -> None:
