@@ -129,9 +129,10 @@ def cpus() -> int:
 
 
 def ledger_rows(conn: Any) -> int:
-    """Rows in a store's ledger. Every charged benchmark request adds one, and each fresh release sums
-    the rows of the budget period (twice), so fresh figures drift down as a benchmark store ages:
-    recorded beside them."""
+    """Rows in a store's ledger (every charged benchmark request adds one), recorded beside fresh
+    figures. Budget sums read a period's day totals and one day's rows since the ledger kept day
+    totals; before that they summed every row of the period, and fresh figures drifted down as a
+    benchmark store aged (25.1 ms of CPU a fresh report at 32,000 rows, 15.6 ms after)."""
     return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
 
 

@@ -123,7 +123,7 @@ class Parser:
                 raise _fail(path, f"expected a date YYYY-MM-DD, found {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(path, f"expected a number, found {value!r}")
-        if not _number(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise _fail(path, f"expected a finite number, found {value!r}")
         if kind == "int" and not isinstance(value, int):
             raise _fail(path, f"expected a whole number, found {value!r}")
