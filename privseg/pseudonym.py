@@ -217,10 +217,12 @@ class Pseudonymizer:
             self._batches[self.version] = BatchSIV(key, self._ad(self.version))
         siv, prefix = self._batches[self.version], f"k{self.version}.".encode()
         padded = (lengths // _BLOCK + 1) * _BLOCK
+        sizes = padded.unique().sort().to_list()
         parts, keys, positions = [], [], []
-        for size in padded.unique().sort().to_list():
-            where = (padded == size).arg_true()
-            group = values.gather(where)
+        for size in sizes:
+            # One padded size (customer numbers of one length): the group is the column, in order.
+            where = (padded == size).arg_true() if len(sizes) > 1 else pl.Series(dtype=pl.UInt32)
+            group = values.gather(where) if len(sizes) > 1 else values
             width = len(prefix) + -(-(_BLOCK + size) * 4 // 3)  # base64url of the SIV and ciphertext
             tokens = np.empty((len(group), width), dtype=np.uint8)
             tokens[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
@@ -233,6 +235,8 @@ class Pseudonymizer:
             parts.append(pl.Series(tokens.view(f"S{width}").ravel()).cast(pl.String))
             keys.append(pl.Series(shard_keys, dtype=KEY_DTYPE))
             positions.append(where)
+        if len(parts) == 1:
+            return parts[0], keys[0]
         order = pl.concat(positions).arg_sort()
         return pl.concat(parts).gather(order), pl.concat(keys).gather(order)
 
@@ -251,9 +255,9 @@ class Pseudonymizer:
         else:
             tokens = self._seal_many(distinct.cast(pl.Binary).to_list())
             keys = tokens.to_frame("pid").select(key_expr()).to_series()
-        return EncryptedColumn(
-            tokens.gather(codes).rename(normalized.name), distinct.len(), keys.gather(codes).rename(KEY)
-        )
+        if codes is not None:
+            tokens, keys = tokens.gather(codes), keys.gather(codes)
+        return EncryptedColumn(tokens.rename(normalized.name), distinct.len(), keys.rename(KEY))
 
     def encrypt_series(self, normalized: pl.Series) -> pl.Series:
         return self.encrypt_column(normalized).tokens
@@ -261,11 +265,12 @@ class Pseudonymizer:
     def decrypt_series(self, tokens: pl.Series) -> pl.Series:
         distinct, codes = self._distinct(tokens)
         plain = pl.Series([self.decrypt(v) for v in distinct.to_list()], dtype=pl.String)
-        return plain.gather(codes).rename(tokens.name)
+        return (plain if codes is None else plain.gather(codes)).rename(tokens.name)
 
     @staticmethod
-    def _distinct(values: pl.Series) -> tuple[pl.Series, pl.Series]:
-        """Distinct values and, per row, the index of its value among them.
+    def _distinct(values: pl.Series) -> tuple[pl.Series, pl.Series | None]:
+        """Distinct values and, per row, the index of its value among them; None instead of the
+        indexes when no value repeats (a profile file): the distinct values are then the rows, in order.
 
         Each run of equal values (an export grouped by person) is looked at once, and the runs' values
         are told apart by a 64-bit hash, checked against the values themselves: a collision (odds
@@ -277,10 +282,13 @@ class Pseudonymizer:
         # One chunk first: a CSV read gives hundreds, and every pass below reads them all.
         values = values.rechunk()
         starts = values.to_frame("v").select(pl.col("v").ne_missing(pl.col("v").shift(1)).fill_null(True))
-        heads = values.filter(starts.to_series())
+        every = bool(starts.to_series().all())
+        heads = values if every else values.filter(starts.to_series())
         distinct, head_codes = _by_hash(heads) or _by_sort(heads)
+        if every and head_codes is None:
+            return distinct, None
         run = starts.select(pl.first().cast(pl.UInt32).cum_sum() - 1).to_series().to_numpy()
-        return distinct, pl.Series(head_codes[run])
+        return distinct, pl.Series(run if head_codes is None else head_codes[run])
 
 
 def _hash(column: pl.Expr) -> pl.Expr:
@@ -295,11 +303,17 @@ def _firsts(values: pl.Series, codes: np.ndarray) -> pl.Series:
     return values.gather(first)
 
 
-def _by_hash(values: pl.Series) -> tuple[pl.Series, np.ndarray] | None:
-    """Distinct values and each row's code by a dense rank of 64-bit hashes; None when two different
-    values share a hash (every row is compared with its code's value)."""
+def _by_hash(values: pl.Series) -> tuple[pl.Series, np.ndarray | None] | None:
+    """Distinct values and each row's code by a dense rank of 64-bit hashes (None for the codes when
+    every value differs: each row is then its own code); None when two different values share a hash
+    (every row is compared with its code's value)."""
     frame = values.to_frame("v")
-    codes = frame.select(_hash(pl.col("v")).rank("dense").cast(pl.UInt32) - 1).to_series().to_numpy()
+    hashes = frame.select(_hash(pl.col("v"))).to_series()
+    if hashes.n_unique() == values.len():
+        # Equal values hash equally, so values whose hashes all differ all differ: nothing to rank or
+        # check (a profile file, or events grouped by person, whose runs are people).
+        return values, None
+    codes = hashes.to_frame().select(pl.first().rank("dense").cast(pl.UInt32) - 1).to_series().to_numpy()
     distinct = _firsts(values, codes)
     same = frame.select((pl.col("v") == distinct.gather(pl.Series(codes))).all()).item()
     return (distinct, codes) if same else None

@@ -157,6 +157,40 @@ def test_distinct_values_are_exact_in_any_row_order(order: str) -> None:
     assert distinct.gather(codes).to_list() == rows
 
 
+def test_a_column_without_repeats_is_its_own_distinct_values(keyset: Keyset) -> None:
+    # A profile file: no value repeats, so nothing is ranked or gathered back; every row still gets
+    # its own pseudonym and shard key, on the batched path (over BATCH_MIN) and the stock one.
+    p = Pseudonymizer(keyset, IdType.CUSTOMER_NUMBER)
+    for values in (
+        pl.Series("id", [*(f"C{i:05d}" for i in range(499, -1, -1)), "é" * 13]),
+        pl.Series("id", ["C2", "C1", "é" * 20]),
+    ):
+        distinct, codes = Pseudonymizer._distinct(values)
+        assert codes is None and distinct.to_list() == values.to_list()
+        column = p.encrypt_column(values)
+        assert column.distinct == values.len()
+        assert column.tokens.to_list() == [p.encrypt(v) for v in values]
+        read_back = column.tokens.to_frame("pid").select(shards.key_expr()).to_series()
+        assert column.shard_keys.to_list() == read_back.to_list()
+        assert p.decrypt_series(column.tokens).to_list() == values.to_list()
+
+
+def test_runs_of_different_people_are_coded_by_run() -> None:
+    # Events grouped by person whose runs are all different people: each run is its own code.
+    distinct, codes = Pseudonymizer._distinct(pl.Series(["b", "b", "a", "c", "c", "c"]))
+    assert distinct.to_list() == ["b", "a", "c"]
+    assert codes is not None and codes.to_list() == [0, 0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("rows", [["a", "b", "a"], ["a", "a", "b", "a"], ["x", "y", "x", "y"]])
+def test_a_person_who_comes_back_later_is_one_person(rows: list[str]) -> None:
+    # Every row (or run) looks new next to its neighbour, but a value repeats further on: the
+    # shortcut for columns without repeats must not take it for a second person.
+    distinct, codes = Pseudonymizer._distinct(pl.Series(rows))
+    assert distinct.n_unique() == distinct.len() == len(set(rows))
+    assert codes is not None and distinct.gather(codes).to_list() == rows
+
+
 def test_a_hash_collision_falls_back_to_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from privseg import pseudonym
 

@@ -85,8 +85,11 @@ def test_identifiers_of_one_length_give_the_stock_pseudonyms(tmp_path, width: in
     # All of one length (customer numbers): the padding is one reshape instead of a scatter.
     pz = _pseudonymizer(tmp_path)
     ids = [f"C{i:0{width - 1}d}" for i in range(5_000)]
-    batched, _keys = pz._seal_batched(pl.Series(ids))
-    assert batched.equals(pz._seal_many([s.encode() for s in ids]))
+    batched, keys = pz._seal_batched(pl.Series(ids))
+    stock = pz._seal_many([s.encode() for s in ids])
+    assert batched.equals(stock)
+    # One padded size is sealed in place, with no reordering: the keys are still each token's own.
+    assert keys.equals(stock.to_frame("pid").select(shards.key_expr()).to_series(), check_names=False)
 
 
 @pytest.mark.parametrize("count", [1, 6, 7, 8, 14, 15, 100])
