@@ -30,8 +30,9 @@ enable_features("contrib")
 
 ALPHA = 0.05  # intervals are 95%, two-sided
 UNKNOWN = "unknown"  # the cell of a person whose dimension value is missing
-# OpenDP's exact discrete Laplace sampler costs ~6 us a coordinate here (880 cells: 5.5 ms of CPU) and
-# releases the GIL: a long vector is drawn in two halves at once. Shorter vectors are not worth a thread.
+# OpenDP's exact discrete Laplace sampler costs 5-10 us a coordinate on the 2-core machines measured
+# (880 cells: 4.3-8.8 ms of CPU) and releases the GIL: a long vector is drawn in two halves at once.
+# Shorter vectors are not worth a thread.
 _NOISE_THREADS = 2
 _PARALLEL_FROM = 256
 _NOISE_POOL = ThreadPoolExecutor(_NOISE_THREADS, thread_name_prefix="privseg-noise")
