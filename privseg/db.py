@@ -240,6 +240,12 @@ _MIGRATIONS: tuple[str, ...] = (
             OR new.day != old.day OR new.objectives != old.objectives
         BEGIN SELECT RAISE(ABORT, 'the ledger''s day totals only grow'); END;
     """,
+    """
+    -- Content ids and sources are keyed BLAKE3 hashes of the bytes from here on (ingest/files.py). A
+    -- store that recorded content with the earlier HMAC-SHA256 ones keeps recognizing it: ingestion
+    -- computes both there.
+    INSERT INTO meta (key, value) SELECT 'legacy_content_ids', '1' WHERE EXISTS (SELECT 1 FROM contents);
+    """,
 )
 
 

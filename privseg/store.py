@@ -155,6 +155,12 @@ class Store:
             ).fetchall()
         return [batch_from_row(r) for r in rows]
 
+    @property
+    def legacy_content_ids(self) -> bool:
+        """Whether the store recorded content under the HMAC-SHA256 ids of earlier privseg versions
+        (set by the schema migration that introduced keyed BLAKE3 ids)."""
+        return get_meta(self.conn, "legacy_content_ids") == "1"
+
     def find_content(self, kind: Kind, content_id: str) -> int | None:
         """The batch id under which this content was first ingested, or None if it never was."""
         row = self.conn.execute(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,3 +250,17 @@ def running_server(
             proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it handled.
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def database_before(path: Path, marker: str) -> sqlite3.Connection:
+    """A database at ``path`` migrated up to, not including, the migration whose script contains
+    ``marker``: the schema an older privseg left, for upgrade tests."""
+    from privseg import db
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    upgrade = next(i for i, script in enumerate(db._MIGRATIONS) if marker in script)
+    for number, script in enumerate(db._MIGRATIONS[:upgrade], start=1):
+        for statement in db._statements(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+    return conn

@@ -189,24 +189,58 @@ def test_cli_mode_and_as_of(settings, tmp_path: Path) -> None:  # type: ignore[n
     assert bad.returncode == 2 and "--mode must be patch or replace" in bad.stderr
 
 
-def test_the_same_events_under_a_changed_policy_are_stored_again_without_duplicates(
-    dep: Deployment, tmp_path: Path
-) -> None:
+# -- re-ingestion: content ids, changed policies, and the HMAC-SHA256 ids of earlier versions ----------
+def _recorded_before_blake3(dep: Deployment, kind: str, path: Path, *, bytes_only: bool = False) -> None:
+    """Turn what this version recorded for ``path`` into what a privseg with HMAC-SHA256 content ids
+    recorded (its source and content id; ``bytes_only``: events keyed on their bytes alone, from
+    before the policy was part of an event file's id), and flag the store as its migration does."""
+    import hashlib
+    import hmac
+
+    from privseg.db import set_meta, transaction
+    from privseg.ingest.files import content_ids, policy_content_id
+
+    old = hmac.new(dep.keyset.derived_key("content-id"), kind.encode() + b"\n", hashlib.sha256)
+    old.update(path.read_bytes())
+    source = old.hexdigest()
+    cid = policy_content_id(dep.keyset, source, dep.ingest_policy) if kind == "events" else source
+    new, _ = content_ids(dep.keyset, kind, path)  # type: ignore[arg-type]
+    conn = dep.store.conn
+    with transaction(conn):
+        changed = conn.execute(
+            "UPDATE contents SET content_id = ?, source = ? WHERE kind = ? AND source = ?",
+            (source if bytes_only else cid, source, kind, new),
+        ).rowcount
+        conn.execute("UPDATE batches SET source = ? WHERE source = ?", (source, new))
+        set_meta(conn, "legacy_content_ids", "1")
+    assert changed == 1
+
+
+def _longer_retention(dep: Deployment, tmp_path: Path) -> Deployment:
     import shutil
 
     from tests.conftest import POLICIES
 
-    rows = [event_row("C1", ts="2024-03-01T10:00:00Z"), event_row("C2", ts="2026-05-01T10:00:00Z")]
-    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, rows)
-    (first,) = ingest(dep, "events", path)
-    assert first.rows == 1 and first.expired_events == 1  # 2024-03 is past 730 days before 2026-06
-    (again,) = ingest(dep, "events", path)
-    assert not again.stored  # same bytes, same policy: a no-op
     policies = tmp_path / "policies"
     shutil.copytree(POLICIES, policies)
     ingest_yaml = policies / "ingest.yaml"
     ingest_yaml.write_text(ingest_yaml.read_text().replace("retention_days: 730", "retention_days: 1000"))
-    longer = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+    return Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+
+
+@pytest.mark.parametrize("earlier_ids", [False, True], ids=["blake3", "recorded with HMAC-SHA256 ids"])
+def test_the_same_events_under_a_changed_policy_are_stored_again_without_duplicates(
+    dep: Deployment, tmp_path: Path, earlier_ids: bool
+) -> None:
+    rows = [event_row("C1", ts="2024-03-01T10:00:00Z"), event_row("C2", ts="2026-05-01T10:00:00Z")]
+    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, rows)
+    (first,) = ingest(dep, "events", path)
+    assert first.rows == 1 and first.expired_events == 1  # 2024-03 is past 730 days before 2026-06
+    if earlier_ids:
+        _recorded_before_blake3(dep, "events", path)
+    (again,) = ingest(dep, "events", path)
+    assert not again.stored  # same bytes, same policy: a no-op
+    longer = _longer_retention(dep, tmp_path)
     (second,) = ingest(longer, "events", path)
     assert second.stored and second.rows == 2 and second.replaced_batches == (first.batch_id,)
     events = longer.store.scan_events()
@@ -215,26 +249,76 @@ def test_the_same_events_under_a_changed_policy_are_stored_again_without_duplica
     longer.close()
 
 
+@pytest.mark.parametrize("earlier_ids", [False, True], ids=["blake3", "recorded with HMAC-SHA256 ids"])
 def test_a_file_stored_before_an_erasure_is_not_replayed_under_a_new_policy(
-    dep: Deployment, tmp_path: Path
+    dep: Deployment, tmp_path: Path, earlier_ids: bool
 ) -> None:
-    import shutil
-
-    from tests.conftest import POLICIES
-
     path = write_csv(tmp_path / "events.csv", EVENT_HEADER, [event_row("C1"), event_row("C2")])
     ingest(dep, "events", path)
+    if earlier_ids:
+        _recorded_before_blake3(dep, "events", path)
     maintenance.erase_subject(store=dep.store, keyset=dep.keyset, policy=dep.ingest_policy, raw_id="C1")
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    ingest_yaml = policies / "ingest.yaml"
-    ingest_yaml.write_text(ingest_yaml.read_text().replace("retention_days: 730", "retention_days: 1000"))
-    longer = Deployment(dep.settings.model_copy(update={"policy_dir": policies}))
+    longer = _longer_retention(dep, tmp_path)
     with pytest.raises(InvalidInput, match="could bring an erased person back"):
         ingest(longer, "events", path)
     events = longer.store.scan_events()
     assert events is not None and events.collect().height == 1
     longer.close()
+
+
+def test_content_ids_are_keyed_blake3_hashes(dep: Deployment, tmp_path: Path) -> None:
+    import hashlib
+
+    from blake3 import blake3
+
+    path = write_csv(tmp_path / "events.csv", EVENT_HEADER, [event_row("C1")])
+    ingest(dep, "events", path)
+    ((cid, source),) = dep.store.conn.execute("SELECT content_id, source FROM contents").fetchall()
+    assert source.startswith("b3:") and not dep.store.legacy_content_ids
+    data = path.read_bytes()
+    # Keyed: nobody without the keyset can tell from the database which file was ingested.
+    for digest in (
+        blake3(data).hexdigest(),
+        blake3(b"events\n" + data).hexdigest(),
+        hashlib.sha256(data).hexdigest(),
+    ):
+        assert digest not in (cid, source.removeprefix("b3:"))
+
+
+@pytest.mark.parametrize("kind", ["profiles", "events"])
+def test_content_recorded_with_the_earlier_ids_is_still_known(
+    dep: Deployment, tmp_path: Path, kind: str
+) -> None:
+    path = (
+        write_csv(tmp_path / "p.csv", PROFILE_HEADER, [profile_row("C1")])
+        if kind == "profiles"
+        else write_csv(tmp_path / "e.csv", EVENT_HEADER, [event_row("C1")])
+    )
+    (first,) = ingest(dep, kind, path)
+    _recorded_before_blake3(dep, kind, path)
+    (again,) = ingest(dep, kind, path)
+    assert not again.stored and again.batch_id == first.batch_id
+    # A new file in such a store is recorded under the current ids, and known again as well.
+    other = (
+        write_csv(tmp_path / "p2.csv", PROFILE_HEADER, [profile_row("C2")])
+        if kind == "profiles"
+        else write_csv(tmp_path / "e2.csv", EVENT_HEADER, [event_row("C2")])
+    )
+    (stored,) = ingest(dep, kind, other)
+    (repeat,) = ingest(dep, kind, other)
+    assert stored.stored and not repeat.stored
+    sources = [r[0] for r in dep.store.conn.execute("SELECT source FROM contents ORDER BY first_batch")]
+    assert not sources[0].startswith("b3:") and sources[1].startswith("b3:")
+
+
+def test_events_keyed_on_their_bytes_alone_by_an_earlier_version_are_still_known(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    path = write_csv(tmp_path / "e.csv", EVENT_HEADER, [event_row("C1")])
+    (first,) = ingest(dep, "events", path)
+    _recorded_before_blake3(dep, "events", path, bytes_only=True)
+    (again,) = ingest(dep, "events", path)
+    assert not again.stored and again.batch_id == first.batch_id
 
 
 # -- what real exports look like ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from privseg import audit, db, ledger
 from privseg.policy.categories import OBJECTIVES, read_categories
-from tests.conftest import AS_OF, POLICIES
+from tests.conftest import AS_OF, POLICIES, database_before
 
 RECIPIENTS = ("growth_team", "crm_team", "brand_team")
 OBJECTIVE_KEYS = ("", "brand", "performance", "brand,performance")
@@ -129,12 +129,7 @@ def test_status_counts_spend_and_charges_per_recipient_in_the_period(tmp_path: P
 
 def test_an_upgrade_totals_the_charges_already_in_the_ledger(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    upgrade = next(i for i, script in enumerate(db._MIGRATIONS) if "CREATE TABLE ledger_days" in script)
-    for number, script in enumerate(db._MIGRATIONS[:upgrade], start=1):
-        for statement in db._statements(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {number}")
+    conn = database_before(path, "CREATE TABLE ledger_days")
     charges = _charges(random.Random(11), 200)
     _record(conn, charges)
     conn.close()

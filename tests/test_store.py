@@ -407,3 +407,25 @@ def test_a_writer_polls_for_a_lock_another_process_holds(
     conn.execute("ROLLBACK")
     conn.close()
     other.close()
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_the_upgrade_to_blake3_content_ids_flags_a_store_that_recorded_content(
+    tmp_path: Path, recorded: bool
+) -> None:
+    # A store that recorded content under HMAC-SHA256 ids keeps computing them too (at a cost); a
+    # store that never did is spared it.
+    from privseg import db
+    from tests.conftest import database_before
+
+    path = tmp_path / "old.db"
+    conn = database_before(path, "legacy_content_ids")
+    if recorded:
+        conn.execute(
+            "INSERT INTO contents (kind, content_id, first_batch, ingested_at, source) "
+            "VALUES ('events', 'c0ffee', 1, '2026-01-01T00:00:00+00:00', 'c0ffee')"
+        )
+    conn.close()
+    migrated = db.connect(path)
+    assert (db.get_meta(migrated, "legacy_content_ids") == "1") is recorded
+    migrated.close()

@@ -17,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from blake3 import blake3
+
 from privseg import metrics
 from privseg.batches import Batch, Kind, NewBatch
 from privseg.errors import InvalidInput
@@ -41,13 +43,27 @@ def policy_content_id(keyset: Keyset, source: str, policy: IngestPolicy) -> str:
     ).hexdigest()
 
 
-def content_id(keyset: Keyset, kind: Kind, path: Path) -> str:
-    """Keyed hash of the file's bytes: detects re-ingestion without a guessable digest of raw data."""
-    mac = hmac.new(keyset.derived_key("content-id"), kind.encode() + b"\n", hashlib.sha256)
+CONTENT_PREFIX = "b3:"  # a content id or source that is a keyed BLAKE3 hash
+_READ_STEP = 1 << 22
+
+
+def content_ids(keyset: Keyset, kind: Kind, path: Path, *, legacy: bool = False) -> tuple[str, str | None]:
+    """Keyed hash of the file's bytes: detects re-ingestion without a guessable digest of raw data.
+
+    BLAKE3 in keyed mode (0.13 s of CPU per 700 MB where HMAC-SHA256 took 0.58 s, on a thread beside
+    the CSV parser that wants both cores). With ``legacy``, also the HMAC-SHA256 hash that privseg
+    recorded before, in the same read: a store holding such ids still knows the files it stored."""
+    head = kind.encode() + b"\n"
+    fast = blake3(head, key=keyset.derived_key("content-id/blake3"))
+    old = hmac.new(keyset.derived_key("content-id"), head, hashlib.sha256) if legacy else None
+    buf = bytearray(_READ_STEP)
+    view = memoryview(buf)
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            mac.update(chunk)
-    return mac.hexdigest()
+        while n := fh.readinto(buf):
+            fast.update(view[:n])
+            if old is not None:
+                old.update(view[:n])
+    return CONTENT_PREFIX + fast.hexdigest(), None if old is None else old.hexdigest()
 
 
 def ingest_files(
@@ -86,12 +102,15 @@ def ingest_files(
     staged: list[tuple[int, NewBatch]] = []  # (index into results, what to store)
     seen: set[str] = set()
     with store.writer_lock(), ThreadPoolExecutor(1, thread_name_prefix="privseg-content-id") as hasher:
+        legacy = store.legacy_content_ids
         for path in paths:
-            # The keyed hash of the bytes is computed on a thread while the file is read (hashlib
-            # releases the GIL): 0.5 s of a 10M-event file no longer comes first. Content already
-            # stored is then known only after the read, which is thrown away, and a read error on
-            # such content is not an error (a no-op, as it was when the hash came first).
-            hashing = hasher.submit(content_id, keyset, kind, path) if path.is_file() else None
+            # The keyed hash of the bytes is computed on a thread while the file is read (the hashes
+            # release the GIL): it no longer comes first. Content already stored is then known only
+            # after the read, which is thrown away, and a read error on such content is not an error
+            # (a no-op, as it was when the hash came first).
+            hashing = (
+                hasher.submit(content_ids, keyset, kind, path, legacy=legacy) if path.is_file() else None
+            )
             progress(f"{path.name}: reading")
             try:
                 raw = read_source(
@@ -104,19 +123,20 @@ def ingest_files(
             except Exception:
                 if hashing is None or hashing.exception() is not None:
                     raise
-                source, cid, existing = _identify(store, keyset, policy, kind, hashing)
+                sources, cid, existing = _identify(store, keyset, policy, kind, hashing)
                 if existing is None:
                     raise
                 raw = None
             else:
-                source, cid, existing = _identify(store, keyset, policy, kind, hashing)
+                sources, cid, existing = _identify(store, keyset, policy, kind, hashing)
             if raw is None or existing is not None or cid in seen:
                 del raw
                 results.append(IngestResult(kind, path.name, False, existing or 0, 0, 0))
                 continue
-            replaces = tuple(store.lineage(kind, source)) if kind == "events" and source else ()
+            source = sources[0] if sources else ""
+            replaces = tuple(b for s in sources for b in store.lineage(kind, s)) if kind == "events" else ()
             if replaces:
-                _refuse_replay_after_erasure(store, kind, source, path.name)
+                _refuse_replay_after_erasure(store, kind, sources, path.name)
             progress(f"{path.name}: validating and pseudonymizing {raw.height:,} rows")
             df, result = transform(
                 raw,
@@ -167,26 +187,39 @@ def _stored(
 
 
 def _identify(
-    store: Store, keyset: Keyset, policy: IngestPolicy, kind: Kind, hashing: Future[str] | None
-) -> tuple[str, str, int | None]:
-    """A file's source id (keyed hash of its bytes, from ``hashing``; None: not a regular file), its
-    content id, and the batch that already stored that content (None: new)."""
-    source = hashing.result() if hashing is not None else ""
+    store: Store,
+    keyset: Keyset,
+    policy: IngestPolicy,
+    kind: Kind,
+    hashing: Future[tuple[str, str | None]] | None,
+) -> tuple[tuple[str, ...], str, int | None]:
+    """A file's source ids (keyed hashes of its bytes, from ``hashing``: the current one first, then
+    the HMAC-SHA256 one where the store holds such; none when it is not a regular file), its content
+    id, and the batch that already stored that content (None: new)."""
+    source, legacy = hashing.result() if hashing is not None else ("", None)
+    cid = _content_id(keyset, source, policy, kind)
+    existing = store.find_content(kind, cid) if cid else None
+    if existing is None and legacy:
+        # Recorded with the HMAC-SHA256 ids of earlier versions: the same bytes are still a no-op,
+        # including events that a still earlier privseg keyed on their bytes alone.
+        existing = store.find_content(kind, _content_id(keyset, legacy, policy, kind))
+        if existing is None and kind == "events":
+            existing = store.find_content(kind, legacy)
+    return tuple(s for s in (source, legacy) if s), cid, existing
+
+
+def _content_id(keyset: Keyset, source: str, policy: IngestPolicy, kind: Kind) -> str:
     # Events: what was kept of a file depends on the policy (retention), so the same bytes under a
     # changed policy are ingested again, replacing what they stored before (no duplicates).
     # Profiles: the bytes alone, so a replayed old export can never overwrite newer values.
-    cid = policy_content_id(keyset, source, policy) if source and kind == "events" else source
-    existing = store.find_content(kind, cid) if cid else None
-    if existing is None and cid != source and source:
-        # Recorded by a privseg that keyed events on their bytes alone: still a no-op.
-        existing = store.find_content(kind, source)
-    return source, cid, existing
+    return policy_content_id(keyset, source, policy) if source and kind == "events" else source
 
 
-def _refuse_replay_after_erasure(store: Store, kind: Kind, source: str, name: str) -> None:
+def _refuse_replay_after_erasure(store: Store, kind: Kind, sources: Sequence[str], name: str) -> None:
     """Re-ingesting a file stored before an erasure could bring the erased person back."""
+    marks = ", ".join("?" * len(sources))
     row = store.conn.execute(
-        "SELECT MIN(ingested_at) FROM contents WHERE kind = ? AND source = ?", (kind, source)
+        f"SELECT MIN(ingested_at) FROM contents WHERE kind = ? AND source IN ({marks})", (kind, *sources)
     ).fetchone()
     first = row[0] if row and row[0] else "0000"
     erased = store.conn.execute(
