@@ -221,8 +221,11 @@ class Pseudonymizer:
         parts, keys, positions = [], [], []
         for size in sizes:
             # One padded size (customer numbers of one length): the group is the column, in order.
-            where = (padded == size).arg_true() if len(sizes) > 1 else pl.Series(dtype=pl.UInt32)
-            group = values.gather(where) if len(sizes) > 1 else values
+            group = values
+            if len(sizes) > 1:
+                where = (padded == size).arg_true()
+                positions.append(where)
+                group = values.gather(where)
             width = len(prefix) + -(-(_BLOCK + size) * 4 // 3)  # base64url of the SIV and ciphertext
             tokens = np.empty((len(group), width), dtype=np.uint8)
             tokens[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
@@ -234,7 +237,6 @@ class Pseudonymizer:
                 shard_keys[start : start + len(sealed)] = siv_keys(sealed)
             parts.append(pl.Series(tokens.view(f"S{width}").ravel()).cast(pl.String))
             keys.append(pl.Series(shard_keys, dtype=KEY_DTYPE))
-            positions.append(where)
         if len(parts) == 1:
             return parts[0], keys[0]
         order = pl.concat(positions).arg_sort()
@@ -308,12 +310,12 @@ def _by_hash(values: pl.Series) -> tuple[pl.Series, np.ndarray | None] | None:
     every value differs: each row is then its own code); None when two different values share a hash
     (every row is compared with its code's value)."""
     frame = values.to_frame("v")
-    hashes = frame.select(_hash(pl.col("v"))).to_series()
-    if hashes.n_unique() == values.len():
-        # Equal values hash equally, so values whose hashes all differ all differ: nothing to rank or
-        # check (a profile file, or events grouped by person, whose runs are people).
+    codes = frame.select(_hash(pl.col("v")).rank("dense").cast(pl.UInt32) - 1).to_series().to_numpy()
+    if codes.size and int(codes.max()) == codes.size - 1:
+        # Equal values hash equally, so values whose hashes all differ all differ: nothing to gather
+        # or check (a profile file, or events grouped by person, whose runs are people). Read off the
+        # rank, not counted apart: a count cost 0.25 s per 10M events in time order, where it fails.
         return values, None
-    codes = hashes.to_frame().select(pl.first().rank("dense").cast(pl.UInt32) - 1).to_series().to_numpy()
     distinct = _firsts(values, codes)
     same = frame.select((pl.col("v") == distinct.gather(pl.Series(codes))).all()).item()
     return (distinct, codes) if same else None
