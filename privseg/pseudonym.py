@@ -237,7 +237,7 @@ class Pseudonymizer:
                 shard_keys[start : start + len(sealed)] = siv_keys(sealed)
             parts.append(pl.Series(tokens.view(f"S{width}").ravel()).cast(pl.String))
             keys.append(pl.Series(shard_keys, dtype=KEY_DTYPE))
-        if len(parts) == 1:
+        if len(sizes) == 1:
             return parts[0], keys[0]
         order = pl.concat(positions).arg_sort()
         return pl.concat(parts).gather(order), pl.concat(keys).gather(order)
