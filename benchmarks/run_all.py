@@ -39,7 +39,7 @@ def plan(customers: int) -> dict[str, list[str]]:
         "ingest_by_time": ["--customers", n, "--skip-naive", "--event-order", "time"],
         "segments": ["--customers", n, "--sizes", "20", "200", "2000"],
         "release": ["--customers", n],
-        "server": ["--customers", n],
+        "server": ["--customers", n, "--workers", "1"],
         # The figures issue 12's server bars are judged by: one worker per core.
         "server_workers": ["--customers", n, "--workers", str(cpus())],
         "scale": ["--customers", n],

@@ -198,9 +198,16 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=40, help="fresh requests per concurrency level")
     ap.add_argument("--cached", type=int, default=200, help="cached requests per concurrency level")
     ap.add_argument(
-        "--workers", type=int, default=None, help="server worker processes (default: the server's, 1)"
+        "--workers",
+        type=int,
+        default=None,
+        help="server worker processes (default: the server's: one per core)",
     )
     args = ap.parse_args()
+    if args.workers is None:
+        from privseg.api.workers import default_workers
+
+        args.workers = default_workers()  # what the server picks; passed on, so the two cannot differ
 
     from privseg import apikeys, release
     from privseg.deployment import Deployment
@@ -267,8 +274,7 @@ def main() -> None:
             "PRIVSEG_LOG_LEVEL": "WARNING",
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "privseg", "serve", "--port", str(port)]
-            + ([] if args.workers is None else ["--workers", str(args.workers)]),
+            [sys.executable, "-m", "privseg", "serve", "--port", str(port), "--workers", str(args.workers)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -362,7 +368,7 @@ def main() -> None:
             proc.wait(timeout=60)
         print(
             f"\nserver benchmark: {args.customers} customers, 10 segments x {dims} per report, "
-            f"loopback HTTP, {args.workers or 1} worker(s)"
+            f"loopback HTTP, {args.workers} worker(s)"
         )
         print_table(
             [
@@ -384,7 +390,7 @@ def main() -> None:
         print(f"the store's ledger held {ledger_at_start:,} rows at the start")
         summary = {
             "customers": args.customers,
-            "workers": args.workers or 1,
+            "workers": args.workers,
             "results": results,
             "inprocess_fresh_cpu_ms": cpu_ms,
             "ledger_rows_at_start": ledger_at_start,

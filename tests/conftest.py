@@ -213,9 +213,10 @@ def by_pid(members: pl.DataFrame) -> pl.DataFrame:
 
 @contextmanager
 def running_server(
-    settings: Settings, log_level: str = "WARNING", workers: int = 1
+    settings: Settings, log_level: str = "WARNING", workers: int | None = 1, cores: set[int] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`privseg serve` on a free loopback port for the duration of the block; yields (base URL, process)."""
+    """`privseg serve` on a free loopback port for the duration of the block; yields (base URL, process).
+    ``workers`` None: the server's default; ``cores``: the CPU affinity it starts with."""
     import signal
     import socket
     import time
@@ -227,10 +228,12 @@ def running_server(
         port = s.getsockname()[1]
     env = deployment_env(settings, log_level=log_level)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "privseg", "serve", "--port", str(port), "--workers", str(workers)],
+        [sys.executable, "-m", "privseg", "serve", "--port", str(port)]
+        + ([] if workers is None else ["--workers", str(workers)]),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
     )
     base = f"http://127.0.0.1:{port}"
     try:

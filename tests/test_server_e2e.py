@@ -215,3 +215,25 @@ def test_graceful_shutdown_finishes_the_request_in_flight(tmp_path: Path) -> Non
     assert outcome["status"] == 200 and outcome["body"][0]["rows"] == 500
     status = run_cli(settings, "store", "status", "--json").stdout
     assert '"rows": 500' in status  # the batch the server finished while stopping is stored
+
+
+def _workers_of(pid: int) -> int:
+    """The uvicorn worker processes under ``pid`` (each started by multiprocessing's spawn)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    children = [int(c) for task in tasks for c in (task / "children").read_text().split()]
+    return sum(b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
+
+
+@pytest.mark.parametrize("cores", [None, {0}])
+def test_the_server_runs_one_worker_per_core_it_may_use_by_default(
+    tmp_path: Path, cores: set[int] | None
+) -> None:
+    import os
+
+    settings = make_settings(tmp_path)
+    run_cli(settings, "keys", "init")
+    usable = len(cores if cores is not None else os.sched_getaffinity(0))
+    with running_server(settings, workers=None, cores=cores) as (base, proc):
+        assert httpx2.get(f"{base}/healthz", timeout=10).status_code == 200
+        # One worker is the server process itself; several are children of a supervisor.
+        assert _workers_of(proc.pid) == (0 if usable == 1 else usable)

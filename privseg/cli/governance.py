@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from privseg.api.workers import MAX_WORKERS, default_workers
 from privseg.cli.shell import (
     EncodingOpt,
     JsonOpt,
@@ -202,17 +203,19 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
-            max=64,
+            max=MAX_WORKERS,
+            show_default="one per core this process may run on",
             help="Worker processes (every budget and cache guarantee holds across processes).",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Run the HTTP API (uvicorn) on embedded defaults."""
     from privseg.api import serving
 
+    workers = workers or default_workers()
     dep = _governed()
     # Refuse to start on a bad policy set, a missing keyset or an unreadable store.
     dep.keyset, dep.ingest_policy  # noqa: B018
