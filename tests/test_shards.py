@@ -46,10 +46,11 @@ def test_shards_of_real_pseudonyms_are_spread_and_stable(dep: Deployment) -> Non
     assert (coarse == frame.get_column("shard") % 8).all()
 
 
+@pytest.mark.parametrize("with_list", [False, True])  # filtered passes; one sort (a list column)
 @pytest.mark.parametrize("with_key", [True, False])
 @pytest.mark.parametrize("count", [16, 256])  # one pass per shard; one per run of four shards
 def test_by_shard_sorts_by_shard_keeping_each_shards_row_order(
-    dep: Deployment, with_key: bool, count: int
+    dep: Deployment, with_key: bool, count: int, with_list: bool
 ) -> None:
     pseudo = Pseudonymizer(dep.keyset, "email")
     pids = pseudo.encrypt_series(pl.Series([f"p{i % 700}@example.com" for i in range(3_000)]))
@@ -58,10 +59,19 @@ def test_by_shard_sorts_by_shard_keeping_each_shards_row_order(
         [pl.DataFrame({"pid": pids[i : i + 1_000], "row": range(i, i + 1_000)}) for i in (0, 1_000, 2_000)],
         rechunk=False,
     )
+    if with_list:  # each row's items name the row: they must travel with it
+        frame = frame.with_columns(pl.concat_list(pl.col("row").cast(pl.String), pl.lit("x")).alias("items"))
     if with_key:
         frame = frame.with_columns(shards.key_expr().alias(shards.KEY))
     out = shards.by_shard(frame, count).collect()
-    assert out.columns == ["pid", "row", "shard"]
+    assert out.columns == ["pid", "row", *(["items"] if with_list else []), "shard"]
+    if with_list:
+        assert (
+            out.get_column("items")
+            .list.first()
+            .cast(pl.Int64)
+            .equals(out.get_column("row"), check_names=False)
+        )
     assert out.height == frame.height and out.get_column("shard").is_sorted()
     assert out.get_column("shard").equals(frame.select(shards.shard_expr(count)).to_series().sort())
     assert out.get_column("shard").n_unique() > count // 2  # at 256, runs of four shards each sorted
