@@ -18,6 +18,7 @@ from privseg import audit, ledger, release
 from privseg.deployment import Deployment
 from privseg.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, NotPermitted, PolicyViolation
 from privseg.release import data as release_data
+from privseg.release import engine as release_engine
 from privseg.segments import engine
 from tests.conftest import AS_OF, REPO, prepare
 from tests.test_store import _env
@@ -383,7 +384,7 @@ def test_identical_requests_are_cached_and_free(ready: Deployment) -> None:
         segments=["cart_abandoners_7d", "frequent_buyers"], breakdown=["age_band"]
     )
     text = release.run_json(ready.release_context(), req, "growth_team")
-    assert text == json.dumps(release.run(ready.release_context(), req, "growth_team"))
+    assert text == release_engine.encode(release.run(ready.release_context(), req, "growth_team"))
     assert json.loads(text) == {**third, "cached": True, "charged_epsilon": 0.0}
     assert spent(ready) == ledger.to_micro(1.0)
     fresh = release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"])
@@ -392,7 +393,7 @@ def test_identical_requests_are_cached_and_free(ready: Deployment) -> None:
     # A fresh release is sent as the text it stored, marked: byte for byte what encoding its answer
     # gives, and the stored result is that answer without the two marks.
     answer = json.loads(first_text)
-    assert first_text == json.dumps(answer) and answer["charged_epsilon"] == 0.5
+    assert first_text == release_engine.encode(answer) and answer["charged_epsilon"] == 0.5
     (stored,) = ready.store.conn.execute(
         "SELECT result FROM releases WHERE id = ?", (answer["release_id"],)
     ).fetchone()
@@ -624,8 +625,6 @@ def test_a_release_does_not_fail_with_its_work_ahead_and_logs_no_value(
 
 def test_work_ahead_not_yet_started_is_cancelled_not_waited_for() -> None:
     from concurrent.futures import ThreadPoolExecutor
-
-    from privseg.release import engine as release_engine
 
     gate, ran = threading.Event(), []
     with ThreadPoolExecutor(1) as pool:
@@ -919,3 +918,22 @@ def test_movement_from_different_snapshots_are_different_releases(ready: Deploym
     )
     assert not a["cached"] and not b["cached"] and a["from_snapshot"] != b["from_snapshot"]
     assert spent(ready) == ledger.to_micro(1.0)
+
+
+def test_a_release_is_encoded_wherever_the_json_module_encoded_it() -> None:
+    """Releases are charged before they are encoded: orjson must not fail where json.dumps did not."""
+    import numpy as np
+
+    class Share(float):  # a float subclass, like numpy's float64
+        pass
+
+    value = {"a": Share(0.25), "b": np.float64(1.5), "c": (1, 2), "big": 2**70, "s": "é"}
+    text = release_engine.encode(value)
+    assert json.loads(text) == {"a": 0.25, "b": 1.5, "c": [1, 2], "big": 2**70, "s": "é"}
+    small = {k: v for k, v in value.items() if k != "big"}  # orjson's own path (no fallback)
+    assert release_engine.encode(small) == '{"a":0.25,"b":1.5,"c":[1,2],"s":"é"}'
+    with pytest.raises(TypeError):  # what json.dumps refuses is still refused
+        release_engine.encode({"x": object()})
+    # A release stored by json.dumps before (spaces after separators) is still marked into valid JSON.
+    before = release_engine._marked(json.dumps({"a": [1, 2]}), cached=True, charged=0.0)
+    assert json.loads(before) == {"a": [1, 2], "cached": True, "charged_epsilon": 0.0}

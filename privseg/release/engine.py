@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import orjson
+
 from privseg import audit, ledger, metrics
 from privseg.db import transaction
 from privseg.errors import BudgetExhausted, Conflict, NotPermitted, PolicyViolation
@@ -57,7 +59,7 @@ def run_json(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> str:
 
     def answer(planned: ReleasePlan) -> str:
         if req.dry_run:
-            return json.dumps(dry_run(ctx, planned))
+            return encode(dry_run(ctx, planned))
         # A fresh release is sent as the text just stored, marked: encoding its cells twice was ~9% of
         # a server worker's CPU under fresh reports (py-spy, benchmarks/server.py).
         return _release(ctx, planned)[0]
@@ -81,7 +83,7 @@ def stored_json(ctx: ReleaseContext, req: ReleaseRequest, recipient: str) -> str
 
 def cached_text(ctx: ReleaseContext, plan: ReleasePlan) -> str | None:
     """The stored release for ``plan`` as JSON text, marked cached (None: not released yet). The same
-    text ``json.dumps`` gives for :func:`release`'s cached answer: the stored object with ``cached``
+    text :func:`encode` gives for :func:`release`'s cached answer: the stored object with ``cached``
     and ``charged_epsilon`` appended (the stored result has neither key)."""
     return _cached_text(ctx.store.conn.execute(_LOOKUP, _keys(plan)).fetchone(), plan)
 
@@ -136,8 +138,27 @@ def _cached_text(row: Any, plan: ReleasePlan) -> str | None:
 
 def _marked(stored: str, *, cached: bool, charged: float) -> str:
     """A stored result (a JSON object) with ``cached`` and ``charged_epsilon`` appended: the text
-    ``json.dumps`` gives for the result's dict with those two keys added last."""
-    return f'{stored[:-1]}, "cached": {json.dumps(cached)}, "charged_epsilon": {json.dumps(charged)}}}'
+    :func:`encode` gives for the result's dict with those two keys added last (for a result stored
+    before releases were encoded by orjson, the same JSON value: those have spaces after separators)."""
+    return f'{stored[:-1]},"cached":{encode(cached)},"charged_epsilon":{encode(charged)}}}'
+
+
+def encode(value: Any) -> str:
+    """A release as JSON text, by orjson: 0.05 ms for a 10-segment cohort report of 880 cells where
+    ``json.dumps`` took 0.9 ms, a tenth of a fresh report's CPU. Whatever ``json.dumps`` encodes is
+    encoded (the release is charged before it is encoded, so this must not fail where that did not):
+    a float subclass (numpy's float64) as its float, and anything else orjson refuses (an integer past
+    64 bits) by ``json.dumps``. Not a number is null where ``json.dumps`` wrote NaN, which is not JSON."""
+    try:
+        return orjson.dumps(value, default=_as_float).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def objectives(ctx: ReleaseContext, plan: ReleasePlan) -> tuple[Objective, ...]:
@@ -262,7 +283,7 @@ def _release(
         noisy = {v.name: _noised(ctx, plan, v, exact[v.name], series_key) for v in plan.vectors}
     result = {"release_id": release_id, **plan.describe(), **kind.result(plan, noisy)}
     metrics.RELEASE_SECONDS.labels(plan.kind).observe(time.perf_counter() - started)
-    stored = json.dumps(result)
+    stored = encode(result)
     with transaction(conn):
         conn.execute("UPDATE releases SET status = 'done', result = ? WHERE id = ?", (stored, release_id))
     answer = {**result, "cached": False, "charged_epsilon": charged}
