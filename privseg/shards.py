@@ -78,17 +78,18 @@ def by_shard(frame: pl.DataFrame, shards: int) -> pl.LazyFrame:
     its own), concatenated in shard order. Streamed into a sink it never holds a sorted copy of the
     frame: sorting the whole frame first raised a 10M-event ingest's peak memory by 460 MB, for the
     same time. A frame with a list column (profile interests) is sorted once instead: every pass
-    over a list column rebuilds its offsets and gathers its items, which made the passes cost 1.5x
-    a sort on profiles (one list column among nine; on frames without lists the two are even)."""
+    over a list column rebuilds its offsets and gathers its items. On the benchmark's 1M profiles
+    the passes and the write took 0.54 s against 0.44 s sorted once (the list column alone 0.41 s
+    against 0.27 s); on frames without lists the two are even."""
     if KEY in frame.columns:
         shard = (pl.col(KEY) % check_count(shards)).cast(SHARD_DTYPE).alias(SHARD)
         keyed = frame.with_columns(shard).drop(KEY)
     else:
         keyed = frame.with_columns(shard_expr(shards))
-    # Computed once, above: each pass filters the same column.
     lazy = keyed.lazy()
     if any(isinstance(dtype, pl.List) for dtype in keyed.schema.values()):
         return lazy.sort(SHARD, maintain_order=True)
+    # The shard, computed once above: each pass filters the same column.
     parts = []
     for run in groups(shards, _PASSES):
         part = lazy.filter(in_group(run))
