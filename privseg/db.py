@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from privseg.errors import StoreError
 from privseg.fsutil import private_dir, private_files
 
 _MIGRATIONS: tuple[str, ...] = (
@@ -327,12 +328,25 @@ def _migrate(conn: sqlite3.Connection) -> None:
     (current,) = conn.execute("PRAGMA user_version").fetchone()
     if current == len(_MIGRATIONS):
         return
+    _refuse_newer(current)
     with transaction(conn):
         (current,) = conn.execute("PRAGMA user_version").fetchone()
+        _refuse_newer(current)
         for number, script in enumerate(_MIGRATIONS[current:], start=current + 1):
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
+
+
+def _refuse_newer(version: int) -> None:
+    """A database a newer privseg upgraded is not used: this version would read and write it without
+    knowing what the newer migrations changed (since schema 13, for one, which content ids a store
+    computes is decided at its upgrade)."""
+    if version > len(_MIGRATIONS):
+        raise StoreError(
+            f"the database's schema is version {version}, newer than this privseg's ({len(_MIGRATIONS)}): "
+            "a newer privseg upgraded it; run that version (nothing was changed)"
+        )
 
 
 def _statements(script: str) -> Iterator[str]:

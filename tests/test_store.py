@@ -429,3 +429,19 @@ def test_the_upgrade_to_blake3_content_ids_flags_a_store_that_recorded_content(
     migrated = db.connect(path)
     assert (db.get_meta(migrated, "legacy_content_ids") == "1") is recorded
     migrated.close()
+
+
+def test_a_database_upgraded_by_a_newer_privseg_is_refused_and_left_alone(tmp_path: Path) -> None:
+    from privseg import db
+    from privseg.errors import StoreError
+
+    path = tmp_path / "newer.db"
+    db.connect(path).close()
+    newer = sqlite3.connect(path)
+    (version,) = newer.execute("PRAGMA user_version").fetchone()
+    newer.execute(f"PRAGMA user_version = {version + 1}")
+    newer.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=f"schema is version {version + 1}, newer than this privseg's"):
+        db.connect(path)
+    assert path.read_bytes() == before
