@@ -237,3 +237,40 @@ def test_the_server_runs_one_worker_per_core_it_may_use_by_default(
         assert httpx2.get(f"{base}/healthz", timeout=10).status_code == 200
         # One worker is the server process itself; several are children of a supervisor.
         assert _workers_of(proc.pid) == (0 if usable == 1 else usable)
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cgroup": "0::/\n", "cpu.max": "200000 100000\n"}, 2.0),  # v2, docker --cpus 2
+        ({"cgroup": "0::/\n", "cpu.max": "150000 100000\n"}, 1.5),
+        ({"cgroup": "0::/\n", "cpu.max": "50000 100000\n"}, 0.5),  # half a core: one worker
+        ({"cgroup": "0::/\n", "cpu.max": "max 100000\n"}, None),  # v2, no quota
+        ({"cgroup": "0::/a/b\n", "a/b/cpu.max": "300000 100000\n"}, 3.0),  # v2, the named path
+        (
+            {"cgroup": "1:cpu:/\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "50000\n"},
+            2.0,
+        ),
+        ({"cgroup": "1:cpu:/\n", "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cgroup": "4:memory:/x\n"}, None),  # no cpu controller
+        ({"cgroup": "0::/\n", "cpu.max": "garbage\n"}, None),
+        ({}, None),  # no /proc/self/cgroup (not Linux)
+    ],
+)
+def test_the_default_worker_count_respects_the_cgroup_cpu_quota(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
+    import math
+    import os
+
+    from privseg.api.workers import cgroup_cpu_quota, default_workers
+
+    root = tmp_path / "sys-fs-cgroup"
+    for name, text in files.items():
+        path = tmp_path / "cgroup" if name == "cgroup" else root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert cgroup_cpu_quota(root, tmp_path / "cgroup") == quota
+    cores = len(os.sched_getaffinity(0))
+    expected = cores if quota is None else max(1, min(cores, math.ceil(quota)))
+    assert default_workers(root, tmp_path / "cgroup") == expected
