@@ -228,11 +228,12 @@ def _workers_of(pid: int) -> int:
 def test_the_server_runs_one_worker_per_core_it_may_use_by_default(
     tmp_path: Path, cores: set[int] | None
 ) -> None:
-    import os
+    from privseg.api.workers import default_workers
 
     settings = make_settings(tmp_path)
     run_cli(settings, "keys", "init")
-    usable = len(cores if cores is not None else os.sched_getaffinity(0))
+    # Every core of this machine (within its cgroup's quota, see below), or the one it is narrowed to.
+    usable = 1 if cores is not None else default_workers()
     with running_server(settings, workers=None, cores=cores) as (base, proc):
         assert httpx2.get(f"{base}/healthz", timeout=10).status_code == 200
         # One worker is the server process itself; several are children of a supervisor.
