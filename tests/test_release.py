@@ -934,6 +934,8 @@ def test_a_release_is_encoded_wherever_the_json_module_encoded_it() -> None:
     assert release_engine.encode(small) == '{"a":0.25,"b":1.5,"c":[1,2],"s":"é"}'
     with pytest.raises(TypeError):  # what json.dumps refuses is still refused
         release_engine.encode({"x": object()})
+    # A name a hostile request slipped a lone surrogate into (orjson refuses it): still encoded.
+    assert json.loads(release_engine.encode({"segment": "a\ud800b"})) == {"segment": "a\ud800b"}
     # A release stored by json.dumps before (spaces after separators) is still marked into valid JSON.
     before = release_engine._marked(json.dumps({"a": [1, 2]}), cached=True, charged=0.0)
     assert json.loads(before) == {"a": [1, 2], "cached": True, "charged_epsilon": 0.0}
