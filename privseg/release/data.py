@@ -258,9 +258,15 @@ def segment_counts(ctx: ReleaseContext, plan: ReleasePlan) -> list[int]:
         return [totals[s] for s in plan.segments]
     codes = cell_codes(ctx, plan.snapshot, plan.breakdown)
     counts = _cell_counts(ctx, plan.snapshot, plan.breakdown, plan.segments, codes)
-    # A public key no row carries is a cell of zeros.
-    at = [codes.positions.get(cell) if (cell := codes.of(key)) is not None else None for key in plan.keys]
-    return [0 if i is None else int(counts[s][i]) for s in plan.segments for i in at]
+    # A public key no row carries is a cell of zeros: it points at a zero column past the occupied
+    # cells. Gathered as arrays: picking the 880 values of a 10-segment report one by one took 0.4 ms.
+    empty = len(codes.occupied)
+    at = [empty if (cell := codes.of(key)) is None else codes.positions.get(cell, empty) for key in plan.keys]
+    table = np.zeros((len(plan.segments), empty + 1), dtype=np.int64)
+    for row, segment in zip(table, plan.segments, strict=True):
+        row[:empty] = counts[segment]
+    result: list[int] = table[:, at].ravel().tolist()
+    return result
 
 
 def count_ahead(ctx: ReleaseContext, plan: ReleasePlan) -> None:
