@@ -213,10 +213,15 @@ def by_pid(members: pl.DataFrame) -> pl.DataFrame:
 
 @contextmanager
 def running_server(
-    settings: Settings, log_level: str = "WARNING", workers: int | None = 1, cores: set[int] | None = None
+    settings: Settings,
+    log_level: str = "WARNING",
+    workers: int | None = 1,
+    cores: set[int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`privseg serve` on a free loopback port for the duration of the block; yields (base URL, process).
-    ``workers`` None: the server's default; ``cores``: the CPU affinity it starts with."""
+    ``workers`` None: the server's default; ``cores``: the CPU affinity it starts with; ``env``: more
+    environment variables."""
     import signal
     import socket
     import time
@@ -226,7 +231,7 @@ def running_server(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = deployment_env(settings, log_level=log_level)
+    env = {**deployment_env(settings, log_level=log_level), **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "privseg", "serve", "--port", str(port)]
         + ([] if workers is None else ["--workers", str(workers)]),

@@ -6,6 +6,8 @@ served by both processes."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from privseg.settings import Settings
-from tests.conftest import REPO, make_settings, run_cli, running_server
+from tests.conftest import REPO, deployment_env, make_settings, run_cli, running_server
 
 EXAMPLES = REPO / "privseg" / "segments" / "examples"
 
@@ -238,6 +240,33 @@ def test_the_server_runs_one_worker_per_core_it_may_use_by_default(
         assert httpx2.get(f"{base}/healthz", timeout=10).status_code == 200
         # One worker is the server process itself; several are children of a supervisor.
         assert _workers_of(proc.pid) == (0 if usable == 1 else usable)
+
+
+def test_privseg_workers_sets_the_worker_count_where_the_command_line_is_fixed(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    run_cli(settings, "keys", "init")
+    # Narrowed to one core, the default would be one worker: the variable overrides it.
+    with running_server(settings, workers=None, cores={0}, env={"PRIVSEG_WORKERS": "2"}) as (base, proc):
+        assert httpx2.get(f"{base}/healthz", timeout=10).status_code == 200
+        assert _workers_of(proc.pid) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_a_bad_privseg_workers_is_refused_before_anything_starts(tmp_path: Path, value: str) -> None:
+    settings = make_settings(tmp_path)
+    run_cli(settings, "keys", "init")
+    env = {**deployment_env(settings, log_level="WARNING"), "PRIVSEG_WORKERS": value}
+    out = subprocess.run(
+        [sys.executable, "-m", "privseg", "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "PRIVSEG_WORKERS" in out.stderr  # the error names where the bad value came from
+    assert "serving" not in out.stderr
 
 
 @pytest.mark.parametrize(

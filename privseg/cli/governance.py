@@ -207,6 +207,7 @@ def serve(
         typer.Option(
             min=1,
             max=MAX_WORKERS,
+            envvar="PRIVSEG_WORKERS",
             show_default="one per core this process may run on",
             help="Worker processes (every budget and cache guarantee holds across processes).",
         ),
