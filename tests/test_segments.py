@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -430,3 +431,36 @@ def test_snapshot_records_inputs_goes_stale_and_prunes(dep: Deployment, demo_fil
 
     with pytest.raises(NotFound, match="pruned"):
         engine.snapshot_path(dep.store, engine.snapshots(dep.store.conn)[0])
+
+
+def _snapshot_row(conn, segments: dict[str, int], file: str) -> None:  # type: ignore[no-untyped-def]
+    conn.execute(
+        "INSERT INTO snapshots (as_of, computed_at, file, people, segments, traits, batches, categories) "
+        "VALUES ('2026-01-01T00:00:00+00:00', '2026-01-01T00:00:01+00:00', ?, 10, ?, '{}', '[1, 2]', ?)",
+        (file, json.dumps(segments), json.dumps({s: ["general"] for s in segments})),
+    )
+    conn.commit()
+
+
+def test_a_snapshots_recorded_columns_are_parsed_once_and_never_confused_between_databases(
+    tmp_path: Path,
+) -> None:
+    from privseg import db
+
+    first, second = db.connect(tmp_path / "a.db"), db.connect(tmp_path / "b.db")
+    many = {f"segment_{i:04d}": 1 for i in range(2000)}
+    _snapshot_row(first, many, "a.parquet")
+    # The other database's snapshot 1 has other segments (and the same id): each reads its own.
+    _snapshot_row(second, {"only_here": 3}, "b.parquet")
+    a1, b1, a2 = engine.latest(first), engine.latest(second), engine.latest(first)
+    assert a1 is not None and b1 is not None and a2 is not None
+    assert a1.id == b1.id == 1
+    assert a1.segments == many and b1.segments == {"only_here": 3}
+    assert a1.categories == {s: ["general"] for s in many} and b1.categories == {"only_here": ["general"]}
+    # The latest snapshot is read by every release: its columns are parsed once, then shared.
+    assert a2.segments is a1.segments and a2.categories is a1.categories
+    # What a rewrite changes (the file, after an erasure) is read fresh every time.
+    first.execute("UPDATE snapshots SET file = 'a2.parquet', people = 9 WHERE id = 1")
+    first.commit()
+    a3 = engine.latest(first)
+    assert a3 is not None and (a3.file, a3.people) == ("a2.parquet", 9) and a3.segments == many
