@@ -547,17 +547,15 @@ def test_counts_on_cached_cell_codes_equal_the_string_group_by(ready: Deployment
 
 
 def _column_reads(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The columns of every Parquet read from now on (what the count cache saves)."""
-    import polars as pl
-
-    read = pl.read_parquet
+    """The columns of every read of a membership snapshot from now on (what the count cache saves)."""
+    read = release_data.columns
     reads: list[list[str]] = []
 
-    def counting_read(path, columns=None, **kw):  # type: ignore[no-untyped-def]
-        reads.append(list(columns or []))
-        return read(path, columns=columns, **kw)
+    def counting_read(ctx, snap, names):  # type: ignore[no-untyped-def]
+        reads.append(list(names))
+        return read(ctx, snap, names)
 
-    monkeypatch.setattr(pl, "read_parquet", counting_read)
+    monkeypatch.setattr(release_data, "columns", counting_read)
     return reads
 
 
@@ -863,6 +861,37 @@ def test_erasure_reaches_snapshots_and_later_releases(ready: Deployment) -> None
     ).found
 
 
+def test_membership_columns_read_through_a_kept_scan_are_what_the_file_holds_from_many_threads(
+    ready: Deployment,
+) -> None:
+    import random
+
+    import polars as pl
+
+    snap = engine.latest(ready.store.conn)
+    assert snap is not None
+    ctx = ready.release_context()
+    path = engine.snapshot_path(ready.store, snap)
+    segments = [c for c in pl.read_parquet_schema(path) if c != "pid"]
+    # One scan per file, kept: it is what keeps the file's metadata between reads.
+    assert release_data.memberships(ctx, snap) is release_data.memberships(ctx, snap)
+    rng = random.Random(7)
+    asks = [rng.sample(segments, rng.randint(1, len(segments))) for _ in range(24)]
+    wrong: list[list[str]] = []
+
+    def read(names: list[str]) -> None:
+        got = release_data.columns(ctx, snap, names)
+        if not got.equals(pl.read_parquet(path, columns=names).select(names)):
+            wrong.append(names)
+
+    threads = [threading.Thread(target=read, args=(names,)) for names in asks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
 def test_a_release_planned_before_an_erasure_is_computed_on_the_rewritten_snapshot(ready: Deployment) -> None:
     """An erasure rewrites the kept snapshots under new names and deletes the old files. A release
     planned just before (a request in flight) used to be charged, then fail reading the deleted file.
@@ -882,6 +911,9 @@ def test_a_release_planned_before_an_erasure_is_computed_on_the_rewritten_snapsh
     planned = release.plan(
         ctx, release.CohortReportRequest(segments=["frequent_buyers"], breakdown=["age_band"]), "growth_team"
     )
+    # The old file was read through its kept scan before it was deleted: that scan must fail the way
+    # a fresh read of a deleted file does, so that the release moves to the new file.
+    assert release_data.columns(ctx, planned.snapshot, ["frequent_buyers"]).height == before.height
     erase_subject(store=ready.store, keyset=ready.keyset, policy=ready.ingest_policy, raw_id=raw)
     assert not engine.snapshot_path(ready.store, planned.snapshot).exists()
     out = release.release(ctx, planned)
