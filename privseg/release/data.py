@@ -145,13 +145,13 @@ def warm(ctx: ReleaseContext) -> bool:
     snap = engine.latest(ctx.store.conn)
     if snap is None or not engine.snapshot_path(ctx.store, snap).exists():
         return False
-    columns = set(dimensions(ctx, snap).columns)
-    members = set(memberships(ctx, snap).collect_schema().names())
+    dims = set(dimensions(ctx, snap).columns)
+    in_snapshot = set(memberships(ctx, snap).collect_schema().names())
     for breakdown, segments in recent_breakdowns(ctx.store.conn).items():
-        if set(breakdown) <= columns:  # a dimension the policies no longer allow is not built
+        if set(breakdown) <= dims:  # a dimension the policies no longer allow is not built
             codes = cell_codes(ctx, snap, breakdown)
             # Segments retired since are not in this snapshot.
-            _cell_counts(ctx, snap, breakdown, [s for s in segments if s in members], codes)
+            _cell_counts(ctx, snap, breakdown, [s for s in segments if s in in_snapshot], codes)
     return True
 
 
