@@ -110,9 +110,10 @@ def event_row(cid: str, **over: str) -> list[str]:
 
 
 def deployment_env(settings: Settings, *, log_level: str) -> dict[str, str]:
-    """The environment that gives a privseg subprocess this deployment's settings."""
+    """The environment that gives a privseg subprocess this deployment's settings (and the server's
+    default worker count: a PRIVSEG_WORKERS of the shell running the tests is not passed on)."""
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PRIVSEG_WORKERS"},
         "PRIVSEG_HOME": str(settings.home),
         "PRIVSEG_KEYSET": str(settings.keyset),
         "PRIVSEG_POLICY_DIR": str(settings.policy_dir),
