@@ -483,6 +483,17 @@ def test_a_cohort_report_of_the_same_segments_in_another_order_is_the_same_relea
     before = spent(ready)
     repeat = release.run(ready.release_context(), req, "growth_team")
     assert repeat["cached"] and repeat["release_id"] == old["release_id"] and spent(ready) == before
+    # Segments listed in order: the listed key is the sorted key, computed once.
+    from privseg.release.engine import _keys
+
+    listed = release.plan(
+        ready.release_context(),
+        release.CohortReportRequest(segments=sorted(req.segments), breakdown=["region"]),
+        "growth_team",
+    )
+    assert _keys(listed) == (_key(listed, listed.segments),) * 2
+    assert _keys(plan) == (release_engine.cache_key(plan), _key(plan, plan.segments))
+    assert _keys(plan)[0] != _keys(plan)[1]
 
 
 def test_dry_run_states_cost_and_accuracy_and_spends_nothing(ready: Deployment) -> None:
