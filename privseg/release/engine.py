@@ -105,20 +105,22 @@ def _planned(ctx: ReleaseContext, req: ReleaseRequest, recipient: str, then: Cal
 
 def cache_key(plan: ReleasePlan) -> str:
     """What makes two requests the same release. A kind whose segments are a set keys them sorted."""
+    return _key(plan, _keyed_segments(plan))
+
+
+def _keyed_segments(plan: ReleasePlan) -> list[str]:
     kind = KINDS.get(plan.kind)
-    return _key(plan, sorted(plan.segments) if kind is not None and kind.unordered else plan.segments)
+    return sorted(plan.segments) if kind is not None and kind.unordered else plan.segments
 
 
 def _keys(plan: ReleasePlan) -> tuple[str, str]:
     """The release's key, and the key a release stored before segment sets were keyed sorted has (the
     segments as listed): the same request made before and after that change is still one release.
-    Segments listed in order key the same both ways, computed once (each key is a JSON encoding and a
+    Segments listed as keyed key the same both ways, computed once (each key is a JSON encoding and a
     SHA-256: a fifth of a cached report's planning and lookup, measured in-process)."""
-    key = cache_key(plan)
-    kind = KINDS.get(plan.kind)
-    if kind is not None and kind.unordered and plan.segments == sorted(plan.segments):
-        return key, key
-    return key, _key(plan, plan.segments)
+    keyed = _keyed_segments(plan)
+    key = _key(plan, keyed)
+    return key, key if keyed == plan.segments else _key(plan, plan.segments)
 
 
 def _key(plan: ReleasePlan, segments: list[str]) -> str:
