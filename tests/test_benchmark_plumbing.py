@@ -48,3 +48,12 @@ def test_the_median_run_keeps_every_time_and_the_highest_peak() -> None:
     # An even count: the median time, the split of the lower middle run.
     m = common.median_run(runs[:2])
     assert m["seconds"] == 4.0 and m["profiles_seconds"] == 1.0
+
+
+def test_reading_through_reads_every_byte_of_every_file(tmp_path: Path) -> None:
+    sizes = {"empty": 0, "small": 10, "steps": (1 << 22) * 2 + 7}  # 0 bytes, under one step, past two
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert common.read_through([tmp_path / n for n in sizes]) == sum(sizes.values())
+    with pytest.raises(FileNotFoundError):
+        common.read_through([tmp_path / "missing"])
