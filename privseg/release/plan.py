@@ -32,7 +32,10 @@ ALPHA = 0.05  # intervals are 95%, two-sided
 UNKNOWN = "unknown"  # the cell of a person whose dimension value is missing
 # OpenDP's exact discrete Laplace sampler costs 5-10 us a coordinate on the 2-core machines measured
 # (880 cells: 4.3-8.8 ms of CPU) and releases the GIL: a long vector is drawn in two halves at once.
-# Shorter vectors are not worth a thread.
+# Shorter vectors are not worth a thread. The cost is inside OpenDP's wheel, whatever the scale (1 to
+# 2e7: 6.6-11 us): ~10 calls a coordinate to the OpenSSL 3.0 DRBG it links in (strace: 87,220 getpid
+# calls for 8,800 draws), each re-keying AES and making a getpid system call (perf: ~16% of the CPU in
+# the system call, ~25% in the DRBG). Nothing on our side of the FFI shortens it.
 _NOISE_THREADS = 2
 _PARALLEL_FROM = 256
 _NOISE_POOL = ThreadPoolExecutor(_NOISE_THREADS, thread_name_prefix="privseg-noise")
