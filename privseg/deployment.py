@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from privseg.db import ConnectionPool, connect, get_meta, set_meta, transaction
-from privseg.errors import InvalidInput
+from privseg.errors import InvalidInput, loggable
 from privseg.policy.categories import CategorySet
 from privseg.policy.ingest import IngestPolicy, load_ingest_policy
 from privseg.settings import Settings
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from privseg.segments.engine import Runner
     from privseg.segments.sensitivity import SensitivityIndex
     from privseg.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class Deployment:
@@ -142,10 +144,15 @@ class Deployment:
 
     def refresh_snapshot(self) -> None:
         """:meth:`recompute_if_stale` on a deployment of its own (its own connection): for work after a
-        response has gone out (an upload's background task)."""
+        response has gone out (an upload's background task). A failure is logged as the server's
+        periodic refresher logs it, and not raised: raised from a background task, it reached the log
+        as uvicorn's "Exception in ASGI application" and a traceback carrying whatever message the
+        failing library wrote. The upload itself is stored; the next refresh tries again."""
         fresh = self.for_request()
         try:
             fresh.recompute_if_stale()
+        except Exception as exc:
+            log.error("snapshot refresh failed: %s", loggable(exc))
         finally:
             fresh.close()
 

@@ -141,3 +141,12 @@ def describe_validation_error(exc: ValidationError) -> str:
         f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
         for e in exc.errors(include_input=False, include_url=False)
     )
+
+
+def loggable(exc: BaseException) -> str:
+    """What a log may say of ``exc``: a privseg error's type and message (written, like every message
+    here, never to carry data; the same text an API client is shown), of anything else only its type
+    (a library's message may quote a value it choked on)."""
+    if isinstance(exc, PrivsegError):
+        return f"{type(exc).__name__}: {exc.message}"
+    return type(exc).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from privseg import apikeys, audit
 from privseg.api.app import create_app
 from privseg.deployment import Deployment
+from privseg.segments.language import DefinitionError
 from tests.conftest import prepare
 
 ROLES = ("admin", "marketer", "compliance", "partner")
@@ -614,3 +616,70 @@ def test_a_deeply_nested_definition_is_refused_without_a_server_error(
         assert _problem(r)["status"] == r.status_code
     assert dep.store.conn.execute("SELECT COUNT(*) FROM definitions").fetchone()[0] == before
     assert client.get("/v1/segments", headers={"Authorization": headers["Authorization"]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("failure", "logged", "never"),
+    [
+        # A library's message may quote what it choked on: only the type is logged.
+        (RuntimeError("could not parse 'secret.person@example.com'"), "RuntimeError", "secret.person"),
+        # privseg's own messages never carry data, and name what to fix.
+        (
+            DefinitionError("segment 'lapsed': where.property.income: unknown field"),
+            "DefinitionError: segment 'lapsed': where.property.income: unknown field",
+            None,
+        ),
+    ],
+)
+def test_a_snapshot_refresh_failing_after_an_upload_is_logged_without_data_and_the_upload_stands(
+    api: tuple[TestClient, dict[str, str], Deployment],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: Exception,
+    logged: str,
+    never: str | None,
+) -> None:
+    _client, tokens, dep = api
+
+    def fail(self: Deployment) -> None:
+        raise failure
+
+    monkeypatch.setattr(Deployment, "recompute_if_stale", fail)
+    # Raising server exceptions: a failure escaping the background task would fail this request.
+    client = TestClient(create_app(dep), raise_server_exceptions=True)
+    before = len(dep.store.batches("profiles"))
+    with caplog.at_level(logging.INFO):
+        response = client.post(
+            "/v1/ingest/profiles",
+            params={"filename": "new.csv"},
+            content=b"customer_id,gender\nC9000002,female\n",
+            headers={"Authorization": f"Bearer {tokens['admin']}"},
+        )
+    assert response.status_code == 200 and response.json()[0]["stored"] is True
+    assert len(dep.store.batches("profiles")) == before + 1
+    lines = [r.getMessage() for r in caplog.records if "snapshot refresh failed" in r.getMessage()]
+    assert lines == [f"snapshot refresh failed: {logged}"]
+    assert never is None or never not in caplog.text
+
+
+def test_the_periodic_refresher_logs_a_failure_as_the_upload_path_does(
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    from privseg.api.app import SnapshotRefresher
+
+    def fail(self: Deployment) -> None:
+        raise DefinitionError("segment 'lapsed': where.property.income: unknown field")
+
+    monkeypatch.setattr(Deployment, "recompute_if_stale", fail)
+    refresher = SnapshotRefresher(dep, 0.01)
+    with caplog.at_level(logging.INFO):
+        refresher.start()
+        try:
+            deadline = time.monotonic() + 10
+            while "snapshot refresh failed" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            refresher.stop()
+    assert "snapshot refresh failed: DefinitionError: segment 'lapsed': where.property.income" in caplog.text

@@ -29,7 +29,7 @@ from privseg.api.routes import ops, routers
 from privseg.api.schemas import Problem
 from privseg.apikeys import FailureRecorder
 from privseg.deployment import Deployment, configure_logging
-from privseg.errors import PrivsegError
+from privseg.errors import PrivsegError, loggable
 from privseg.ingest import uploads
 from privseg.maintenance import compact_intake
 from privseg.settings import Settings
@@ -85,7 +85,7 @@ def warm_release_cache(dep: Deployment) -> None:
     try:
         release_data.warm(fork.release_context())
     except Exception as exc:  # a release will build it (and say why it cannot); say what, not the data
-        log.warning("release cache warm-up failed: %s", type(exc).__name__)
+        log.warning("release cache warm-up failed: %s", loggable(exc))
     finally:
         fork.close()
 
@@ -108,8 +108,8 @@ class SnapshotRefresher:
                 compact_intake(store=fork.store, keyset=fork.keyset, at_least=INTAKE_MERGE_AT)
                 fork.recompute_if_stale()
                 warm_release_cache(self.dep)
-            except Exception as exc:  # keep refreshing; say what failed without its message (data)
-                log.error("snapshot refresh failed: %s", type(exc).__name__)
+            except Exception as exc:  # keep refreshing; say what failed, never data
+                log.error("snapshot refresh failed: %s", loggable(exc))
             finally:
                 fork.close()
 
