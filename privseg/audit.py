@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import InvalidInput
+from privseg.errors import InvalidInput, loggable
 from privseg.keyset import Keyset
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class AnchorWriter:
         try:
             append_anchor(self.path, self.head())
         except Exception as exc:  # a failed anchor must not take the server down; say so loudly
-            log.error("could not write an audit anchor to %s: %s", self.path, type(exc).__name__)
+            log.error("could not write an audit anchor to %s: %s", self.path, loggable(exc))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

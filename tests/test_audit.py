@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from privseg import audit
 from privseg.db import transaction
 from privseg.deployment import Deployment
+from privseg.errors import AuditTampered
 
 
 def _fill(dep: Deployment, n: int = 5) -> None:
@@ -75,3 +78,24 @@ def test_a_forged_mac_without_the_key_fails(dep: Deployment) -> None:
 def test_append_outside_a_transaction_is_refused(dep: Deployment) -> None:
     with pytest.raises(RuntimeError, match="inside a write transaction"):
         audit.append(dep.store.conn, dep.keyset, "test", {})
+
+
+@pytest.mark.parametrize(
+    ("failure", "logged", "never"),
+    [
+        (AuditTampered("entry 7 does not chain to entry 6"), "AuditTampered: entry 7 does not", None),
+        (RuntimeError("disk said 'C1234567'"), "RuntimeError", "C1234567"),
+    ],
+)
+def test_a_failed_anchor_is_logged_by_its_privseg_message_or_else_its_type_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: Exception, logged: str, never: str | None
+) -> None:
+    def head() -> dict[str, object]:
+        raise failure
+
+    writer = audit.AnchorWriter(tmp_path / "anchors.jsonl", 3600, head)
+    with caplog.at_level(logging.ERROR):
+        writer._write()  # what start, each interval and stop do
+    assert f"could not write an audit anchor to {tmp_path / 'anchors.jsonl'}: {logged}" in caplog.text
+    assert never is None or never not in caplog.text
+    assert not (tmp_path / "anchors.jsonl").exists()
