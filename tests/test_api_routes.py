@@ -683,3 +683,26 @@ def test_the_periodic_refresher_logs_a_failure_as_the_upload_path_does(
         finally:
             refresher.stop()
     assert "snapshot refresh failed: DefinitionError: segment 'lapsed': where.property.income" in caplog.text
+
+
+def test_validating_a_candidate_names_the_stored_definitions_it_would_leave_uncomputable(
+    api: tuple[TestClient, dict[str, str], Deployment],
+) -> None:
+    client, tokens, dep = api
+    compliance = {"Authorization": f"Bearer {tokens['compliance']}"}
+    current = client.get("/v1/policies", headers=compliance).json()["categories"]
+    same = client.post("/v1/policies/validate", json={"categories": current}, headers=compliance).json()
+    assert same == {"valid": True, "findings": [], "unbuildable_definitions": []}
+    # Dropping a category a stored segment declares: a valid set, which would stop every snapshot.
+    fewer = {name: doc for name, doc in current.items() if name != "hearing_aids"}
+    checked = client.post("/v1/policies/validate", json={"categories": fewer}, headers=compliance).json()
+    assert checked["valid"] is True and checked["findings"] == []
+    assert [u.split(":")[0] for u in checked["unbuildable_definitions"]] == [
+        "segment 'hearing_aid_interest_55plus'"
+    ]
+    assert checked["unbuildable_definitions"][0].startswith(
+        "segment 'hearing_aid_interest_55plus': v1.category: unknown category 'hearing_aids'"
+    )
+    # Nothing was loaded: the policies in force are unchanged.
+    assert client.get("/v1/policies", headers=compliance).json()["categories"] == current
+    assert dep.categories.content_hash == client.get("/v1/policies", headers=compliance).json()["policy_hash"]

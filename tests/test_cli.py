@@ -232,3 +232,64 @@ def test_version(settings: Settings) -> None:
     from privseg import __version__
 
     assert run_cli(settings, "--version").stdout.strip() == f"privseg {__version__}"
+
+
+def test_policy_check_names_the_stored_definitions_a_policy_change_would_stop(
+    settings: Settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    def check(policy_dir: object = None) -> tuple[int, dict[str, Any], str]:
+        args = ["policy", "check", *([] if policy_dir is None else [str(policy_dir)])]
+        text = run_cli(settings, *args, check=False)
+        as_json = run_cli(settings, *args, "--json", check=False)
+        assert text.returncode == as_json.returncode
+        return text.returncode, json.loads(as_json.stdout), text.stdout
+
+    code, doc, text = check()  # no deployment yet: nothing to check against, and none is created
+    assert code == 0 and doc["definitions_checked"] is False and "not checked" in text
+    assert not settings.db_path.exists()
+
+    run_cli(settings, "keys", "init")
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(
+        "segments:\n"
+        "  - {id: new_signups, category: general, objective: brand,\n"
+        "     where: {property: {signup_date: {gte: 2026-01-01}}}}\n"
+        "  - {id: new_women, category: general, objective: brand,\n"
+        "     where: {all: [{segment: new_signups}, {property: {gender: {eq: female}}}]}}\n"
+        "  - {id: women, category: general, objective: brand, where: {property: {gender: {eq: female}}}}\n"
+    )
+    run_cli(settings, "segments", "apply", str(defs))
+    code, doc, text = check()
+    assert code == 0 and doc["ok"] is True and doc["unbuildable_definitions"] == []
+    assert "stored definitions: OK, all 3 can be computed" in text
+
+    # Compliance stops collecting signup dates: a valid policy set, which would stop every snapshot.
+    changed = tmp_path / "policies"
+    shutil.copytree(settings.policy_dir, changed)
+    ingest = (changed / "ingest.yaml").read_text()
+    assert "    signup_date: {type: date}\n" in ingest
+    (changed / "ingest.yaml").write_text(ingest.replace("    signup_date: {type: date}\n", ""))
+    code, doc, text = check(changed)
+    assert code == 1 and doc["ok"] is False and doc["findings"] == []
+    assert [line.split(":")[0] for line in doc["unbuildable_definitions"]] == [
+        "segment 'new_signups'",
+        "segment 'new_women'",
+    ]
+    assert doc["unbuildable_definitions"][0].startswith(
+        "segment 'new_signups': v1.where.property.signup_date: unknown profile attribute"
+    )
+    assert doc["unbuildable_definitions"][1].endswith("uses segment 'new_signups', which cannot be built")
+    assert "2 of 3 could not be computed" in text and "segment 'women'" not in text
+    # The check writes nothing (the same three definitions, none retired, at version 1), and what it
+    # predicts is what a snapshot under that set does.
+    listed = json.loads(run_cli(settings, "segments", "list", "--json").stdout)
+    assert sorted((d["id"], d["version"], d["retired"]) for d in listed) == [
+        ("new_signups", 1, False),
+        ("new_women", 1, False),
+        ("women", 1, False),
+    ]
+    moved = settings.model_copy(update={"policy_dir": changed})
+    out = run_cli(moved, "segments", "compute", check=False)
+    assert out.returncode != 0 and "new_signups" in out.stderr + out.stdout

@@ -464,3 +464,59 @@ def test_a_snapshots_recorded_columns_are_parsed_once_and_never_confused_between
     first.commit()
     a3 = engine.latest(first)
     assert a3 is not None and (a3.file, a3.people) == ("a2.parquet", 9) and a3.segments == many
+
+
+def test_unbuildable_names_each_definition_a_narrower_schema_cannot_serve_and_what_uses_it(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from tests.conftest import EXAMPLES
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        "traits:\n"
+        "  - name: spring_clicks\n"
+        "    description: clicks in the spring campaign\n"
+        "    source: {count: {type: email_click, last: 365d, where: {campaign: {eq: spring}}}}\n"
+        "    edges: [1, 3]\n"
+        "    scores: [1, 2, 3]\n"
+        "segments:\n"
+        "  - {id: spring_fans, objective: brand, where: {trait: {spring_clicks: {gte: 2}}}}\n"
+        "  - {id: spring_fan_women, objective: brand,\n"
+        "     where: {all: [{segment: spring_fans}, {property: {gender: {eq: female}}}]}}\n"
+    )
+    definitions.apply(
+        dep.store.conn,
+        dep.keyset,
+        [EXAMPLES / "traits.yaml", EXAMPLES / "segments.yaml", extra],
+        schema=dep.schema,
+        categories=dep.categories,
+        actor=definitions.ADMIN_CLI,
+    )
+    stored = definitions.active(dep.store.conn)
+    assert definitions.unbuildable(stored, schema=dep.schema, categories=dep.categories) == []
+    # The same policies without the campaign field (a schema in which only that changed).
+    fields = {k: v for k, v in dep.schema.event_fields.items() if k != "campaign"}
+    narrower = dataclasses.replace(dep.schema, event_fields=fields)
+    found = definitions.unbuildable(stored, schema=narrower, categories=dep.categories)
+    # The shipped discount_seekers reads the campaign too; no other shipped definition does.
+    assert [line.split(":")[0] for line in found] == [
+        "segment 'discount_seekers'",
+        "segment 'spring_fan_women'",
+        "segment 'spring_fans'",
+        "trait 'spring_clicks'",
+    ]
+    assert found[0].startswith(
+        "segment 'discount_seekers': v1.where.event.where.campaign: unknown event field"
+    )
+    assert found[3].startswith("trait 'spring_clicks': v1.source.count.where.campaign: unknown event field")
+    assert found[1].endswith("uses segment 'spring_fans', which cannot be built")
+    assert found[2].endswith("uses trait 'spring_clicks', which cannot be built")
+    # Every one of them is what stops a snapshot: the stored set does not build under that schema.
+    with pytest.raises(DefinitionError):
+        definitions.build_compiler(stored, schema=narrower, categories=dep.categories).compile(AS_OF)
+    # And retiring them (the fix the check asks for) leaves a set that builds.
+    kept = {k: s for k, s in stored.items() if f"{k[0]} {k[1]!r}" not in {f.split(":")[0] for f in found}}
+    assert definitions.unbuildable(kept, schema=narrower, categories=dep.categories) == []
+    definitions.build_compiler(kept, schema=narrower, categories=dep.categories).compile(AS_OF)

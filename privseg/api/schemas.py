@@ -247,8 +247,15 @@ class PolicyCandidate(Body):
 
 
 class Validation(BaseModel):
-    valid: bool
+    valid: bool = Field(description="Whether the set would be loaded (no finding).")
     findings: list[str]
+    unbuildable_definitions: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Stored segments and traits a snapshot under a valid candidate could not compute, each with "
+            "why; one of them would stop every snapshot until it is changed or retired."
+        ),
+    )
 
 
 class ObjectiveSpend(BaseModel):

@@ -26,7 +26,8 @@ from privseg.cli.shell import (
 from privseg.errors import InvalidInput
 
 if TYPE_CHECKING:
-    pass
+    from privseg.policy.categories import CategorySet
+    from privseg.schema import Schema
 
 
 @audit_app.command("anchor")
@@ -95,14 +96,17 @@ def policy_check(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate the whole policy set and explain every finding. Exit 1 if the set would be refused."""
+    """Validate the whole policy set and explain every finding; with a deployment here (PRIVSEG_HOME),
+    also name each stored segment or trait that a snapshot under this set could not compute. Exit 1 if
+    the set would be refused, or would stop this deployment's snapshots."""
     from privseg.policy.categories import read_categories
     from privseg.policy.checks import findings
     from privseg.policy.ingest import load_ingest_policy
     from privseg.schema import Schema
     from privseg.settings import Settings
 
-    policy_dir = directory or Settings().policy_dir
+    settings = Settings()
+    policy_dir = directory or settings.policy_dir
     schema = Schema.from_ingest_policy(load_ingest_policy(policy_dir / "ingest.yaml"))
     cats = read_categories(policy_dir)
     problems = findings(cats, schema)
@@ -113,9 +117,51 @@ def policy_check(
         if problems
         else f"{folder}: OK, {len(cats.categories)} categories, policy hash {cats.content_hash}"
     )
-    _emit({"ok": not problems, "findings": problems, "policy_hash": cats.content_hash}, as_json, text)
-    if problems:
+    # A valid set can still stop a deployment: every snapshot computes every stored definition.
+    checked = None if problems else _unbuildable_definitions(settings.db_path, schema, cats)
+    if checked is not None:
+        count, unbuildable = checked
+        text += (
+            f"\nstored definitions: {len(unbuildable)} of {count} could not be computed under this policy "
+            "set; every snapshot would stop until they are changed or retired:\n"
+            + "\n".join(f"  - {u}" for u in unbuildable)
+            if unbuildable
+            else f"\nstored definitions: OK, all {count} can be computed under this policy set"
+        )
+    elif not problems:
+        text += f"\nstored definitions: not checked (no deployment at {settings.home})"
+    broken = checked[1] if checked is not None else []
+    _emit(
+        {
+            "ok": not problems and not broken,
+            "findings": problems,
+            "policy_hash": cats.content_hash,
+            "definitions_checked": checked is not None,
+            "unbuildable_definitions": broken,
+        },
+        as_json,
+        text,
+    )
+    if problems or broken:
         raise typer.Exit(1)
+
+
+def _unbuildable_definitions(
+    db_path: Path, schema: Schema, cats: CategorySet
+) -> tuple[int, list[str]] | None:
+    """How many definitions this deployment keeps active, and those a snapshot under ``schema`` and
+    ``cats`` could not compute; None when there is no deployment database (none is created)."""
+    if not db_path.exists():
+        return None
+    from privseg.db import connect
+    from privseg.segments.definitions import active, unbuildable
+
+    conn = connect(db_path)
+    try:
+        stored = active(conn)
+        return len(stored), unbuildable(stored, schema=schema, categories=cats)
+    finally:
+        conn.close()
 
 
 @policy_app.command("draft")

@@ -149,6 +149,14 @@ def findings(cats: CategorySet, schema: Schema | None = None) -> list[str]:
 def candidate_findings(documents: dict[str, dict[str, Any]], schema: Schema) -> list[str]:
     """Everything wrong with a candidate policy set given as documents (name -> YAML as JSON), without
     loading it: each document's validation errors, then :func:`findings`."""
+    return candidate_set(documents, schema)[1]
+
+
+def candidate_set(
+    documents: dict[str, dict[str, Any]], schema: Schema
+) -> tuple[CategorySet | None, list[str]]:
+    """A candidate policy set given as documents, and everything wrong with it (see
+    :func:`candidate_findings`); the set is None when a document does not parse."""
     parsed: dict[str, CategoryPolicy] = {}
     problems: list[str] = []
     for name, doc in documents.items():
@@ -157,10 +165,11 @@ def candidate_findings(documents: dict[str, dict[str, Any]], schema: Schema) -> 
         except ValidationError as exc:
             problems.append(f"{name}: {describe_validation_error(exc)}")
     if problems:
-        return problems
+        return None, problems
     if "general" not in parsed:
-        return ["the 'general' category is required"]
-    return findings(CategorySet(parsed, "candidate"), schema)
+        return None, ["the 'general' category is required"]
+    cats = CategorySet(parsed, "candidate")
+    return cats, findings(cats, schema)
 
 
 def load_categories(policy_dir: Path, schema: Schema | None = None) -> CategorySet:

@@ -21,8 +21,9 @@ from privseg.api.schemas import (
     Verification,
 )
 from privseg.db import MAX_ID
-from privseg.policy.checks import candidate_findings
+from privseg.policy.checks import candidate_set
 from privseg.release.records import ReleaseRecord
+from privseg.segments import definitions
 
 router = APIRouter(prefix=V1, responses=ERRORS, tags=["compliance"])
 
@@ -36,9 +37,15 @@ def policies(dep: DepDep, _who: Compliance) -> PolicySet:
 
 @router.post("/policies/validate")
 def validate_policies(body: PolicyCandidate, dep: DepDep, _who: Compliance) -> Validation:
-    """Check a candidate policy set without loading it."""
-    problems = candidate_findings(body.categories, dep.schema)
-    return Validation(valid=not problems, findings=problems)
+    """Check a candidate policy set without loading it, and name the stored definitions that a valid
+    candidate would leave uncomputable (a snapshot computes them all at once)."""
+    cats, problems = candidate_set(body.categories, dep.schema)
+    unbuildable = (
+        []
+        if cats is None or problems
+        else definitions.unbuildable(definitions.active(dep.store.conn), schema=dep.schema, categories=cats)
+    )
+    return Validation(valid=not problems, findings=problems, unbuildable_definitions=unbuildable)
 
 
 @router.get("/budget")
