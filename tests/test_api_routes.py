@@ -706,3 +706,63 @@ def test_validating_a_candidate_names_the_stored_definitions_it_would_leave_unco
     # Nothing was loaded: the policies in force are unchanged.
     assert client.get("/v1/policies", headers=compliance).json()["categories"] == current
     assert dep.categories.content_hash == client.get("/v1/policies", headers=compliance).json()["policy_hash"]
+
+
+def test_the_snapshot_status_says_which_definitions_stop_the_next_snapshot(
+    api: tuple[TestClient, dict[str, str], Deployment], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from privseg.segments import definitions
+
+    _client, tokens, dep = api
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(
+        "segments:\n  - {id: new_signups, category: general, objective: brand,\n"
+        "     where: {property: {signup_date: {gte: 2026-01-01}}}}\n"
+    )
+    definitions.apply(
+        dep.store.conn, dep.keyset, [defs], schema=dep.schema, categories=dep.categories, actor="admin:ops"
+    )
+    # The policies change under the running deployment: the ingest policy no longer keeps signup dates.
+    changed = tmp_path / "policies"
+    shutil.copytree(dep.settings.policy_dir, changed)
+    ingest = (changed / "ingest.yaml").read_text()
+    (changed / "ingest.yaml").write_text(ingest.replace("    signup_date: {type: date}\n", ""))
+    moved = Deployment(dep.settings.model_copy(update={"policy_dir": changed}))
+    try:
+        client = TestClient(create_app(moved), raise_server_exceptions=False)
+        for role in ("admin", "marketer"):
+            status = client.get("/v1/snapshots", headers={"Authorization": f"Bearer {tokens[role]}"}).json()
+            assert status["stale"] is True
+            assert status["reasons"][-1].startswith("no snapshot can be computed under the policies in force")
+            assert "segment 'new_signups': v1.where.property.signup_date" in status["reasons"][-1]
+        # Retired (the fix the status asks for), it no longer blocks: the answer follows the versions
+        # (a segment applied after keeps the snapshot stale, so that the status has reasons to show).
+        definitions.retire(
+            moved.store.conn,
+            moved.keyset,
+            "segment",
+            "new_signups",
+            schema=moved.schema,
+            categories=moved.categories,
+            actor="admin:ops",
+        )
+        fine = tmp_path / "fine.yaml"
+        fine.write_text(
+            "segments:\n  - {id: women, category: general, objective: brand,\n"
+            "     where: {property: {gender: {eq: female}}}}\n"
+        )
+        definitions.apply(
+            moved.store.conn,
+            moved.keyset,
+            [fine],
+            schema=moved.schema,
+            categories=moved.categories,
+            actor="admin:ops",
+        )
+        status = client.get("/v1/snapshots", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+        assert status["stale"] is True
+        assert status["reasons"] == ["segment or trait definitions changed since it was computed"]
+    finally:
+        moved.close()

@@ -293,3 +293,10 @@ def test_policy_check_names_the_stored_definitions_a_policy_change_would_stop(
     moved = settings.model_copy(update={"policy_dir": changed})
     out = run_cli(moved, "segments", "compute", check=False)
     assert out.returncode != 0 and "new_signups" in out.stderr + out.stdout
+    # Deployed anyway: the status shows why no snapshot comes, where it shows that one is due.
+    status = json.loads(run_cli(moved, "segments", "status", "--json").stdout)
+    assert status["stale"] is True and len(status["reasons"]) == 2
+    assert status["reasons"][1].startswith("no snapshot can be computed under the policies in force")
+    assert "segment 'new_signups': v1.where.property.signup_date" in status["reasons"][1]
+    before = json.loads(run_cli(settings, "segments", "status", "--json").stdout)
+    assert before["reasons"] == ["no snapshot has been computed"]

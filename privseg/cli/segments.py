@@ -208,7 +208,7 @@ def segments_status(as_json: JsonOpt = False) -> None:
 
     dep = _deployment()
     snap = engine.latest(dep.store.conn)
-    reasons = engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
+    reasons = dep.staleness(snap)
     info = {"snapshot": None if snap is None else asdict(snap), "stale": bool(reasons), "reasons": reasons}
     text = (
         "no snapshot yet"

@@ -28,7 +28,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 @router.get("/admin")
 def store(request: Request, dep: Dep, _who: Admin) -> Response:
     snap = engine.latest(dep.store.conn)
-    reasons = engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
+    reasons = dep.staleness(snap)
     return web.render(
         request,
         "admin.html",

@@ -117,7 +117,7 @@ def key_status(dep: DepDep, _who: Admin) -> KeyStatus:
 def snapshot_status(dep: DepDep, who: AdminOrMarketer) -> SnapshotStatus:
     """The latest membership snapshot and whether it is stale (never a segment's size)."""
     snap = engine.latest(dep.store.conn)
-    reasons = engine.staleness(dep.store, snap, policy_hash=dep.categories.content_hash)
+    reasons = dep.staleness(snap)
     info = None
     if snap is not None:
         # Admins see the exact head count (store-level, an operator's figure); marketers do not: two
