@@ -516,6 +516,24 @@ def test_unbuildable_names_each_definition_a_narrower_schema_cannot_serve_and_wh
     # Every one of them is what stops a snapshot: the stored set does not build under that schema.
     with pytest.raises(DefinitionError):
         definitions.build_compiler(stored, schema=narrower, categories=dep.categories).compile(AS_OF)
+    # Under that schema every change is refused while they are stored, and the refusal names them.
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(
+        "segments:\n  - {id: women, category: general, objective: brand,\n"
+        "     where: {property: {gender: {eq: female}}}}\n"
+    )
+    with pytest.raises(DefinitionError) as refused:
+        definitions.apply(
+            dep.store.conn,
+            dep.keyset,
+            [fine],
+            schema=narrower,
+            categories=dep.categories,
+            actor=definitions.ADMIN_CLI,
+        )
+    assert "block every change until they are changed or retired" in refused.value.message
+    assert all(f in refused.value.message for f in found)
+    assert ("segment", "women") not in definitions.active(dep.store.conn)
     # And retiring them (the fix the check asks for) leaves a set that builds.
     kept = {k: s for k, s in stored.items() if f"{k[0]} {k[1]!r}" not in {f.split(":")[0] for f in found}}
     assert definitions.unbuildable(kept, schema=narrower, categories=dep.categories) == []

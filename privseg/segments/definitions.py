@@ -344,12 +344,23 @@ def apply_documents(
                 )
         # References, traits, consent attributes, cycles and declared categories are checked over
         # the whole new set.
-        compiler = build_compiler(merged, schema=schema, categories=categories)
-        compiler.check(
-            compiler.dependents(
-                {i for k, i in changed if k == "segment"}, {i for k, i in changed if k == "trait"}
+        try:
+            compiler = build_compiler(merged, schema=schema, categories=categories)
+            compiler.check(
+                compiler.dependents(
+                    {i for k, i in changed if k == "segment"}, {i for k, i in changed if k == "trait"}
+                )
             )
-        )
+        except DefinitionError as exc:
+            # A stored definition that the policies in force no longer serve fails every change,
+            # whoever makes it: say which, and what to do, rather than only the first error met.
+            blocking = unbuildable(active(conn), schema=schema, categories=categories)
+            if not blocking:
+                raise
+            raise DefinitionError(
+                f"{exc.message} (stored definitions that the policies in force no longer serve block "
+                f"every change until they are changed or retired: {'; '.join(blocking)})"
+            ) from None
         results: list[Applied] = []
         for key in incoming:
             prev, new = newest.get(key), merged[key]
