@@ -282,7 +282,7 @@ def test_policy_check_names_the_stored_definitions_a_policy_change_would_stop(
     )
     assert doc["unbuildable_definitions"][1].endswith("uses segment 'new_signups', which cannot be built")
     assert "2 of 3 could not be computed" in text and "segment 'women'" not in text
-    # The check writes nothing (the same three definitions, none retired, at version 1), and what it
+    # The check changes no definition (the same three, none retired, at version 1), and what it
     # predicts is what a snapshot under that set does.
     listed = json.loads(run_cli(settings, "segments", "list", "--json").stdout)
     assert sorted((d["id"], d["version"], d["retired"]) for d in listed) == [
