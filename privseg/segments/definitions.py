@@ -192,13 +192,21 @@ def build_compiler(
     parser = Parser(schema, set(categories.categories))
     traits: dict[str, TraitDef] = {}
     segments: dict[str, SegmentDef] = {}
-    for (kind, def_id), s in stored.items():
-        where = f"{kind} {def_id!r} v{s.version}"
-        if kind == "trait":
-            traits[def_id] = parser.trait(s.body, where)
-        else:
-            segments[def_id] = parser.segment(s.body, where)
+    for s in stored.values():
+        _parse_into(parser, s, traits, segments)
     return Compiler(schema=schema, categories=categories, segments=segments, traits=traits)
+
+
+def _parse_into(
+    parser: Parser, s: Stored, traits: dict[str, TraitDef], segments: dict[str, SegmentDef]
+) -> None:
+    """Parse a stored definition into ``traits`` or ``segments``; its errors name it as
+    "segment 'x' v1 (...)" (see :func:`_own`)."""
+    where = f"{s.kind} {s.id!r} v{s.version}"
+    if s.kind == "trait":
+        traits[s.id] = parser.trait(s.body, where)
+    else:
+        segments[s.id] = parser.segment(s.body, where)
 
 
 def unbuildable(
@@ -213,14 +221,11 @@ def unbuildable(
     why: dict[tuple[DefKind, str], str] = {}
     traits: dict[str, TraitDef] = {}
     segments: dict[str, SegmentDef] = {}
-    for (kind, def_id), s in sorted(stored.items()):
+    for key, s in sorted(stored.items()):
         try:
-            if kind == "trait":
-                traits[def_id] = parser.trait(s.body, f"{kind} {def_id!r} v{s.version}")
-            else:
-                segments[def_id] = parser.segment(s.body, f"{kind} {def_id!r} v{s.version}")
+            _parse_into(parser, s, traits, segments)
         except DefinitionError as exc:
-            why[(kind, def_id)] = exc.message
+            why[key] = exc.message
     # What a snapshot does with each segment: compile it (with everything it references) and derive
     # its effective categories. All at once first (the benchmark's 2,000 segments: 0.6 s); if that
     # fails, one at a time, each with only what it references (0.3-0.5 s at 2,000; a compiler over
