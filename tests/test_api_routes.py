@@ -709,13 +709,24 @@ def test_validating_a_candidate_names_the_stored_definitions_it_would_leave_unco
 
 
 def test_the_snapshot_status_says_which_definitions_stop_the_next_snapshot(
-    api: tuple[TestClient, dict[str, str], Deployment], tmp_path
+    api: tuple[TestClient, dict[str, str], Deployment], tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
+    from privseg import deployment as deployment_module
     from privseg.segments import definitions
 
     _client, tokens, dep = api
+    # Worked out once per definition versions and policies, not on every status request.
+    monkeypatch.setattr(deployment_module, "_BLOCKED", {})
+    worked_out: list[int] = []
+    real_unbuildable = definitions.unbuildable
+
+    def counted(*args: Any, **kwargs: Any) -> list[str]:
+        worked_out.append(1)
+        return real_unbuildable(*args, **kwargs)
+
+    monkeypatch.setattr(definitions, "unbuildable", counted)
     defs = tmp_path / "defs.yaml"
     defs.write_text(
         "segments:\n  - {id: new_signups, category: general, objective: brand,\n"
@@ -737,6 +748,7 @@ def test_the_snapshot_status_says_which_definitions_stop_the_next_snapshot(
             assert status["stale"] is True
             assert status["reasons"][-1].startswith("no snapshot can be computed under the policies in force")
             assert "segment 'new_signups': v1.where.property.signup_date" in status["reasons"][-1]
+        assert len(worked_out) == 1  # two requests, one answer
         # Retired (the fix the status asks for), it no longer blocks: the answer follows the versions
         # (a segment applied after keeps the snapshot stale, so that the status has reasons to show).
         definitions.retire(
@@ -764,5 +776,6 @@ def test_the_snapshot_status_says_which_definitions_stop_the_next_snapshot(
         status = client.get("/v1/snapshots", headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
         assert status["stale"] is True
         assert status["reasons"] == ["segment or trait definitions changed since it was computed"]
+        assert len(worked_out) == 2  # new versions, worked out again
     finally:
         moved.close()
