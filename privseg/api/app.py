@@ -27,6 +27,7 @@ from privseg import __version__, audit, console, metrics
 from privseg.api.limits import BodyLimit
 from privseg.api.routes import ops, routers
 from privseg.api.schemas import Problem
+from privseg.api.stored_releases import StoredReleases
 from privseg.apikeys import FailureRecorder
 from privseg.deployment import Deployment, configure_logging
 from privseg.errors import PrivsegError, loggable
@@ -268,6 +269,7 @@ def create_app(deployment: Deployment | None = None, *, anchors: bool = True) ->
         app.include_router(router)
     console.install(app)
     _document_problems(app)
+    app.add_middleware(StoredReleases, deployment=dep)  # inside BodyLimit: sees only bounded bodies
     app.add_middleware(BodyLimit, limit=JSON_BODY_LIMIT)
     app.add_middleware(AccessLog)  # added last: the outermost, so it sees every answer
     app.add_exception_handler(PrivsegError, _privseg_error)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from privseg import apikeys
 from privseg.apikeys import FailureRecorder, Principal, Role
@@ -37,6 +38,12 @@ bearer_scheme = HTTPBearer(
     scheme_name="apiKey",
     description="An API key issued by `privseg apikey create`: `Authorization: Bearer psk_...`.",
 )
+
+
+def scope_header(scope: Scope, name: bytes) -> bytes | None:
+    """A header's first value in an ASGI scope (lower-case ``name``), as a route reads it with
+    Starlette's ``Headers.get``: middleware and route must agree on which of two values counts."""
+    return next((v for k, v in scope["headers"] if k.lower() == name), None)
 
 
 def bearer_token(header: str) -> str | None:

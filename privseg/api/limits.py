@@ -14,7 +14,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from privseg.api.deps import bearer_token
+from privseg.api.deps import bearer_token, scope_header
 
 # Streamed to disk by their routes, after the role check, under the upload limit: the API's and the
 # console's (an admin's browser upload).
@@ -53,15 +53,14 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        headers = {k.lower(): v for k, v in scope["headers"]}
-        token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+        token = bearer_token((scope_header(scope, b"authorization") or b"").decode("latin-1"))
         if path.startswith("/v1") and token is None:
-            await self.app(scope, _empty_body_then(receive), send)  # refused by the role check
+            await self.app(scope, replayed(b"", receive), send)  # refused by the role check
             return
         if path.startswith(UPLOAD_PREFIXES):
             await self.app(scope, receive, send)
             return
-        length = headers.get(b"content-length")
+        length = scope_header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await self._too_large(send)
             return
@@ -80,28 +79,19 @@ class BodyLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect as usual
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replayed(b"".join(chunks), receive), send)
 
 
-def _empty_body_then(receive: Receive) -> Receive:
-    """An empty body in place of the client's; later calls (a wait for disconnect) go to the server."""
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """``body`` as the request's one body message; later calls (a wait for the disconnect) go to the
+    server."""
     sent = False
 
-    async def empty() -> Message:
+    async def replay() -> Message:
         nonlocal sent
         if sent:
             return await receive()
         sent = True
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
-    return empty
+    return replay
