@@ -115,6 +115,7 @@ def test_a_stored_release_is_sent_before_the_route_as_the_release_path_gives_it(
         "partner key first, marketer key second",
         "form content type",
         "not JSON",
+        "nested past the recursion limit",
         "a field the route refuses",
         "not released yet",
         "dry run",
@@ -145,6 +146,8 @@ def test_anything_the_route_might_judge_otherwise_reaches_it_with_its_body(
         headers = [marketer, (b"content-type", b"application/x-www-form-urlencoded")]
     elif case == "not JSON":
         body = body[:-1]
+    elif case == "nested past the recursion limit":
+        body = b'{"segments": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     elif case == "a field the route refuses":
         body = json.dumps({**BODY, "recipient": "growth_team"}).encode()
     elif case == "not released yet":

@@ -70,8 +70,9 @@ class StoredReleases:
         token = bearer_token((scope_header(scope, b"authorization") or b"").decode("latin-1"))
         if token is None or content_type != b"application/json":
             return None
-        dep = self.deployment.for_request()
+        dep: Deployment | None = None
         try:
+            dep = self.deployment.for_request()
             who = apikeys.authenticate(dep.store.conn, dep.keyset, token)
             if who is None or who.role != kind.recipient:
                 return None
@@ -82,4 +83,5 @@ class StoredReleases:
             log.debug("stored release not served ahead of the route: %s", loggable(exc))
             return None
         finally:
-            dep.close()
+            if dep is not None:
+                dep.close()
