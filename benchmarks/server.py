@@ -186,6 +186,15 @@ def _wrk(
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric figure's median over repeated wrk runs of one row (errors: their sum), and the
+    runs themselves."""
+    merged: dict[str, Any] = {
+        key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "errors"
+    }
+    return {**merged, "errors": sum(r["errors"] for r in runs), "runs": runs}
+
+
 def _load_cells(r: dict[str, Any]) -> list[str]:
     if "box_busy_pct" not in r:
         return ["?", "?"]  # no /proc/stat here
@@ -197,6 +206,7 @@ def main() -> None:
     ap.add_argument("--customers", type=int, default=1_000_000)
     ap.add_argument("--fresh", type=int, default=40, help="fresh requests per concurrency level")
     ap.add_argument("--cached", type=int, default=200, help="cached requests per concurrency level")
+    ap.add_argument("--wrk-runs", type=int, default=3, help="runs of each wrk row (medians reported)")
     ap.add_argument(
         "--workers",
         type=int,
@@ -281,6 +291,7 @@ def main() -> None:
         )
         base = f"http://127.0.0.1:{port}"
         rows, results = [], {}
+        wrk_p99s: list[str] = []
         try:
             import httpx2
 
@@ -341,13 +352,24 @@ def main() -> None:
                 runs: list[tuple[str, int, str, str | None, list[str] | None]] = []
                 count = max(500, int(4 * results["fresh_c8"]["rps"] * _WRK_SECONDS))
                 for c in (8, 32):
-                    bodies = [json.dumps({"segments": next(combos), "breakdown": dims}) for _ in range(count)]
-                    runs.append(("fresh (wrk)", c, report, None, bodies))
+                    runs.append(("fresh (wrk)", c, report, None, None))
                 runs.append(("cached (wrk)", 32, report, json.dumps(cached_body), None))
                 runs.append(("healthz (wrk)", 32, f"{base}/healthz", None, None))
-                for kind, c, url, body, bodies in runs:
-                    r = _wrk(url, c, _WRK_SECONDS, body, token, fresh=bodies)
+                for kind, c, url, body, _ in runs:
+                    # Each row is run --wrk-runs times: a single 10-second p99 moved by a third
+                    # between runs (18-27 ms for the cached row), more than the changes it judges.
+                    repeats = []
+                    for _ in range(args.wrk_runs):
+                        bodies = (
+                            [json.dumps({"segments": next(combos), "breakdown": dims}) for _ in range(count)]
+                            if kind.startswith("fresh")
+                            else None
+                        )
+                        repeats.append(_wrk(url, c, _WRK_SECONDS, body, token, fresh=bodies))
+                    r = _median_run(repeats)
                     results[f"{kind.split()[0]}_wrk_c{c}"] = r
+                    p99s = " / ".join(f"{x['p99'] * 1000:.1f}" for x in repeats)
+                    wrk_p99s.append(f"{kind} c={c}: {p99s}")
                     rows.append(
                         [
                             kind,
@@ -385,6 +407,10 @@ def main() -> None:
             ],
             rows,
         )
+        if wrk_p99s:
+            print(f"wrk rows: each figure the median of {args.wrk_runs} runs; p99 ms of each run:")
+            for line in wrk_p99s:
+                print(f"  {line}")
         cpu_ms = 1000 * statistics.median(inproc_fresh_cpu)
         print(f"in-process fresh report: {cpu_ms:.1f} ms of CPU (median, all threads)")
         print(f"the store's ledger held {ledger_at_start:,} rows at the start")

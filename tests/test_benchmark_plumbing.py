@@ -57,3 +57,16 @@ def test_reading_through_reads_every_byte_of_every_file(tmp_path: Path) -> None:
     assert common.read_through([tmp_path / n for n in sizes]) == sum(sizes.values())
     with pytest.raises(FileNotFoundError):
         common.read_through([tmp_path / "missing"])
+
+
+def test_a_repeated_wrk_row_reports_each_figures_median_and_every_run() -> None:
+    from benchmarks.server import _median_run
+
+    runs = [
+        {"rps": 4000.0, "p50": 0.007, "p99": 0.027, "errors": 0},
+        {"rps": 4400.0, "p50": 0.006, "p99": 0.018, "errors": 1},
+        {"rps": 3600.0, "p50": 0.008, "p99": 0.024, "errors": 2},
+    ]
+    r = _median_run(runs)
+    assert (r["rps"], r["p50"], r["p99"]) == (4000.0, 0.007, 0.024)
+    assert r["errors"] == 3 and r["runs"] == runs
