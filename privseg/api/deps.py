@@ -53,6 +53,11 @@ def bearer_token(header: str) -> str | None:
     return token if scheme.lower() == "bearer" and token.startswith(apikeys.PREFIX) else None
 
 
+def scope_bearer_token(scope: Scope) -> str | None:
+    """:func:`bearer_token` of an ASGI request's first ``Authorization`` header (for middleware)."""
+    return bearer_token((scope_header(scope, b"authorization") or b"").decode("latin-1"))
+
+
 def require(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency admitting only API keys of the given roles."""
 

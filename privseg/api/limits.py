@@ -14,7 +14,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from privseg.api.deps import bearer_token, scope_header
+from privseg.api.deps import scope_bearer_token, scope_header
 
 # Streamed to disk by their routes, after the role check, under the upload limit: the API's and the
 # console's (an admin's browser upload).
@@ -53,7 +53,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        token = bearer_token((scope_header(scope, b"authorization") or b"").decode("latin-1"))
+        token = scope_bearer_token(scope)
         if path.startswith("/v1") and token is None:
             await self.app(scope, replayed(b"", receive), send)  # refused by the role check
             return
