@@ -5,10 +5,11 @@ benchmark store: 395-540 us a request through them, 178-198 us without).
 
 This path can only answer 200 with what :func:`privseg.release.stored_json` returns, from the same
 functions the route uses (bearer token, key lookup, the kind's request model, the role its kind is
-for). Anything else (no key, an unknown or revoked key, another role, a body or content type the route
-might judge differently, a release not stored yet, a refused plan, any error) goes to the route
-unchanged, body included: refusals, their audit entries and every problem response stay in one place.
-It writes nothing, so handing a request on after it ran has no effect.
+for); it is the only place a stored release is looked for on the event loop. Anything else (no key,
+an unknown or revoked key, another role, a body or content type the route might judge differently, a
+release not stored yet, a refused plan, any error) goes to the route unchanged, body included:
+refusals, their audit entries and every problem response stay in one place. It writes nothing, so
+handing a request on after it ran has no effect.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from privseg import apikeys, release
-from privseg.api.deps import bearer_token, scope_header
+from privseg.api.deps import scope_bearer_token, scope_header
 from privseg.api.limits import replayed
 from privseg.api.routes.common import V1
 from privseg.deployment import Deployment
@@ -67,7 +68,7 @@ class StoredReleases:
     def _stored(self, scope: Scope, kind: release.ReleaseKind[Any, Any], body: bytes) -> str | None:
         media_type = scope_header(scope, b"content-type") or b"application/json"  # none: JSON, as the route
         content_type = media_type.split(b";")[0].strip().lower()
-        token = bearer_token((scope_header(scope, b"authorization") or b"").decode("latin-1"))
+        token = scope_bearer_token(scope)
         if token is None or content_type != b"application/json":
             return None
         dep: Deployment | None = None

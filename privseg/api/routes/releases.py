@@ -20,12 +20,11 @@ def _add(router: APIRouter, kind: release.ReleaseKind[Any, Any]) -> None:
     async def endpoint(body: Any, dep: Any, who: Any) -> Response:
         # Releases are plain JSON already (a cached one is sent as stored): FastAPI's generic encoder,
         # which walks every cell, is skipped. Their schema is still declared (response_model) and
-        # tests check responses against it. A stored release is answered on the event loop (a plan
-        # and one read); anything that computes, charges or audits runs on a worker thread.
-        ctx = dep.release_context()
-        text = release.stored_json(ctx, body, who.principal)
-        if text is None:
-            text = await run_in_threadpool(release.run_json, ctx, body, who.principal)
+        # tests check responses against it. A stored release was already looked for on the event
+        # loop, before the framework (api/stored_releases.py): what reaches this route computes,
+        # charges, audits or is refused, on a worker thread (a release stored since is served there
+        # from the cache all the same).
+        text = await run_in_threadpool(release.run_json, dep.release_context(), body, who.principal)
         return Response(text, media_type="application/json")
 
     endpoint.__name__ = kind.name
